@@ -1,0 +1,113 @@
+"""Turn one TOML table into a frozen, validated config dataclass.
+
+Types come from the dataclass annotations; allowed values from `Literal[...]`. Unknown keys,
+wrong types and values that `__post_init__` rejects all become one `RecipeError` naming the
+file, the table, the key, what is allowed and the closest match.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import types
+import typing
+from typing import Any, Literal
+
+from tasks.errors import RecipeError, did_you_mean
+
+
+class ConfigValueError(ValueError):
+    """Raised by a config's `__post_init__`: which key is wrong, why, and the fix."""
+
+    def __init__(self, key: str, problem: str, fix: str = "") -> None:
+        self.key, self.problem, self.fix = key, problem, fix
+        super().__init__(f"{key}: {problem}")
+
+
+def option(default: Any, doc: str) -> Any:
+    """A config field with its default and the one-line doc shown in docs and errors."""
+    return dataclasses.field(default=default, metadata={"doc": doc})
+
+
+def describe_type(hint: Any) -> str:
+    if typing.get_origin(hint) is Literal:
+        return " | ".join(repr(a) for a in typing.get_args(hint))
+    if typing.get_origin(hint) in (types.UnionType, typing.Union):
+        return " | ".join(describe_type(a) for a in typing.get_args(hint) if a is not type(None))
+    if typing.get_origin(hint) is tuple:
+        return f"list of {describe_type(typing.get_args(hint)[0])}"
+    return {bool: "true/false", int: "integer", float: "number", str: "string"}.get(
+        hint, str(hint)
+    )
+
+
+def _coerce(value: Any, hint: Any) -> tuple[bool, Any]:
+    """(ok, value converted to the field's Python type)."""
+    origin = typing.get_origin(hint)
+    if origin is Literal:
+        return value in typing.get_args(hint), value
+    if origin in (types.UnionType, typing.Union):
+        for arg in typing.get_args(hint):
+            ok, converted = _coerce(value, arg)
+            if ok:
+                return True, converted
+        return False, value
+    if origin is tuple:
+        if not isinstance(value, list):
+            return False, value
+        item = typing.get_args(hint)[0]
+        converted = [_coerce(v, item) for v in value]
+        return all(ok for ok, _ in converted), tuple(v for _, v in converted)
+    if hint is bool:
+        return isinstance(value, bool), value
+    if hint is int:
+        return isinstance(value, int) and not isinstance(value, bool), value
+    if hint is float:
+        ok = isinstance(value, int | float) and not isinstance(value, bool)
+        return ok, float(value) if ok else value
+    if hint is str:
+        return isinstance(value, str), value
+    if hint is type(None):
+        return value is None, value
+    raise TypeError(f"unsupported config type {hint!r}")
+
+
+def parse_config(cls: type, table: dict[str, Any], file: str, where: str) -> Any:
+    """Build `cls` from a TOML table, or raise a RecipeError that says how to fix it."""
+    hints = typing.get_type_hints(cls)
+    known = {f.name for f in dataclasses.fields(cls)}
+    values = {}
+    for key, value in table.items():
+        if key not in known:
+            raise RecipeError(
+                file,
+                where,
+                f"unknown key {key!r}{did_you_mean(key, known)}",
+                f"allowed keys here: {', '.join(sorted(known))}",
+            )
+        ok, converted = _coerce(value, hints[key])
+        if not ok:
+            raise RecipeError(
+                file,
+                where,
+                f"{key} = {value!r} is not allowed",
+                f"{key} takes {describe_type(hints[key])}",
+            )
+        values[key] = converted
+    try:
+        return cls(**values)
+    except ConfigValueError as err:
+        raise RecipeError(file, where, f"{err.key}: {err.problem}", err.fix) from None
+
+
+def field_docs(cls: type) -> list[tuple[str, str, Any, str]]:
+    """(name, type, default, doc) for every field: the source of docs/recipes.md's tables."""
+    hints = typing.get_type_hints(cls)
+    return [
+        (f.name, describe_type(hints[f.name]), f.default, f.metadata.get("doc", ""))
+        for f in dataclasses.fields(cls)
+    ]
+
+
+def as_params(config: Any) -> dict[str, Any]:
+    """The config as plain JSON-able data, defaults filled in: what goes into a key."""
+    return {k: list(v) if isinstance(v, tuple) else v for k, v in dataclasses.asdict(config).items()}

@@ -1,0 +1,37 @@
+"""One exception class per condition. Messages say what is wrong and how to fix it."""
+
+from __future__ import annotations
+
+import difflib
+from collections.abc import Iterable
+
+
+class KilnError(Exception):
+    """Base of every error modelkiln reports to the user without a traceback."""
+
+
+class RecipeError(KilnError):
+    """A recipe that cannot be built: bad TOML, unknown key, wrong type, dangling `from`, ..."""
+
+    def __init__(self, file: str, where: str, problem: str, fix: str = "") -> None:
+        self.file, self.where, self.problem, self.fix = file, where, problem, fix
+        text = f"{file}: [{where}] {problem}" if where else f"{file}: {problem}"
+        super().__init__(f"{text}\n  fix: {fix}" if fix else text)
+
+
+class StageError(KilnError):
+    """A step failed for a reason the user can act on (bad input model, corrupt file, ...)."""
+
+
+class PreflightError(StageError):
+    """A step cannot start: a missing extra, the wrong input format, no GPU."""
+
+
+class StoreError(KilnError):
+    """The artifact store is inconsistent: a manifest that does not match its files."""
+
+
+def did_you_mean(word: str, choices: Iterable[str]) -> str:
+    """' (did you mean x?)' for the closest choice, or ''."""
+    close = difflib.get_close_matches(word, list(choices), n=1, cutoff=0.6)
+    return f" (did you mean {close[0]}?)" if close else ""

@@ -1,0 +1,190 @@
+"""Read a TOML recipe into frozen, validated steps.
+
+`[model]` is the base model, `[data.<name>]` a named data set, and every `[<stage>.<name>]` a
+build step that becomes the doit task `<stage>:<name>`. Everything that can be wrong with a
+recipe (bad TOML, unknown tables or keys, wrong types, unknown algorithms, dangling `from`,
+cycles, an input of the wrong format) is a RecipeError raised here, before anything runs.
+"""
+
+from __future__ import annotations
+
+import re
+import tomllib
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+from tasks.config import parse_config
+from tasks.errors import RecipeError, did_you_mean
+from tasks.stages import (
+    DATA,
+    FORMAT_NAMES,
+    ONNX,
+    STEP_STAGES,
+    StageSpec,
+    algorithms,
+    spec_for,
+)
+
+NAME = re.compile(r"^[A-Za-z0-9][A-Za-z0-9_-]*$")
+BASE = "model"  # the ref of the base model step
+
+
+@dataclass(frozen=True)
+class Step:
+    stage: str
+    name: str  # "" for the base model
+    spec: StageSpec
+    config: Any
+    source: str | None  # ref of the input step ("model", "capture.fp32"), None for model/data
+    data: tuple[str, ...]  # refs of the data sets it reads ("data.botchan")
+
+    @property
+    def ref(self) -> str:
+        return f"{self.stage}.{self.name}" if self.name else self.stage
+
+    @property
+    def task(self) -> str:
+        return f"{self.stage}:{self.name}" if self.name else self.stage
+
+
+@dataclass(frozen=True)
+class Recipe:
+    path: Path
+    steps: dict[str, Step]  # by ref, inputs before the steps that use them
+
+    @property
+    def name(self) -> str:
+        return self.path.stem
+
+    def of_stage(self, stage: str) -> list[Step]:
+        return [s for s in self.steps.values() if s.stage == stage]
+
+
+def load_recipe(path: Path) -> Recipe:
+    file = str(path)
+    try:
+        raw = tomllib.loads(path.read_text(encoding="utf-8"))
+    except FileNotFoundError:
+        raise RecipeError(file, "", "no such recipe file", "pass recipe=<path to a .toml file>") from None
+    except tomllib.TOMLDecodeError as err:
+        raise RecipeError(file, "", f"not valid TOML: {err}", "fix the syntax at that line") from None
+    return Recipe(path, _order(_parse_steps(raw, file), file))
+
+
+def _parse_steps(raw: dict[str, Any], file: str) -> dict[str, Step]:
+    allowed = ["model", "data", *STEP_STAGES]
+    for top in raw:
+        if top not in allowed:
+            raise RecipeError(
+                file, top, f"unknown table{did_you_mean(top, allowed)}",
+                f"top-level tables are: {', '.join(allowed)}",
+            )  # fmt: skip
+    if not isinstance(raw.get("model"), dict):
+        raise RecipeError(file, "model", "the recipe has no [model] table", 'add [model] source = "..."')
+    steps = {BASE: _step(file, "model", "", raw["model"])}
+    for stage in ("data", *STEP_STAGES):
+        tables = raw.get(stage, {})
+        for name, table in tables.items():
+            if not isinstance(table, dict):
+                raise RecipeError(
+                    file, f"{stage}", f"{name} = {table!r} is a value, not a step",
+                    f"each {stage} step is its own table: [{stage}.<name>]",
+                )  # fmt: skip
+            if not NAME.match(name):
+                raise RecipeError(
+                    file, f"{stage}.{name}", "step names use letters, digits, '-' and '_'",
+                    "rename the table",
+                )  # fmt: skip
+            step = _step(file, stage, name, table)
+            steps[step.ref] = step
+    for step in steps.values():
+        _check_refs(file, step, steps)
+    return steps
+
+
+def _step(file: str, stage: str, name: str, table: dict[str, Any]) -> Step:
+    where = f"{stage}.{name}" if name else stage
+    table = dict(table)
+    source = table.pop("from", None)
+    algorithm = table.pop("algorithm", None)
+    choices = algorithms(stage)
+    if choices:
+        algorithm = algorithm if algorithm is not None else name
+        if algorithm not in choices:
+            raise RecipeError(
+                file, where, f"unknown algorithm {algorithm!r}{did_you_mean(algorithm, choices)}",
+                f"set algorithm = one of: {', '.join(choices)}",
+            )  # fmt: skip
+    elif algorithm is not None:
+        raise RecipeError(file, where, f"{stage} has no 'algorithm' key", "remove it")
+    spec = spec_for(stage, algorithm)
+    if spec.inputs:
+        source = BASE if source is None else source
+        if not isinstance(source, str):
+            raise RecipeError(file, where, f"from = {source!r} is not a string", 'from = "<stage>.<name>"')
+    elif source is not None:
+        raise RecipeError(file, where, f"{stage} takes no 'from'", "remove it")
+    config = parse_config(spec.config, table, file, where)
+    data = tuple(f"data.{getattr(config, f)}" for f in spec.data_fields if getattr(config, f))
+    return Step(stage, name, spec, config, source, data)
+
+
+def _check_refs(file: str, step: Step, steps: dict[str, Step]) -> None:
+    if step.source is not None:
+        upstream = steps.get(step.source)
+        if upstream is None or upstream.stage == "data":
+            known = [r for r, s in steps.items() if s.stage != "data"]
+            raise RecipeError(
+                file, step.ref, f"from = {step.source!r} names no step{did_you_mean(step.source, known)}",
+                f"name one of: {', '.join(known)}",
+            )  # fmt: skip
+        if upstream.spec.output not in step.spec.inputs:
+            raise RecipeError(file, step.ref, *_format_fix(step, upstream, steps))
+    for ref in step.data:
+        target = steps.get(ref)
+        if target is None or target.spec.output != DATA:
+            known = [r.split(".", 1)[1] for r, s in steps.items() if s.stage == "data"]
+            name = ref.split(".", 1)[1]
+            raise RecipeError(
+                file, step.ref, f"data = {name!r} names no [data.{name}] table{did_you_mean(name, known)}",
+                f"define [data.{name}] or use one of: {', '.join(known) or '(none defined)'}",
+            )  # fmt: skip
+
+
+def _format_fix(step: Step, upstream: Step, steps: dict[str, Step]) -> tuple[str, str]:
+    wants = " or ".join(FORMAT_NAMES.get(f, f) for f in step.spec.inputs)
+    gives = FORMAT_NAMES.get(upstream.spec.output, upstream.spec.output)
+    problem = f"takes {wants}, but from = {step.source!r} gives {gives}"
+    if ONNX in step.spec.inputs:
+        captures = [s.ref for s in steps.values() if s.stage == "capture" and s.source == upstream.ref]
+        if captures:
+            return problem, f'set from = "{captures[0]}" (it captures {upstream.ref} to ONNX)'
+        return problem, (
+            f'put a capture step in front: add [capture.{upstream.name or "base"}] with '
+            f'from = "{upstream.ref}", then set from = "capture.{upstream.name or "base"}" here'
+        )
+    return problem, f"point from at a step that gives {wants}"
+
+
+def _order(steps: dict[str, Step], file: str) -> dict[str, Step]:
+    """Steps with every input before its users; a cycle is a RecipeError naming it."""
+    done: dict[str, Step] = {}
+    visiting: list[str] = []
+
+    def visit(ref: str) -> None:
+        if ref in done:
+            return
+        if ref in visiting:
+            cycle = " -> ".join([*visiting[visiting.index(ref):], ref])
+            raise RecipeError(file, ref, f"the steps form a cycle: {cycle}", "make one of them read from another step")
+        visiting.append(ref)
+        step = steps[ref]
+        for dep in ([step.source] if step.source else []) + list(step.data):
+            visit(dep)
+        visiting.pop()
+        done[ref] = step
+
+    for ref in steps:
+        visit(ref)
+    return done

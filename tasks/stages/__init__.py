@@ -1,0 +1,90 @@
+"""The stage contract and the explicit registry of stages and algorithms.
+
+Every stage module defines a frozen config dataclass, a `SPEC` and a `run(config, ctx)`, and
+imports its heavy libraries (torch, onnxruntime, ...) inside `run` only, so that loading the
+registry, which `doit list` does, stays light.
+"""
+
+from __future__ import annotations
+
+import importlib
+import importlib.util
+import sys
+from collections.abc import Callable, Iterable
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+from tasks.errors import PreflightError
+
+# Formats a step's output can have; a stage lists which ones it accepts as input.
+HF, ONNX, DATA, METRICS, REPORT = "hf", "onnx", "data", "metrics", "report"
+FORMAT_NAMES = {HF: "a Hugging Face model", ONNX: "an ONNX model", DATA: "a data set"}
+
+# (stage, algorithm) -> module. Algorithm None: the stage has one implementation.
+REGISTRY: dict[str, dict[str | None, str]] = {
+    "model": {None: "tasks.stages.model"},
+    "data": {None: "tasks.stages.data"},
+    "capture": {None: "tasks.stages.capture"},
+    "quantize": {
+        "ort-dynamic": "tasks.stages.quantize.ort_dynamic",
+        "bnb4": "tasks.stages.quantize.bnb4",
+    },
+    "evaluate": {None: "tasks.stages.evaluate"},
+}
+
+# Stages whose recipe tables are build steps `[<stage>.<name>]`, in the order tasks are listed.
+STEP_STAGES = ("capture", "quantize", "evaluate")
+
+
+@dataclass(frozen=True)
+class StageSpec:
+    stage: str
+    algorithm: str | None
+    version: str  # bump when the stage's output changes for the same inputs
+    config: type
+    run: Callable[[Any, StepContext], dict[str, Any] | None]
+    doc: str  # one line for `doit list`
+    output: str
+    inputs: tuple[str, ...] = ()  # formats accepted from `from`
+    libraries: tuple[str, ...] = ()  # distributions whose versions enter the key
+    needs: dict[str, str] = field(default_factory=dict)  # import name -> pip install fix
+    data_fields: tuple[str, ...] = ()  # config fields that name a [data.<name>] table
+    # Local files or directories the output depends on: their content digests enter the key
+    # (cached by stat, so unchanged big files are never re-read). A missing one fails at load.
+    local_inputs: Callable[[Any], list[str]] = lambda config: []
+
+    def preflight(self) -> None:
+        """Fail before any model is loaded when a needed package is missing."""
+        for module, fix in self.needs.items():
+            if importlib.util.find_spec(module) is None:
+                raise PreflightError(f"{self.stage} needs the Python package '{module}': {fix}")
+
+
+@dataclass
+class StepContext:
+    """What a stage's run() gets besides its config."""
+
+    task: str  # "quantize:int8", for messages
+    out: Path  # the (temporary) directory to write the output into
+    artifacts: Path  # the artifacts root, for download caches
+    input: Path | None = None  # the upstream step's store entry
+    input_manifest: dict[str, Any] | None = None
+    data: dict[str, Path] = field(default_factory=dict)  # data set name -> store entry
+    data_keys: dict[str, str] = field(default_factory=dict)
+
+    def log(self, message: str) -> None:
+        print(f"  {self.task}: {message}", file=sys.stderr, flush=True)
+
+    def progress(self, items: Iterable[Any], desc: str, total: int | None = None) -> Iterable[Any]:
+        from tqdm import tqdm
+
+        return tqdm(items, desc=f"  {self.task}: {desc}", total=total, file=sys.stderr, leave=False)
+
+
+def algorithms(stage: str) -> list[str]:
+    return [a for a in REGISTRY.get(stage, {}) if a is not None]
+
+
+def spec_for(stage: str, algorithm: str | None) -> StageSpec:
+    return importlib.import_module(REGISTRY[stage][algorithm]).SPEC

@@ -1,0 +1,1 @@
+"""Quantizers: one module per algorithm, registered in tasks.stages.REGISTRY."""
