@@ -35,9 +35,7 @@ def describe_type(hint: Any) -> str:
         return " | ".join(describe_type(a) for a in typing.get_args(hint) if a is not type(None))
     if typing.get_origin(hint) is tuple:
         return f"list of {describe_type(typing.get_args(hint)[0])}"
-    return {bool: "true/false", int: "integer", float: "number", str: "string"}.get(
-        hint, str(hint)
-    )
+    return {bool: "true/false", int: "integer", float: "number", str: "string"}.get(hint, str(hint))
 
 
 def _coerce(value: Any, hint: Any) -> tuple[bool, Any]:
@@ -110,4 +108,6 @@ def field_docs(cls: type) -> list[tuple[str, str, Any, str]]:
 
 def as_params(config: Any) -> dict[str, Any]:
     """The config as plain JSON-able data, defaults filled in: what goes into a key."""
-    return {k: list(v) if isinstance(v, tuple) else v for k, v in dataclasses.asdict(config).items()}
+    return {
+        k: list(v) if isinstance(v, tuple) else v for k, v in dataclasses.asdict(config).items()
+    }

@@ -79,7 +79,9 @@ class DigestCache:
         h = xxhash.xxh3_128()
         for rel in list_files(root):
             path = root / rel
-            h.update(f"{rel.as_posix()}\0{path.stat().st_size}\0{self.file_digest(path)}\n".encode())
+            h.update(
+                f"{rel.as_posix()}\0{path.stat().st_size}\0{self.file_digest(path)}\n".encode()
+            )
         return h.hexdigest()
 
     def close(self) -> None:

@@ -66,9 +66,13 @@ def load_recipe(path: Path) -> Recipe:
     try:
         raw = tomllib.loads(path.read_text(encoding="utf-8"))
     except FileNotFoundError:
-        raise RecipeError(file, "", "no such recipe file", "pass recipe=<path to a .toml file>") from None
+        raise RecipeError(
+            file, "", "no such recipe file", "pass recipe=<path to a .toml file>"
+        ) from None
     except tomllib.TOMLDecodeError as err:
-        raise RecipeError(file, "", f"not valid TOML: {err}", "fix the syntax at that line") from None
+        raise RecipeError(
+            file, "", f"not valid TOML: {err}", "fix the syntax at that line"
+        ) from None
     return Recipe(path, _order(_parse_steps(raw, file), file))
 
 
@@ -81,7 +85,9 @@ def _parse_steps(raw: dict[str, Any], file: str) -> dict[str, Step]:
                 f"top-level tables are: {', '.join(allowed)}",
             )  # fmt: skip
     if not isinstance(raw.get("model"), dict):
-        raise RecipeError(file, "model", "the recipe has no [model] table", 'add [model] source = "..."')
+        raise RecipeError(
+            file, "model", "the recipe has no [model] table", 'add [model] source = "..."'
+        )
     steps = {BASE: _step(file, "model", "", raw["model"])}
     for stage in ("data", *STEP_STAGES):
         tables = raw.get(stage, {})
@@ -122,7 +128,9 @@ def _step(file: str, stage: str, name: str, table: dict[str, Any]) -> Step:
     if spec.inputs:
         source = BASE if source is None else source
         if not isinstance(source, str):
-            raise RecipeError(file, where, f"from = {source!r} is not a string", 'from = "<stage>.<name>"')
+            raise RecipeError(
+                file, where, f"from = {source!r} is not a string", 'from = "<stage>.<name>"'
+            )
     elif source is not None:
         raise RecipeError(file, where, f"{stage} takes no 'from'", "remove it")
     config = parse_config(spec.config, table, file, where)
@@ -157,11 +165,13 @@ def _format_fix(step: Step, upstream: Step, steps: dict[str, Step]) -> tuple[str
     gives = FORMAT_NAMES.get(upstream.spec.output, upstream.spec.output)
     problem = f"takes {wants}, but from = {step.source!r} gives {gives}"
     if ONNX in step.spec.inputs:
-        captures = [s.ref for s in steps.values() if s.stage == "capture" and s.source == upstream.ref]
+        captures = [
+            s.ref for s in steps.values() if s.stage == "capture" and s.source == upstream.ref
+        ]
         if captures:
             return problem, f'set from = "{captures[0]}" (it captures {upstream.ref} to ONNX)'
         return problem, (
-            f'put a capture step in front: add [capture.{upstream.name or "base"}] with '
+            f"put a capture step in front: add [capture.{upstream.name or 'base'}] with "
             f'from = "{upstream.ref}", then set from = "capture.{upstream.name or "base"}" here'
         )
     return problem, f"point from at a step that gives {wants}"
@@ -176,8 +186,13 @@ def _order(steps: dict[str, Step], file: str) -> dict[str, Step]:
         if ref in done:
             return
         if ref in visiting:
-            cycle = " -> ".join([*visiting[visiting.index(ref):], ref])
-            raise RecipeError(file, ref, f"the steps form a cycle: {cycle}", "make one of them read from another step")
+            cycle = " -> ".join([*visiting[visiting.index(ref) :], ref])
+            raise RecipeError(
+                file,
+                ref,
+                f"the steps form a cycle: {cycle}",
+                "make one of them read from another step",
+            )
         visiting.append(ref)
         step = steps[ref]
         for dep in ([step.source] if step.source else []) + list(step.data):

@@ -46,13 +46,11 @@ class Store:
         except (OSError, json.JSONDecodeError) as err:
             raise StoreError(f"cannot read {path}: {err}; run `doit verify`") from None
 
-    def keys(self) -> list[str]:
+    def built_keys(self) -> list[str]:
         """Every complete entry in the store."""
         if not self.store_dir.is_dir():
             return []
-        return sorted(
-            p.parent.name for p in self.store_dir.glob(f"??/*/{MANIFEST}") if p.is_file()
-        )
+        return sorted(p.parent.name for p in self.store_dir.glob(f"??/*/{MANIFEST}") if p.is_file())
 
     @contextlib.contextmanager
     def lock(self, key: str, on_wait: Any = None) -> Iterator[None]:

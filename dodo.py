@@ -1,0 +1,91 @@
+"""modelkiln's build graph: one doit task per step of a recipe.
+
+    doit                          build everything in recipes/default.toml
+    doit recipe=recipes/x.toml    another recipe
+    doit quantize:int8            one step (and what it needs)
+    doit list                     every step, with what it does
+    doit explain quantize:int8    why a step would run
+    doit gc [--dry-run]           remove store entries no recipe points at
+    doit verify                   re-hash the store against its manifests
+
+Loading this file imports no torch, transformers or onnxruntime: stages import them when they run.
+"""
+
+import sys
+from pathlib import Path
+
+from doit import get_var
+
+from tasks.errors import KilnError
+from tasks.glue import explain, gc, report_task, stage_tasks, step_task, verify
+from tasks.graph import load_graph
+
+RECIPE = Path(get_var("recipe", "recipes/default.toml"))
+ARTIFACTS = Path(get_var("artifacts", "artifacts"))
+
+try:
+    GRAPH = load_graph(RECIPE, ARTIFACTS)
+except KilnError as err:
+    sys.exit(f"modelkiln: {err}")
+
+DOIT_CONFIG = {
+    "default_tasks": ["model", "data", "capture", "quantize", "evaluate", "report"],
+    "dep_file": str(ARTIFACTS / ".doit.db"),
+    "backend": "sqlite3",  # safe when two doit processes share one workspace
+    "verbosity": 2,
+    "subtasks": True,  # `doit list` shows every step
+}
+
+
+def task_model():
+    """the base model, as a plain Hugging Face directory"""
+    return step_task(GRAPH, GRAPH.step("model"))
+
+
+def task_data():
+    """named data sets: text records split into train and held-out parts"""
+    yield from stage_tasks(GRAPH, "data", task_data.__doc__)
+
+
+def task_capture():
+    """Hugging Face model -> ONNX (with onnxruntime-genai's builder when ort_genai = true)"""
+    yield from stage_tasks(GRAPH, "capture", task_capture.__doc__)
+
+
+def task_quantize():
+    """quantize a model with one algorithm per step"""
+    yield from stage_tasks(GRAPH, "quantize", task_quantize.__doc__)
+
+
+def task_evaluate():
+    """perplexity on held-out text, size on disk, load and generation latency"""
+    yield from stage_tasks(GRAPH, "evaluate", task_evaluate.__doc__)
+
+
+def task_report():
+    """table, Markdown and HTML report of every evaluate step"""
+    return report_task(GRAPH)
+
+
+def task_explain():
+    """say why each step (or the named ones) would run: never built, or what changed"""
+    return {
+        "actions": [(explain, [GRAPH])],
+        "pos_arg": "names",
+        "uptodate": [False],
+        "verbosity": 2,
+    }
+
+
+def task_gc():
+    """remove store entries no recipe points at (--dry-run: only list them with sizes)"""
+    dry_run = {"name": "dry_run", "long": "dry-run", "type": bool, "default": False,
+               "help": "list what would be removed, remove nothing"}  # fmt: skip
+    return {"actions": [(gc, [GRAPH])], "params": [dry_run], "uptodate": [False], "verbosity": 2}
+
+
+def task_verify():
+    """re-hash every store entry against its manifest and name each changed file"""
+    remove = {"name": "remove_damaged", "long": "remove-damaged", "type": bool, "default": False,
+              "help": "remove damaged entries so the next doit rebuilds them"}  # fmt: skip
+    return {"actions": [(verify, [GRAPH])], "params": [remove], "uptodate": [False], "verbosity": 2}

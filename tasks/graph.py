@@ -1,0 +1,92 @@
+"""The build graph of one recipe: every step's identity, key, store entry and link.
+
+Computed once when doit loads the tasks, so every target path is known up front. The only
+I/O is stat-ing local inputs (their digests come from the stat cache) and reading the store.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+from tasks.config import as_params
+from tasks.digest import DigestCache
+from tasks.errors import RecipeError
+from tasks.keys import key_of, library_versions
+from tasks.recipe import Recipe, Step, load_recipe
+from tasks.report import REPORT_STEP, report_identity
+from tasks.store import Store
+
+
+@dataclass(frozen=True)
+class Graph:
+    recipe: Recipe
+    store: Store
+    identities: dict[str, dict[str, Any]]  # by step ref, plus "report"
+    keys: dict[str, str]
+
+    def step(self, ref: str) -> Step:
+        return self.recipe.steps[ref]
+
+    def link(self, ref: str) -> Path:
+        """artifacts/<recipe>/<stage>/<name> (or .../model, .../report)."""
+        return self.store.root / self.recipe.name / Path(*ref.split(".", 1))
+
+    def entry(self, ref: str) -> Path:
+        return self.store.entry(self.keys[ref])
+
+    def is_built(self, ref: str) -> bool:
+        return self.store.is_complete(self.keys[ref])
+
+    def evaluate_refs(self) -> list[str]:
+        return [s.ref for s in self.recipe.of_stage("evaluate")]
+
+
+def load_graph(recipe_path: Path, artifacts: Path) -> Graph:
+    recipe = load_recipe(recipe_path)
+    store = Store(artifacts)
+    cache = DigestCache(artifacts / "cache" / "digests.sqlite")
+    identities: dict[str, dict[str, Any]] = {}
+    keys: dict[str, str] = {}
+    try:
+        for ref, step in recipe.steps.items():  # inputs come before their users
+            identities[ref] = step_identity(step, keys, cache, str(recipe_path))
+            keys[ref] = key_of(identities[ref])
+    finally:
+        cache.close()
+    evaluated = {ref: keys[ref] for ref in recipe.steps if recipe.steps[ref].stage == "evaluate"}
+    identities[REPORT_STEP] = report_identity(evaluated)
+    keys[REPORT_STEP] = key_of(identities[REPORT_STEP])
+    return Graph(recipe, store, identities, keys)
+
+
+def step_identity(
+    step: Step, keys: dict[str, str], cache: DigestCache, file: str
+) -> dict[str, Any]:
+    """Everything that changes the step's output, and nothing cosmetic (not its name)."""
+    spec = step.spec
+    inputs = {"from": keys[step.source]} if step.source else {}
+    inputs |= {ref: keys[ref] for ref in step.data}
+    return {
+        "stage": step.stage,
+        "algorithm": spec.algorithm,
+        "version": spec.version,
+        "params": as_params(step.config),
+        "inputs": inputs,
+        "content": _local_digests(step, cache, file),
+        "libraries": library_versions(spec.libraries),
+    }
+
+
+def _local_digests(step: Step, cache: DigestCache, file: str) -> dict[str, str]:
+    digests = {}
+    for local in step.spec.local_inputs(step.config):
+        path = Path(local)
+        if not path.exists():
+            raise RecipeError(
+                file, step.ref, f"{local!r}: no such file or directory (from {Path.cwd()})",
+                "fix the path (relative paths are read from the directory doit runs in)",
+            )  # fmt: skip
+        digests[local] = cache.tree_digest(path)
+    return digests

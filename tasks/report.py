@@ -1,0 +1,132 @@
+"""The recipe's report: one row per evaluate step, as a terminal table, Markdown and HTML.
+
+The report is a step like the others (keyed by the evaluate steps it shows), so it is rebuilt
+only when one of them changes.
+"""
+
+from __future__ import annotations
+
+import html
+from pathlib import Path
+from typing import Any
+
+REPORT_STEP = "report"
+REPORT_VERSION = "1"
+
+COLUMNS = [  # (metric, header, format)
+    ("size_bytes", "size MB", lambda v: f"{v / 1e6:.1f}"),
+    ("perplexity", "perplexity", lambda v: f"{v:.2f}"),
+    ("ppl_change", "Δ ppl", lambda v: f"{v:+.1%}"),
+    ("load_s", "load s", lambda v: f"{v:.2f}"),
+    ("first_token_ms", "1st token ms", lambda v: f"{v:.0f}"),
+    ("decode_tokens_per_s", "decode tok/s", lambda v: f"{v:.1f}"),
+]
+
+
+def report_identity(evaluated: dict[str, str]) -> dict[str, Any]:
+    """Keyed by the evaluate steps (names included: they label the rows)."""
+    return {"stage": REPORT_STEP, "version": REPORT_VERSION, "inputs": evaluated}
+
+
+def make_rows(evaluations: list[tuple[str, str, dict[str, Any]]]) -> list[dict[str, Any]]:
+    """(task, from, metrics) per evaluate step -> rows, with the change in perplexity
+    relative to the first row evaluated on the base model (or the first row)."""
+    rows = [{"step": task, "model": source, **metrics} for task, source, metrics in evaluations]
+    base = next((r for r in rows if r["model"] == "model"), rows[0] if rows else None)
+    for row in rows:
+        if base and row.get("perplexity") and base.get("perplexity"):
+            row["ppl_change"] = row["perplexity"] / base["perplexity"] - 1
+    return rows
+
+
+def _cells(row: dict[str, Any]) -> list[str]:
+    cells = [row["step"], row["model"], str(row.get("format", ""))]
+    return cells + [fmt(row[m]) if row.get(m) is not None else "-" for m, _, fmt in COLUMNS]
+
+
+def headers() -> list[str]:
+    return ["step", "model", "format"] + [h for _, h, _ in COLUMNS]
+
+
+def text_table(rows: list[dict[str, Any]]) -> str:
+    table = [headers()] + [_cells(r) for r in rows]
+    widths = [max(len(line[i]) for line in table) for i in range(len(table[0]))]
+    lines = [
+        "  ".join(
+            c.ljust(w) if i < 3 else c.rjust(w)
+            for i, (c, w) in enumerate(zip(line, widths, strict=True))
+        )
+        for line in table
+    ]
+    lines.insert(1, "  ".join("-" * w for w in widths))
+    return "\n".join(lines)
+
+
+def markdown_table(rows: list[dict[str, Any]]) -> str:
+    head = headers()
+    out = [
+        "| " + " | ".join(head) + " |",
+        "|" + "|".join(["---"] * 3 + ["---:"] * (len(head) - 3)) + "|",
+    ]
+    out += ["| " + " | ".join(_cells(r)) + " |" for r in rows]
+    return "\n".join(out)
+
+
+def _bars(rows: list[dict[str, Any]], metric: str, title: str, fmt: Any) -> str:
+    """An inline SVG bar chart of one metric: no plotting library needed to read the report."""
+    values = [(r["step"], r.get(metric)) for r in rows if r.get(metric) is not None]
+    if not values:
+        return ""
+    top = max(v for _, v in values) or 1.0
+    bar_h, label_w, width = 22, 220, 420
+    parts = [f'<svg width="{label_w + width + 90}" height="{bar_h * len(values) + 10}" role="img">']
+    for i, (name, value) in enumerate(values):
+        y, w = 5 + i * bar_h, max(2.0, width * value / top)
+        parts.append(f'<text x="0" y="{y + 15}">{html.escape(name)}</text>')
+        parts.append(
+            f'<rect x="{label_w}" y="{y + 3}" width="{w:.0f}" height="{bar_h - 6}" fill="#4c78a8"/>'
+        )
+        parts.append(f'<text x="{label_w + w + 6:.0f}" y="{y + 15}">{fmt(value)}</text>')
+    parts.append("</svg>")
+    return f"<h2>{html.escape(title)}</h2>\n" + "\n".join(parts)
+
+
+def html_report(rows: list[dict[str, Any]], title: str) -> str:
+    head = "".join(f"<th>{html.escape(h)}</th>" for h in headers())
+    body = "".join(
+        "<tr>" + "".join(f"<td>{html.escape(c)}</td>" for c in _cells(r)) + "</tr>" for r in rows
+    )
+    samples = "".join(
+        f"<dt>{html.escape(r['step'])}</dt><dd>{html.escape(str(r['sample']))}</dd>"
+        for r in rows
+        if r.get("sample")
+    )
+    charts = "\n".join(
+        _bars(rows, m, t, f)
+        for m, t, f in [
+            ("perplexity", "Perplexity on held-out text (lower is better)", lambda v: f"{v:.2f}"),
+            ("size_bytes", "Size on disk (MB)", lambda v: f"{v / 1e6:.1f}"),
+            (
+                "decode_tokens_per_s",
+                "Decode speed (tokens/s, higher is better)",
+                lambda v: f"{v:.1f}",
+            ),
+        ]
+    )
+    style = (
+        "body{font-family:system-ui,sans-serif;margin:2em;max-width:70em}"
+        "table{border-collapse:collapse}td,th{padding:.3em .8em;border-bottom:1px solid #ddd}"
+        "td:nth-child(n+4){text-align:right;font-variant-numeric:tabular-nums}"
+        "svg text{font-size:13px}"
+    )
+    return (
+        f"<!doctype html><html><head><meta charset='utf-8'><title>{html.escape(title)}</title>"
+        f"<style>{style}</style></head><body><h1>{html.escape(title)}</h1>"
+        f"<table><tr>{head}</tr>{body}</table>\n{charts}\n"
+        f"<h2>Greedy samples</h2><dl>{samples}</dl></body></html>\n"
+    )
+
+
+def write_report(out: Path, rows: list[dict[str, Any]], title: str) -> None:
+    (out / "report.md").write_text(f"# {title}\n\n{markdown_table(rows)}\n", encoding="utf-8")
+    (out / "report.html").write_text(html_report(rows, title), encoding="utf-8")

@@ -1,0 +1,105 @@
+"""Run one step: lock its key, build into a temporary directory, publish, link.
+
+A step that fails leaves its temporary directory (for inspection) and no manifest, so a
+failure is never cached. Errors the user can act on come back as one message, no traceback.
+"""
+
+from __future__ import annotations
+
+import json
+import platform
+import sys
+import time
+from typing import Any
+
+from doit.exceptions import TaskFailed
+
+from tasks.errors import KilnError
+from tasks.graph import Graph
+from tasks.report import REPORT_STEP, make_rows, text_table, write_report
+from tasks.stages import StepContext
+from tasks.store import MANIFEST
+
+
+def run_step(graph: Graph, ref: str) -> TaskFailed | None:
+    """The doit action of a step."""
+    task = ref.replace(".", ":", 1)
+    try:
+        if ref != REPORT_STEP:
+            graph.step(ref).spec.preflight()
+        metrics = _build(graph, ref, task)
+    except KilnError as err:
+        return TaskFailed(f"{task}: {err}")
+    if metrics is not None:
+        _print_summary(task, metrics)
+    return None
+
+
+def _build(graph: Graph, ref: str, task: str) -> dict[str, Any] | None:
+    """Build and publish ref's entry; None when another process built it meanwhile."""
+    store, key = graph.store, graph.keys[ref]
+
+    def waiting() -> None:
+        print(f"  {task}: another process is building {key[:12]}..., waiting", file=sys.stderr)
+
+    with store.lock(key, on_wait=waiting):
+        if store.is_complete(key):
+            store.link(graph.link(ref), key)
+            return None
+        tmp = store.new_tmp(key)
+        started = time.time()
+        try:
+            metrics = _run(graph, ref, task, tmp)
+        except BaseException:
+            print(f"  {task}: failed; partial output left in {tmp}", file=sys.stderr)
+            raise
+        manifest = {
+            "key": key,
+            "identity": graph.identities[ref],
+            "format": "report" if ref == REPORT_STEP else graph.step(ref).spec.output,
+            "built_as": {"recipe": str(graph.recipe.path), "task": task},
+            "metrics": metrics,
+            "timings": {"started": started, "seconds": round(time.time() - started, 3)},
+            "python": platform.python_version(),
+            "platform": platform.platform(),
+        }
+        store.publish(key, tmp, manifest)
+    store.link(graph.link(ref), key)
+    return metrics
+
+
+def _run(graph: Graph, ref: str, task: str, tmp: Any) -> dict[str, Any]:
+    if ref == REPORT_STEP:
+        return _run_report(graph, tmp)
+    step = graph.step(ref)
+    ctx = StepContext(task=task, out=tmp, artifacts=graph.store.root)
+    if step.source:
+        ctx.input = graph.entry(step.source)
+        ctx.input_manifest = json.loads((ctx.input / MANIFEST).read_text())
+    for data_ref in step.data:
+        ctx.data[data_ref.split(".", 1)[1]] = graph.entry(data_ref)
+        ctx.data_keys[data_ref.split(".", 1)[1]] = graph.keys[data_ref]
+    return step.spec.run(step.config, ctx) or {}
+
+
+def _run_report(graph: Graph, out: Any) -> dict[str, Any]:
+    evaluations = []
+    for ref in graph.evaluate_refs():
+        step = graph.step(ref)
+        metrics = graph.store.manifest(graph.keys[ref])["metrics"]
+        evaluations.append((step.task, step.source or "", metrics))
+    rows = make_rows(evaluations)
+    write_report(out, rows, f"modelkiln report: {graph.recipe.name}")
+    print(f"\n{text_table(rows)}\n", flush=True)
+    return {"rows": len(rows)}
+
+
+def _print_summary(task: str, metrics: dict[str, Any]) -> None:
+    shown = {
+        k: v for k, v in metrics.items() if isinstance(v, int | float) and not isinstance(v, bool)
+    }
+    if shown:
+        text = ", ".join(
+            f"{k}={v:.4g}" if isinstance(v, float) else f"{k}={v}" for k, v in shown.items()
+        )
+        print(f"  {task}: {text}", file=sys.stderr, flush=True)

@@ -1,0 +1,155 @@
+"""Run a decoder once to prove a model folder works: ONNX, PyTorch and onnxruntime-genai.
+
+Every stage that writes a model runs it here: one forward pass over a short prompt with an
+empty past, compared against the model it came from, and (for onnxruntime-genai folders) a few
+greedy tokens. Heavy libraries are imported inside the functions.
+"""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+from typing import TYPE_CHECKING, Any
+
+from tasks.errors import StageError
+from tasks.stages.onnx_folder import GENAI_CONFIG, model_file
+
+if TYPE_CHECKING:
+    import numpy as np
+    import onnxruntime as ort
+
+PROMPT = "The quick brown fox jumps over the lazy dog"
+# Without a tokenizer any in-vocabulary ids do: the comparison is between two models.
+FALLBACK_IDS = (1, 5, 9, 13, 17, 21, 25, 29)
+
+ORT_DTYPES = {"tensor(float)": "float32", "tensor(float16)": "float16", "tensor(int64)": "int64"}
+ORT_DTYPES |= {"tensor(int32)": "int32", "tensor(bfloat16)": "float32"}
+
+
+def prompt_ids(folder: Path, text: str = PROMPT) -> list[int]:
+    """The prompt tokenized with the folder's tokenizer.json, else fixed ids."""
+    path = folder / "tokenizer.json"
+    if not path.is_file():
+        return list(FALLBACK_IDS)
+    from tokenizers import Tokenizer
+
+    return Tokenizer.from_file(str(path)).encode(text, add_special_tokens=False).ids
+
+
+def decoder_dims(folder: Path) -> dict[str, int]:
+    """Key/value heads and head size, which ONNX inputs may leave symbolic (the builder does)."""
+    genai = folder / GENAI_CONFIG
+    if genai.is_file():
+        decoder = json.loads(genai.read_text())["model"]["decoder"]
+        return {"kv_heads": decoder["num_key_value_heads"], "head_size": decoder["head_size"]}
+    hf = folder / "config.json"
+    if hf.is_file():
+        config = json.loads(hf.read_text())
+        heads = config["num_attention_heads"]
+        return {
+            "kv_heads": config.get("num_key_value_heads") or heads,
+            "head_size": config.get("head_dim") or config["hidden_size"] // heads,
+        }
+    return {}
+
+
+def _past_shape(shape: list[Any], dims: dict[str, int], name: str) -> list[int]:
+    """[batch, kv_heads, past_len, head_size] with batch 1 and an empty past."""
+    known = [1, dims.get("kv_heads"), 0, dims.get("head_size")]
+    out = [d if isinstance(d, int) else k for d, k in zip(shape, known, strict=True)]
+    out[0], out[2] = 1, 0
+    if None in out:
+        raise StageError(f"cannot size the empty past {name} {shape}: no genai_config/config.json")
+    return out
+
+
+def empty_past_feed(
+    session: ort.InferenceSession, input_ids: list[int], dims: dict[str, int]
+) -> dict[str, np.ndarray]:
+    """Inputs for one decoder call over `input_ids` (batch 1) with an empty key/value cache."""
+    import numpy as np
+
+    seq = len(input_ids)
+    feed: dict[str, np.ndarray] = {}
+    for arg in session.get_inputs():
+        dtype = ORT_DTYPES.get(arg.type)
+        if arg.name == "input_ids":
+            feed[arg.name] = np.array([input_ids], dtype=dtype)
+        elif arg.name == "attention_mask":
+            feed[arg.name] = np.ones((1, seq), dtype=dtype)
+        elif arg.name == "position_ids":
+            feed[arg.name] = np.arange(seq, dtype=dtype)[None, :]
+        elif arg.name.startswith("past_key_values."):
+            feed[arg.name] = np.zeros(_past_shape(arg.shape, dims, arg.name), dtype=dtype)
+        else:
+            raise StageError(f"decoder input {arg.name!r} is not one this check knows how to feed")
+    return feed
+
+
+def onnx_logits(folder: Path, input_ids: list[int]) -> np.ndarray:
+    """Logits [seq, vocab] (float32) of the folder's decoder on the CPU provider."""
+    import numpy as np
+    import onnxruntime as ort
+
+    path = model_file(folder)
+    try:
+        session = ort.InferenceSession(str(path), providers=["CPUExecutionProvider"])
+    except Exception as err:  # onnxruntime's Fail, InvalidGraph, ... derive from Exception only
+        raise StageError(f"{path} does not load in onnxruntime: {err}") from err
+    feed = empty_past_feed(session, input_ids, decoder_dims(folder))
+    (logits,) = session.run(["logits"], feed)
+    return np.asarray(logits[0], dtype=np.float32)
+
+
+def torch_logits(hf_dir: Path, input_ids: list[int]) -> np.ndarray:
+    """Logits [seq, vocab] of the Hugging Face model in fp32 on the CPU."""
+    import torch
+    from transformers import AutoModelForCausalLM
+
+    model = AutoModelForCausalLM.from_pretrained(hf_dir, dtype=torch.float32).eval()
+    with torch.no_grad():
+        logits = model(torch.tensor([input_ids])).logits[0]
+    return logits.float().numpy()
+
+
+def compare_logits(reference: np.ndarray, candidate: np.ndarray) -> dict[str, float]:
+    """How far `candidate` is from `reference`: max/mean |Δlogit|, greedy-token agreement."""
+    import numpy as np
+
+    if reference.shape != candidate.shape:
+        raise StageError(f"logits shape {candidate.shape} differs from {reference.shape}")
+    diff = np.abs(reference - candidate)
+    same_top1 = reference.argmax(-1) == candidate.argmax(-1)
+    return {
+        "max_abs_logit_diff": float(diff.max()),
+        "mean_abs_logit_diff": float(diff.mean()),
+        "top1_agreement": float(same_top1.mean()),
+    }
+
+
+def genai_generate(folder: Path, text: str = PROMPT, new_tokens: int = 8) -> str:
+    """A few greedy tokens from onnxruntime-genai: proves the folder runs there as a whole."""
+    import onnxruntime_genai as og
+
+    try:
+        model = og.Model(str(folder))
+        tokenizer = og.Tokenizer(model)
+        ids = tokenizer.encode(text)
+        params = og.GeneratorParams(model)
+        params.set_search_options(max_length=len(ids) + new_tokens, do_sample=False)
+        generator = og.Generator(model, params)
+        generator.append_tokens(ids)
+        while not generator.is_done():
+            generator.generate_next_token()
+        return tokenizer.decode(generator.get_sequence(0)[len(ids) :])
+    except RuntimeError as err:  # og reports every failure as RuntimeError
+        raise StageError(f"{folder} does not run in onnxruntime-genai: {err}") from err
+
+
+def check_onnx_against(reference: np.ndarray, folder: Path, input_ids: list[int]) -> dict[str, Any]:
+    """Metrics of the folder's model vs reference logits, plus genai text when it has a config."""
+    metrics: dict[str, Any] = compare_logits(reference, onnx_logits(folder, input_ids))
+    metrics["prompt_tokens"] = len(input_ids)
+    if (folder / GENAI_CONFIG).is_file():
+        metrics["genai_text"] = genai_generate(folder)
+    return metrics

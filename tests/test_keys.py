@@ -1,0 +1,22 @@
+from tasks.keys import canonical_json, diff_identities, key_of, library_version
+
+
+def test_key_is_full_width_sha256_and_order_free():
+    a = key_of({"b": 1, "a": [1, 2]})
+    assert len(a) == 64
+    assert a == key_of({"a": [1, 2], "b": 1})
+    assert a != key_of({"a": [2, 1], "b": 1})
+
+
+def test_canonical_json_is_compact_and_sorted():
+    assert canonical_json({"b": 1, "a": "é"}) == '{"a":"é","b":1}'
+
+
+def test_diff_names_each_changed_leaf():
+    old = {"params": {"bits": 4, "sym": True}, "inputs": {"from": "k1"}}
+    new = {"params": {"bits": 8, "sym": True}, "inputs": {"from": "k1", "data.x": "k2"}}
+    assert diff_identities(old, new) == ['inputs.data.x: added ("k2")', "params.bits: 4 -> 8"]
+
+
+def test_missing_library_version_is_absent():
+    assert library_version("surely-not-installed-package-xyz") == "absent"
