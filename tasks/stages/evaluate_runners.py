@@ -1,0 +1,206 @@
+"""The model runners behind the evaluate stage: PyTorch, onnxruntime and onnxruntime-genai.
+
+A runner scores a whole window with an empty cache (`logits`) and generates greedily with a
+key/value cache (`start` on the prompt, then `next` once per token), so the evaluate stage
+measures every format with the same loop. Heavy libraries are imported inside the functions.
+"""
+
+from __future__ import annotations
+
+import json
+import statistics
+import time
+from collections.abc import Iterator
+from contextlib import contextmanager
+from pathlib import Path
+from typing import TYPE_CHECKING, Any, Protocol
+
+from tasks.errors import StageError
+from tasks.stages.onnx_folder import GENAI_CONFIG, model_file
+from tasks.stages.onnx_run import ORT_DTYPES, decoder_dims, empty_past_feed
+
+if TYPE_CHECKING:
+    import numpy as np
+
+
+class Runner(Protocol):
+    def logits(self, ids: list[int]) -> np.ndarray:
+        """Logits [len(ids), vocab] (float32) of one window, with an empty cache."""
+        ...
+
+    def start(self, ids: list[int]) -> int:
+        """Run the prompt, keep its cache, return the greedy next token."""
+        ...
+
+    def next(self, token: int) -> int:
+        """Feed one token through the cache, return the greedy next token."""
+        ...
+
+
+@contextmanager
+def torch_threads(threads: int) -> Iterator[None]:
+    """Set torch's intra-op threads for the evaluation and restore them after: the doit
+    process goes on to run other steps."""
+    import torch
+
+    before = torch.get_num_threads()
+    torch.set_num_threads(threads)
+    try:
+        yield
+    finally:
+        torch.set_num_threads(before)
+
+
+class HfRunner:
+    """A transformers causal LM in float32 on the CPU."""
+
+    def __init__(self, folder: Path) -> None:
+        import torch
+        from transformers import AutoModelForCausalLM
+
+        self.torch = torch
+        self.model = AutoModelForCausalLM.from_pretrained(folder, dtype=torch.float32).eval()
+        self.past: Any = None
+
+    def logits(self, ids: list[int]) -> np.ndarray:
+        with self.torch.inference_mode():
+            return self.model(self.torch.tensor([ids])).logits[0].float().numpy()
+
+    def _step(self, ids: list[int]) -> int:
+        with self.torch.inference_mode():
+            out = self.model(
+                input_ids=self.torch.tensor([ids]), past_key_values=self.past, use_cache=True
+            )
+        self.past = out.past_key_values
+        return int(out.logits[0, -1].argmax())
+
+    def start(self, ids: list[int]) -> int:
+        self.past = None
+        return self._step(ids)
+
+    def next(self, token: int) -> int:
+        return self._step([token])
+
+
+class OrtRunner:
+    """The decoder of an ONNX folder in onnxruntime (CPU provider), its cache fed back by hand:
+    inputs past_key_values.{i}.key/value, outputs present.{i}.key/value (the genai builder's
+    names), shape [batch, kv_heads, past_len, head_size]."""
+
+    def __init__(self, folder: Path, threads: int) -> None:
+        import onnxruntime as ort
+
+        options = ort.SessionOptions()
+        options.intra_op_num_threads = threads
+        options.inter_op_num_threads = 1
+        path = model_file(folder)
+        try:
+            self.session = ort.InferenceSession(
+                str(path), options, providers=["CPUExecutionProvider"]
+            )
+        except Exception as err:  # onnxruntime's errors derive from Exception only
+            raise StageError(f"{path} does not load in onnxruntime: {err}") from err
+        self.dims = decoder_dims(folder)
+        self.inputs = {arg.name: arg for arg in self.session.get_inputs()}
+        self.outputs = [arg.name for arg in self.session.get_outputs()]
+        self.past: dict[str, np.ndarray] = {}
+        self.length = 0  # tokens in the cache
+
+    def logits(self, ids: list[int]) -> np.ndarray:
+        (logits,) = self.session.run(["logits"], empty_past_feed(self.session, ids, self.dims))
+        return logits[0]
+
+    def _run(self, feed: dict[str, np.ndarray], new: int) -> int:
+        results = dict(zip(self.outputs, self.session.run(self.outputs, feed), strict=True))
+        self.past = {
+            name: results[name.replace("past_key_values.", "present.", 1)]
+            for name in self.inputs
+            if name.startswith("past_key_values.")
+        }
+        self.length += new
+        return int(results["logits"][0, -1].argmax())
+
+    def start(self, ids: list[int]) -> int:
+        self.length = 0
+        return self._run(empty_past_feed(self.session, ids, self.dims), len(ids))
+
+    def next(self, token: int) -> int:
+        import numpy as np
+
+        feed = dict(self.past)
+        for name, arg in self.inputs.items():
+            dtype = ORT_DTYPES.get(arg.type)
+            if name == "input_ids":
+                feed[name] = np.array([[token]], dtype=dtype)
+            elif name == "attention_mask":
+                feed[name] = np.ones((1, self.length + 1), dtype=dtype)
+            elif name == "position_ids":
+                feed[name] = np.array([[self.length]], dtype=dtype)
+        return self._run(feed, 1)
+
+
+def greedy(
+    runner: Runner, prompt: list[int], new_tokens: int, stop: frozenset[int] = frozenset()
+) -> tuple[list[int], float, float]:
+    """(tokens, seconds to the first token, seconds for the rest) of greedy decoding."""
+    started = time.perf_counter()
+    token = runner.start(prompt)
+    first = time.perf_counter()
+    tokens = [token]
+    while len(tokens) < new_tokens and token not in stop:
+        token = runner.next(token)
+        tokens.append(token)
+    return tokens, first - started, time.perf_counter() - first
+
+
+def _genai_model(folder: Path, threads: int) -> Any:
+    import onnxruntime_genai as og
+
+    config = og.Config(str(folder))
+    options = {"intra_op_num_threads": threads, "inter_op_num_threads": 1}
+    config.overlay(json.dumps({"model": {"decoder": {"session_options": options}}}))
+    return og.Model(config)
+
+
+def _genai_greedy(model: Any, prompt: list[int], new_tokens: int, fixed: bool) -> tuple:
+    """(tokens, first-token s, rest s). `fixed` forbids stopping at EOS (genai's min_length),
+    so timed runs decode exactly new_tokens like the other runners."""
+    import onnxruntime_genai as og
+
+    params = og.GeneratorParams(model)
+    length = len(prompt) + new_tokens
+    params.set_search_options(max_length=length, min_length=length if fixed else 0, do_sample=False)
+    generator = og.Generator(model, params)
+    started = time.perf_counter()
+    generator.append_tokens(prompt)  # runs the prompt; the next call only picks the token
+    generator.generate_next_token()
+    first = time.perf_counter()
+    while not generator.is_done():
+        generator.generate_next_token()
+    tokens = [int(t) for t in generator.get_sequence(0)[len(prompt) :]]
+    return tokens, first - started, time.perf_counter() - first
+
+
+def genai_metrics(
+    folder: Path, prompt: list[int], new_tokens: int, repeats: int, threads: int, eos: frozenset[int]
+) -> dict[str, Any]:
+    """Load time, first-token latency, decode speed and greedy text in onnxruntime-genai."""
+    import onnxruntime_genai as og
+
+    if not (folder / GENAI_CONFIG).is_file():
+        return {}
+    started = time.perf_counter()
+    try:
+        model = _genai_model(folder, threads)
+        load_s = time.perf_counter() - started
+        sample, _, _ = _genai_greedy(model, prompt, new_tokens, fixed=False)  # also a warm-up
+        runs = [_genai_greedy(model, prompt, new_tokens, fixed=True) for _ in range(repeats)]
+        text = og.Tokenizer(model).decode([t for t in sample if t not in eos])
+    except RuntimeError as err:  # og reports every failure as RuntimeError
+        raise StageError(f"{folder} does not run in onnxruntime-genai: {err}") from err
+    return {
+        "genai_load_s": load_s,
+        "genai_first_token_ms": statistics.median(r[1] for r in runs) * 1e3,
+        "genai_decode_tokens_per_s": statistics.median((len(r[0]) - 1) / r[2] for r in runs),
+        "genai_sample": text,
+    }

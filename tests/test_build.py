@@ -1,0 +1,139 @@
+"""The build graph end to end on a tiny model, through real `doit` processes."""
+
+from __future__ import annotations
+
+import json
+import os
+import signal
+import time
+
+import pytest
+from workspace import Workspace, executed, tiny_recipe
+
+from tasks.store import MANIFEST
+
+ALL = {
+    "model",
+    "data:prose",
+    "capture:fp32",
+    "quantize:int8",
+    "evaluate:fp32",
+    "evaluate:int8",
+    "report",
+}
+
+
+@pytest.fixture(scope="module")
+def built(tmp_path_factory, tiny_model, prose_file):
+    ws = Workspace(tmp_path_factory.mktemp("ws"))
+    ws.write(tiny_recipe(tiny_model, prose_file))
+    first = ws.doit()
+    return ws, first
+
+
+def link_key(ws: Workspace, *parts: str) -> str:
+    return os.readlink(ws.artifacts / "recipe" / os.path.join(*parts)).rsplit("/", 1)[-1]
+
+
+def test_first_build_runs_every_step_and_prints_the_table(built):
+    ws, first = built
+    assert set(executed(first.stdout)) == ALL
+    assert "perplexity" in first.stdout and "evaluate:int8" in first.stdout
+    report = ws.artifacts / "recipe" / "report" / "report.md"
+    assert "evaluate:fp32" in report.read_text()
+
+
+def test_second_build_runs_nothing(built):
+    ws, _ = built
+    again = ws.doit()
+    assert executed(again.stdout) == []
+
+
+def test_change_reruns_exactly_the_step_and_its_descendants_and_revert_restores(
+    built, tiny_model, prose_file
+):
+    ws, _ = built
+    old = link_key(ws, "quantize", "int8")
+    ws.write(tiny_recipe(tiny_model, prose_file, per_channel=True))
+    explain = ws.doit("explain", "quantize:int8", "evaluate:int8")
+    assert "params.per_channel: false -> true" in explain.stdout
+    assert "input quantize:int8 changed" in explain.stdout
+    changed = ws.doit()
+    assert set(executed(changed.stdout)) == {"quantize:int8", "evaluate:int8", "report"}
+    assert link_key(ws, "quantize", "int8") != old
+
+    ws.write(tiny_recipe(tiny_model, prose_file, per_channel=False))
+    reverted = ws.doit()
+    assert executed(reverted.stdout) == []
+    assert link_key(ws, "quantize", "int8") == old  # the earlier output is back
+
+
+def test_verify_names_a_modified_store_file(built):
+    ws, _ = built
+    assert ws.doit("verify").returncode == 0
+    entry = ws.artifacts / "recipe" / "quantize" / "int8"
+    target = entry.resolve() / "genai_config.json"
+    original = target.read_bytes()
+    try:
+        target.write_bytes(original.replace(b"{", b"{ ", 1))
+        proc = ws.doit("verify", check=False)
+        assert proc.returncode != 0
+        assert "genai_config.json: " in proc.stdout
+        assert "Traceback" not in proc.stdout + proc.stderr
+    finally:
+        target.write_bytes(original)
+
+
+def test_gc_removes_only_unreferenced_entries(built, tiny_model, prose_file):
+    ws, _ = built
+    ws.write(tiny_recipe(tiny_model, prose_file, per_channel=True))
+    ws.doit()
+    ws.write(tiny_recipe(tiny_model, prose_file, per_channel=False))
+    ws.doit()  # relinks to the per-tensor entries: the per-channel ones are garbage now
+    dry = ws.doit("gc", "--dry-run")
+    assert "would remove" in dry.stdout and "MB" in dry.stdout
+    before = sorted(p.name for p in (ws.artifacts / "store").glob(f"??/*/{MANIFEST}"))
+    ws.doit("gc")
+    after = sorted(p.name for p in (ws.artifacts / "store").glob(f"??/*/{MANIFEST}"))
+    assert len(after) == len(before) - 3  # quantize, evaluate and report of the per-channel build
+    assert executed(ws.doit().stdout) == []  # nothing the recipe needs was removed
+
+
+def test_sigkill_mid_build_leaves_nothing_complete(tmp_path, tiny_model, prose_file):
+    ws = Workspace(tmp_path)
+    ws.write(tiny_recipe(tiny_model, prose_file))
+    ws.doit("model", "data")
+    proc = ws.popen("capture:fp32")
+    tmp_root = ws.artifacts / "store" / ".tmp"
+    deadline = time.time() + 120
+    while time.time() < deadline and not any(tmp_root.glob("*")):
+        time.sleep(0.05)
+    time.sleep(0.5)  # inside the build now
+    os.killpg(proc.pid, signal.SIGKILL)
+    proc.wait()
+    capture = ws.artifacts / "recipe" / "capture" / "fp32"
+    assert not capture.exists()
+    manifests = [
+        json.loads(p.read_text())["built_as"]["task"]
+        for p in (ws.artifacts / "store").glob(f"??/*/{MANIFEST}")
+    ]
+    assert "capture:fp32" not in manifests
+    rerun = ws.doit("capture:fp32")
+    assert executed(rerun.stdout) == ["capture:fp32"]
+    assert (capture / MANIFEST).is_file()
+
+
+def test_two_processes_on_one_workspace(tmp_path, tiny_model, prose_file):
+    ws = Workspace(tmp_path)
+    ws.write(tiny_recipe(tiny_model, prose_file))
+    procs = [ws.popen() for _ in range(2)]
+    outs = [p.communicate(timeout=600) for p in procs]
+    for p, (out, err) in zip(procs, outs, strict=True):
+        assert p.returncode == 0, out + err
+    built_as = [
+        json.loads(p.read_text())["built_as"]["task"]
+        for p in (ws.artifacts / "store").glob(f"??/*/{MANIFEST}")
+    ]
+    assert sorted(built_as) == sorted(ALL)  # each step built once
+    assert ws.doit("verify").returncode == 0
+    assert executed(ws.doit().stdout) == []

@@ -1,0 +1,92 @@
+"""A throw-away doit workspace on the tiny model: a recipe, an artifacts dir, and `doit` runs."""
+
+from __future__ import annotations
+
+import re
+import subprocess
+import sys
+from dataclasses import dataclass
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parents[1]
+DOIT = [sys.executable, "-m", "doit", "-f", str(ROOT / "dodo.py")]
+
+
+def tiny_recipe(model: Path, prose: Path, per_channel: bool = False, extra: str = "") -> str:
+    return f"""
+[model]
+source = "{model}"
+
+[data.prose]
+path = "{prose}"
+format = "text"
+heldout_fraction = 0.25
+
+[capture.fp32]
+precision = "fp32"
+
+[quantize.int8]
+algorithm = "ort-dynamic"
+from = "capture.fp32"
+per_channel = {str(per_channel).lower()}
+
+[evaluate.fp32]
+from = "capture.fp32"
+data = "prose"
+seq_len = 64
+max_tokens = 256
+new_tokens = 4
+repeats = 1
+
+[evaluate.int8]
+from = "quantize.int8"
+data = "prose"
+seq_len = 64
+max_tokens = 256
+new_tokens = 4
+repeats = 1
+{extra}
+"""
+
+
+@dataclass
+class Workspace:
+    root: Path
+
+    @property
+    def recipe(self) -> Path:
+        return self.root / "recipe.toml"
+
+    @property
+    def artifacts(self) -> Path:
+        return self.root / "artifacts"
+
+    def write(self, text: str) -> None:
+        self.recipe.write_text(text)
+
+    def argv(self, *args: str) -> list[str]:
+        return [
+            *DOIT,
+            "-d",
+            str(self.root),
+            *args,
+            f"recipe={self.recipe}",
+            f"artifacts={self.artifacts}",
+        ]
+
+    def doit(self, *args: str, check: bool = True) -> subprocess.CompletedProcess:
+        proc = subprocess.run(self.argv(*args), capture_output=True, text=True, timeout=600)
+        if check and proc.returncode != 0:
+            raise AssertionError(f"doit {' '.join(args)} failed:\n{proc.stdout}\n{proc.stderr}")
+        return proc
+
+    def popen(self, *args: str) -> subprocess.Popen:
+        return subprocess.Popen(
+            self.argv(*args), stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
+            start_new_session=True,
+        )  # fmt: skip
+
+
+def executed(output: str) -> list[str]:
+    """Tasks doit ran (`.  task`), not those it found up to date (`-- task`)."""
+    return re.findall(r"^\.  (\S+)", output, flags=re.M)
