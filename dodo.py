@@ -33,7 +33,8 @@ DOIT_CONFIG = {
     "dep_file": str(ARTIFACTS / ".doit.db"),
     "backend": "sqlite3",  # safe when two doit processes share one workspace
     "verbosity": 2,
-    "subtasks": True,  # `doit list` shows every step
+    "subtasks": True,  # `doit list` shows every step, in recipe order
+    "sort": "definition",
 }
 
 

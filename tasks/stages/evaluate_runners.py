@@ -7,6 +7,7 @@ measures every format with the same loop. Heavy libraries are imported inside th
 
 from __future__ import annotations
 
+import inspect
 import json
 import statistics
 import time
@@ -61,6 +62,9 @@ class HfRunner:
         self.torch = torch
         self.model = AutoModelForCausalLM.from_pretrained(folder, dtype=torch.float32).eval()
         self.past: Any = None
+        # transformers 5.2x renames forward's past_key_values to cache (the old name warns).
+        params = inspect.signature(self.model.forward).parameters
+        self.cache_arg = "cache" if "cache" in params else "past_key_values"
 
     def logits(self, ids: list[int]) -> np.ndarray:
         with self.torch.inference_mode():
@@ -68,9 +72,8 @@ class HfRunner:
 
     def _step(self, ids: list[int]) -> int:
         with self.torch.inference_mode():
-            out = self.model(
-                input_ids=self.torch.tensor([ids]), past_key_values=self.past, use_cache=True
-            )
+            cache = {self.cache_arg: self.past}
+            out = self.model(input_ids=self.torch.tensor([ids]), use_cache=True, **cache)
         self.past = out.past_key_values
         return int(out.logits[0, -1].argmax())
 
@@ -162,7 +165,9 @@ def _genai_model(folder: Path, threads: int) -> Any:
     return og.Model(config)
 
 
-def _genai_greedy(model: Any, prompt: list[int], new_tokens: int, fixed: bool) -> tuple:
+def _genai_greedy(
+    model: Any, prompt: list[int], new_tokens: int, fixed: bool
+) -> tuple[list[int], float, float]:
     """(tokens, first-token s, rest s). `fixed` forbids stopping at EOS (genai's min_length),
     so timed runs decode exactly new_tokens like the other runners."""
     import onnxruntime_genai as og
@@ -182,7 +187,12 @@ def _genai_greedy(model: Any, prompt: list[int], new_tokens: int, fixed: bool) -
 
 
 def genai_metrics(
-    folder: Path, prompt: list[int], new_tokens: int, repeats: int, threads: int, eos: frozenset[int]
+    folder: Path,
+    prompt: list[int],
+    new_tokens: int,
+    repeats: int,
+    threads: int,
+    eos: frozenset[int],
 ) -> dict[str, Any]:
     """Load time, first-token latency, decode speed and greedy text in onnxruntime-genai."""
     import onnxruntime_genai as og

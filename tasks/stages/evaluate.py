@@ -1,0 +1,274 @@
+"""Evaluate a model, Hugging Face or ONNX: perplexity on held-out text, size, latency, tokens/s.
+
+```toml
+[evaluate.int8]
+from = "quantize.int8"
+data = "wiki"           # a [data.<name>] set; leave out for size and speed only
+seq_len = 512
+max_tokens = 4096
+```
+
+Perplexity is exp(mean negative log-likelihood) of the held-out text, tokenized once with the
+model folder's own tokenizer and cut into non-overlapping windows, so the Hugging Face and ONNX
+forms of one model score exactly the same tokens. Latency comes from a greedy loop with a
+key/value cache (the median of `repeats` runs, after an untimed one that gives the sample);
+an ONNX folder with a genai_config.json is also timed in onnxruntime-genai, the runtime it ships in.
+"""
+
+from __future__ import annotations
+
+import importlib.util
+import json
+import math
+import statistics
+import time
+from collections.abc import Iterable
+from dataclasses import dataclass
+from pathlib import Path
+from typing import TYPE_CHECKING, Any, Literal
+
+from tasks.config import ConfigValueError, option
+from tasks.errors import PreflightError, StageError
+from tasks.stages import HF, METRICS, ONNX, StageSpec, StepContext
+from tasks.stages.onnx_folder import GENAI_CONFIG
+
+if TYPE_CHECKING:
+    import numpy as np
+
+    from tasks.stages.evaluate_runners import Runner
+
+NOT_WEIGHTS = {"MANIFEST.json"}  # store bookkeeping, not part of what a user ships
+
+
+@dataclass(frozen=True, kw_only=True)
+class Config:
+    """Perplexity on a data set's held-out split, size on disk, load time and generation speed."""
+
+    data: str = option("", "name of a [data.<name>] set to measure perplexity on; empty: none")
+    split: Literal["heldout", "train"] = option(
+        "heldout", "split to score; 'train' is for debugging only: report held-out perplexity"
+    )
+    seq_len: int = option(512, "tokens per perplexity window (context the model sees)")
+    max_tokens: int = option(4096, "tokens scored, at most, in non-overlapping windows")
+    prompt: str = option("What is the capital of France?", "prompt for the latency runs")
+    chat_template: bool = option(True, "wrap the prompt in the tokenizer's chat template, if any")
+    new_tokens: int = option(32, "greedy tokens generated per latency run")
+    repeats: int = option(3, "timed latency runs; the median is reported")
+    threads: int = option(1, "CPU threads (torch and onnxruntime); 1 is steadiest on shared CPUs")
+
+    def __post_init__(self) -> None:
+        minimums = {"seq_len": 2, "max_tokens": 1, "new_tokens": 2, "repeats": 1, "threads": 1}
+        for key, least in minimums.items():
+            if getattr(self, key) < least:
+                fix = "decode speed needs a second token" if key == "new_tokens" else ""
+                raise ConfigValueError(key, f"must be at least {least}", fix)
+
+
+def token_nll(logits: np.ndarray, labels: np.ndarray) -> np.ndarray:
+    """-log softmax(logits)[label] per row of logits [n, vocab], summed in float64."""
+    import numpy as np
+
+    logits = np.asarray(logits)
+    top = logits.max(axis=-1, keepdims=True)
+    # exp in the logits' own dtype, sums in float64: no float64 copy of [n, vocab] in memory.
+    log_total = np.log(np.exp(logits - top).sum(axis=-1, dtype=np.float64)) + top[:, 0]
+    return log_total - logits[np.arange(len(labels)), labels].astype(np.float64)
+
+
+def perplexity(logits: np.ndarray, labels: np.ndarray) -> float:
+    """exp(mean NLL): row i of logits predicts labels[i]."""
+    return math.exp(float(token_nll(logits, labels).mean()))
+
+
+def read_text(data_dir: Path, split: str) -> str:
+    """The split's texts joined by blank lines (one JSON object with "text" per line)."""
+    path = data_dir / f"{split}.jsonl"
+    if not path.is_file():
+        raise StageError(f"data set {data_dir} has no {path.name}: rebuild its data step")
+    lines = path.read_text(encoding="utf-8").splitlines()
+    return "\n\n".join(json.loads(line)["text"] for line in lines if line.strip())
+
+
+def special_prefix(tokenizer: Any) -> list[int]:
+    """Tokens the tokenizer puts before any text (a BOS), or []: models trained with one
+    expect it, so every window starts with it."""
+    marked = tokenizer("a").input_ids
+    plain = tokenizer("a", add_special_tokens=False).input_ids
+    return marked[: -len(plain)] if marked[-len(plain) :] == plain else []
+
+
+def token_windows(
+    ids: list[int], prefix: list[int], seq_len: int, max_tokens: int
+) -> list[list[int]]:
+    """Windows of at most seq_len tokens whose scored parts (all but the first
+    `max(1, len(prefix))` tokens) tile the text: each text token is scored once. A window's
+    context is the prefix, or without one the token just before its scored part."""
+    context = len(prefix) or 1
+    step = seq_len - context
+    if step < 1:
+        raise StageError(
+            f"seq_len {seq_len} leaves no room to score after {context} context tokens"
+        )
+    start = 0 if prefix else 1
+    end = min(len(ids), start + max_tokens)
+    return [
+        (prefix or ids[i - 1 : i]) + ids[i : min(i + step, end)] for i in range(start, end, step)
+    ]
+
+
+def score(runner: Runner, windows: Iterable[list[int]], context: int) -> dict[str, Any]:
+    """Perplexity over all scored tokens of all windows."""
+    total, count = 0.0, 0
+    for window in windows:
+        logits = runner.logits(window)
+        total += float(token_nll(logits[context - 1 : -1], window[context:]).sum())
+        count += len(window) - context
+    if count == 0:
+        raise StageError("no tokens to score: the data split is empty")
+    return {"perplexity": math.exp(total / count), "tokens_scored": count}
+
+
+def prompt_ids(tokenizer: Any, config: Config) -> list[int]:
+    if config.chat_template and getattr(tokenizer, "chat_template", None):
+        messages = [{"role": "user", "content": config.prompt}]
+        text = tokenizer.apply_chat_template(messages, add_generation_prompt=True, tokenize=False)
+        return tokenizer(text, add_special_tokens=False).input_ids  # the template has its BOS
+    return tokenizer(config.prompt).input_ids
+
+
+def eos_ids(folder: Path, tokenizer: Any) -> frozenset[int]:
+    """End-of-sequence ids from the tokenizer and the generation configs: they can differ
+    (chat models end turns with a token other than the tokenizer's EOS)."""
+    found = {tokenizer.eos_token_id}
+    for name, keys in (("generation_config.json", ()), (GENAI_CONFIG, ("model",))):
+        if (folder / name).is_file():
+            config = json.loads((folder / name).read_text())
+            for key in keys:
+                config = config.get(key, {})
+            value = config.get("eos_token_id")
+            found |= set(value) if isinstance(value, list) else {value}
+    return frozenset(i for i in found if isinstance(i, int))
+
+
+def size_bytes(folder: Path) -> int:
+    return sum(
+        p.stat().st_size for p in folder.rglob("*") if p.is_file() and p.name not in NOT_WEIGHTS
+    )
+
+
+def time_generation(
+    runner: Runner, prompt: list[int], config: Config, eos: frozenset[int]
+) -> tuple[list[int], dict[str, float]]:
+    """The greedy sample (stopped at EOS; also the warm-up) and the median latency of
+    `repeats` runs of exactly new_tokens: EOS is ignored so every run times the same work."""
+    from tasks.stages.evaluate_runners import greedy
+
+    sample, _, _ = greedy(runner, prompt, config.new_tokens, eos)
+    runs = [greedy(runner, prompt, config.new_tokens) for _ in range(config.repeats)]
+    return [t for t in sample if t not in eos], {
+        "first_token_ms": statistics.median(r[1] for r in runs) * 1e3,
+        "decode_tokens_per_s": statistics.median((len(r[0]) - 1) / r[2] for r in runs),
+    }
+
+
+def load_runner(folder: Path, fmt: str, threads: int) -> Runner:
+    from tasks.stages.evaluate_runners import HfRunner, OrtRunner
+
+    return OrtRunner(folder, threads) if fmt == ONNX else HfRunner(folder)
+
+
+def measure(
+    config: Config, ctx: StepContext, fmt: str, tokenizer: Any, prompt: list[int]
+) -> dict[str, Any]:
+    """Load the model, score the data set if any, time generation. The model is freed on
+    return, before onnxruntime-genai loads its own copy."""
+    assert ctx.input is not None
+    started = time.perf_counter()
+    runner = load_runner(ctx.input, fmt, config.threads)
+    metrics: dict[str, Any] = {"load_s": time.perf_counter() - started}
+    if config.data:
+        if config.split != "heldout":
+            ctx.log(f"scoring the {config.split} split: for debugging; report held-out perplexity")
+        text = read_text(ctx.data[config.data], config.split)
+        prefix = special_prefix(tokenizer)
+        # verbose=False: the whole text is longer than the model's context, which is fine here.
+        ids = tokenizer(text, add_special_tokens=False, verbose=False).input_ids
+        windows = token_windows(ids, prefix, config.seq_len, config.max_tokens)
+        progress = ctx.progress(windows, "perplexity", total=len(windows))
+        metrics |= score(runner, progress, len(prefix) or 1)
+    eos = eos_ids(ctx.input, tokenizer)
+    sample, timings = time_generation(runner, prompt, config, eos)
+    metrics |= timings
+    metrics["sample"] = tokenizer.decode(sample, skip_special_tokens=True)
+    return metrics
+
+
+def context_length(folder: Path) -> int | None:
+    """The longest sequence the model takes, from genai_config.json or config.json."""
+    genai, hf = folder / GENAI_CONFIG, folder / "config.json"
+    if genai.is_file():
+        return json.loads(genai.read_text())["model"].get("context_length")
+    if hf.is_file():
+        return json.loads(hf.read_text()).get("max_position_embeddings")
+    return None
+
+
+def require_onnx_runtimes(folder: Path) -> None:
+    """The ONNX extra is optional: say how to install it before any model is loaded."""
+    modules = ["onnxruntime"] + (["onnxruntime_genai"] if (folder / GENAI_CONFIG).is_file() else [])
+    for module in modules:
+        if importlib.util.find_spec(module) is None:
+            raise PreflightError(
+                f"evaluating the ONNX model {folder} needs '{module}': pip install 'modelkiln[onnx]'"
+            )
+
+
+def run(config: Config, ctx: StepContext) -> dict[str, Any]:
+    from transformers import AutoTokenizer
+
+    from tasks.stages.evaluate_runners import genai_metrics, torch_threads
+
+    assert ctx.input is not None
+    folder = ctx.input
+    fmt = ONNX if any(folder.glob("*.onnx")) else HF
+    if fmt == ONNX:
+        require_onnx_runtimes(folder)
+    limit = context_length(folder)
+    if config.data and limit and config.seq_len > limit:
+        raise StageError(f"seq_len {config.seq_len} is longer than the model's context {limit}")
+    tokenizer = AutoTokenizer.from_pretrained(folder)
+    metrics: dict[str, Any] = {"format": fmt, "size_bytes": size_bytes(folder)}
+    prompt = prompt_ids(tokenizer, config)
+    with torch_threads(config.threads):
+        metrics |= measure(config, ctx, fmt, tokenizer, prompt)
+    if fmt == ONNX:
+        args = (config.new_tokens, config.repeats, config.threads, eos_ids(folder, tokenizer))
+        metrics |= genai_metrics(folder, prompt, *args)
+    ctx.log(summary(metrics))
+    return metrics
+
+
+def summary(metrics: dict[str, Any]) -> str:
+    parts = [metrics["format"], f"{metrics['size_bytes'] / 1e6:.1f} MB"]
+    if "perplexity" in metrics:
+        parts.append(f"perplexity {metrics['perplexity']:.3f} ({metrics['tokens_scored']} tokens)")
+    parts.append(f"load {metrics['load_s']:.2f} s, first token {metrics['first_token_ms']:.1f} ms")
+    parts.append(f"{metrics['decode_tokens_per_s']:.1f} tok/s")
+    if "genai_decode_tokens_per_s" in metrics:
+        parts.append(f"genai {metrics['genai_decode_tokens_per_s']:.1f} tok/s")
+    return ", ".join(parts)
+
+
+SPEC = StageSpec(
+    stage="evaluate",
+    algorithm=None,
+    version="1",
+    config=Config,
+    run=run,
+    doc="perplexity on held-out text, size on disk, load time, latency and tokens/s",
+    inputs=(HF, ONNX),
+    output=METRICS,
+    libraries=("transformers", "torch", "onnxruntime", "onnxruntime-genai", "tokenizers"),
+    needs={"transformers": "pip install modelkiln", "torch": "pip install modelkiln"},
+    data_fields=("data",),
+)
