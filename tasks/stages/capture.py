@@ -7,7 +7,7 @@ input and output names. Either way the output is proved against the PyTorch mode
 ```toml
 [capture.fp32]
 ort_genai = true
-precision = "fp32"         # "fp16" | "int4" ; a GPTQ/AWQ input needs "int4"
+precision = "fp32"         # or "int4" (a GPTQ/AWQ input needs it); "fp16" with "cuda"
 execution_provider = "cpu"
 ```
 """
@@ -15,6 +15,8 @@ execution_provider = "cpu"
 from __future__ import annotations
 
 import json
+import os
+import shutil
 import subprocess
 import sys
 import tempfile
@@ -25,12 +27,16 @@ from typing import Any, Literal
 from tasks.config import ConfigValueError, option
 from tasks.errors import StageError
 from tasks.stages import HF, ONNX, StageSpec, StepContext
-from tasks.stages.onnx_run import check_onnx_against, prompt_ids, torch_logits
+from tasks.stages.onnx_run import check_onnx_against, prompt_ids, require_provider, torch_logits
 
 # Bits onnxruntime's MatMulNBits, which the builder re-packs quantized checkpoints into, takes.
 NBITS = (2, 4, 8)
 BLOCK_SIZES = (16, 32, 64, 128, 256)
 LOG_TAIL_LINES = 40
+# Builder extra options (and their deprecated int4_ aliases) that this step's own fields set.
+INT4_KEYS = {"block_size": "int4_block_size", "accuracy_level": "int4_accuracy_level"}
+INT4_KEYS |= {f"int4_{k}": v for k, v in INT4_KEYS.items()}
+WEIGHT_SUFFIXES = {".safetensors", ".bin", ".pt", ".pth", ".gguf", ".h5", ".msgpack"}
 
 
 @dataclass(frozen=True, kw_only=True)
@@ -47,6 +53,25 @@ class Config:
     extra_options: tuple[str, ...] = option((), "more builder --extra_options, 'key=value'")
 
     def __post_init__(self) -> None:
+        self._check_int4()
+        self._check_extra_options()
+        if not self.ort_genai and (self.precision, self.execution_provider) != ("fp32", "cpu"):
+            key = "precision" if self.precision != "fp32" else "execution_provider"
+            raise ConfigValueError(
+                key,
+                f"{getattr(self, key)!r} is for the model builder; torch.onnx writes fp32",
+                "set ort_genai = true, or quantize the fp32 capture in a quantize step",
+            )
+        # The builder writes fp16 for the CPU too, but onnxruntime-genai cannot run it there
+        # (measured: a buffer-reuse failure in a Cast node) and the builder lists no FP16 CPU.
+        if self.precision == "fp16" and self.execution_provider == "cpu":
+            raise ConfigValueError(
+                "precision",
+                "fp16 does not run on the CPU in onnxruntime-genai",
+                'use precision = "fp32" or "int4" on the CPU, or execution_provider = "cuda"',
+            )
+
+    def _check_int4(self) -> None:
         if self.int4_block_size not in BLOCK_SIZES:
             raise ConfigValueError(
                 "int4_block_size",
@@ -57,17 +82,29 @@ class Config:
             raise ConfigValueError(
                 "int4_accuracy_level", f"{self.int4_accuracy_level} is not 0 to 4", "use 4 (int8)"
             )
+        # Ignored outside int4, they would change the step's key but not its output.
+        defaults = {"int4_block_size": 32, "int4_accuracy_level": 4}
+        changed = [key for key, value in defaults.items() if getattr(self, key) != value]
+        if self.precision != "int4" and changed:
+            raise ConfigValueError(
+                changed[0],
+                f"applies to precision = 'int4' only, not {self.precision!r}",
+                f'set precision = "int4" or remove {changed[0]}',
+            )
+
+    def _check_extra_options(self) -> None:
         for item in self.extra_options:
-            if "=" not in item:
+            key = item.partition("=")[0].strip()
+            if "=" not in item or not key:
                 raise ConfigValueError(
                     "extra_options", f"{item!r} is not 'key=value'", 'e.g. ["exclude_embeds=true"]'
                 )
-        if not self.ort_genai and self.precision != "fp32":
-            raise ConfigValueError(
-                "precision",
-                f"{self.precision!r} needs the model builder; torch.onnx export writes fp32",
-                "set ort_genai = true, or quantize the fp32 capture with a quantize step",
-            )
+            if key in INT4_KEYS:
+                raise ConfigValueError(
+                    "extra_options",
+                    f"{key!r} is set by this step's own option",
+                    f"set {INT4_KEYS[key]} instead",
+                )
 
 
 def check_quantization(hf_dir: Path, config: Config) -> dict[str, Any] | None:
@@ -112,8 +149,10 @@ def run_builder(config: Config, ctx: StepContext, hf_dir: Path) -> None:
     with tempfile.TemporaryDirectory(prefix="builder-cache-") as cache:
         cmd = builder_command(config, hf_dir, ctx.out, Path(cache))
         ctx.log(f"model builder: {config.precision} for {config.execution_provider}")
+        # Offline: the input is a local folder and only the model step touches the network.
+        env = {**os.environ, "HF_HUB_OFFLINE": "1"}
         with log_path.open("w") as log:
-            done = subprocess.run(cmd, stdout=log, stderr=subprocess.STDOUT, check=False)
+            done = subprocess.run(cmd, stdout=log, stderr=subprocess.STDOUT, env=env, check=False)
     if done.returncode != 0:  # the log stays in the failed step's directory for inspection
         tail = log_path.read_text(errors="replace").splitlines()[-LOG_TAIL_LINES:]
         raise StageError(
@@ -123,19 +162,105 @@ def run_builder(config: Config, ctx: StepContext, hf_dir: Path) -> None:
     log_path.unlink()
 
 
+def past_names(layers: int, prefix: str) -> list[str]:
+    """The builder's cache names, in (layer, key/value) order."""
+    return [f"{prefix}.{i}.{kv}" for i in range(layers) for kv in ("key", "value")]
+
+
+def flat_cache_decoder(model: Any) -> Any:
+    """Wrap a causal LM so its cache goes in and out as flat tensors, as the ONNX graph has it."""
+    import torch
+    from transformers import DynamicCache
+
+    class FlatCacheDecoder(torch.nn.Module):
+        def __init__(self) -> None:
+            super().__init__()
+            self.model = model
+
+        def forward(
+            self, input_ids: torch.Tensor, attention_mask: torch.Tensor, *past: torch.Tensor
+        ) -> tuple[torch.Tensor, ...]:
+            cache = DynamicCache(config=self.model.config)
+            for layer in range(len(past) // 2):
+                cache.update(past[2 * layer], past[2 * layer + 1], layer)
+            out = self.model(
+                input_ids=input_ids,
+                attention_mask=attention_mask,
+                past_key_values=cache,
+                use_cache=True,
+            )
+            present = [
+                t for layer in out.past_key_values.layers for t in (layer.keys, layer.values)
+            ]
+            return (out.logits, *present)
+
+    return FlatCacheDecoder().eval()
+
+
+def export_decoder(hf_dir: Path, out: Path) -> None:
+    """torch.onnx (dynamo) export of the decoder with an explicit key/value cache, fp32."""
+    import torch
+    from transformers import AutoModelForCausalLM
+
+    model = AutoModelForCausalLM.from_pretrained(hf_dir, dtype=torch.float32).eval()
+    text = model.config.get_text_config(decoder=True)
+    layers, heads = text.num_hidden_layers, text.num_attention_heads
+    kv_heads = getattr(text, "num_key_value_heads", None) or heads
+    head_size = getattr(text, "head_dim", None) or text.hidden_size // heads
+    # Example sizes above 1: torch.export specializes dimensions of size 0 and 1.
+    batch, seq, past_len = 2, 3, 4
+    past = tuple(torch.zeros(batch, kv_heads, past_len, head_size) for _ in range(2 * layers))
+    args = (
+        torch.ones(batch, seq, dtype=torch.int64),
+        torch.ones(batch, past_len + seq, dtype=torch.int64),
+        *past,
+    )
+    dim = torch.export.Dim
+    b, p = dim("batch_size"), dim("past_sequence_length")
+    dynamic = (
+        {0: b, 1: dim("sequence_length")},
+        {0: b, 1: dim("total_sequence_length")},
+        tuple({0: b, 2: p} for _ in past),  # *past is one argument: its shapes are one tuple
+    )
+    torch.onnx.export(
+        flat_cache_decoder(model),
+        args,
+        str(out / "model.onnx"),
+        input_names=["input_ids", "attention_mask", *past_names(layers, "past_key_values")],
+        output_names=["logits", *past_names(layers, "present")],
+        dynamic_shapes=dynamic,
+        dynamo=True,
+        external_data=True,
+        optimize=True,
+    )
+
+
+def copy_hf_sidecars(hf_dir: Path, out: Path) -> None:
+    """Copy config and tokenizer files: everything in the HF folder except its weights."""
+    for path in hf_dir.iterdir():
+        weights = path.suffix in WEIGHT_SUFFIXES or path.name.endswith(".index.json")
+        if path.is_file() and not weights and path.name != "MANIFEST.json":
+            shutil.copy2(path, out / path.name)
+
+
 def run(config: Config, ctx: StepContext) -> dict[str, Any]:
     assert ctx.input is not None
     check_quantization(ctx.input, config)
+    require_provider(config.execution_provider)
     if config.ort_genai:
+        # The builder re-saves the tokenizer with transformers 5, so tokenizer_config.json says
+        # "TokenizersBackend", which transformers 4 cannot load. It stays: onnxruntime-genai
+        # accepts it, whereas it refuses tokenizer classes it does not know, so putting back
+        # the input's file could break the folder; the genai check below proves it loads.
         run_builder(config, ctx, ctx.input)
     else:
-        from tasks.stages.torch_export import export_decoder
-
         ctx.log("torch.onnx export (dynamo)")
         export_decoder(ctx.input, ctx.out)
+        copy_hf_sidecars(ctx.input, ctx.out)
     ctx.log("checking the ONNX model against PyTorch")
     ids = prompt_ids(ctx.input)
-    metrics = check_onnx_against(torch_logits(ctx.input, ids), ctx.out, ids)
+    reference = torch_logits(ctx.input, ids)
+    metrics = check_onnx_against(reference, ctx.out, ids, config.execution_provider)
     ctx.log(f"max |Δlogit| vs torch: {metrics['max_abs_logit_diff']:.3g}")
     return metrics
 
@@ -153,6 +278,7 @@ SPEC = StageSpec(
     needs={
         "onnxruntime": "pip install 'modelkiln[onnx]'",
         "onnxruntime_genai": "pip install 'modelkiln[onnx]'",
-        "onnx_ir": "pip install 'modelkiln[onnx]'",
+        "onnx_ir": "pip install 'modelkiln[onnx]'",  # the builder needs it, undeclared
+        "onnxscript": "pip install 'modelkiln[onnx]'",  # torch.onnx's dynamo exporter
     },
 )

@@ -11,7 +11,7 @@ import json
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
-from tasks.errors import StageError
+from tasks.errors import PreflightError, StageError
 from tasks.stages.onnx_folder import GENAI_CONFIG, model_file
 
 if TYPE_CHECKING:
@@ -22,8 +22,10 @@ PROMPT = "The quick brown fox jumps over the lazy dog"
 # Without a tokenizer any in-vocabulary ids do: the comparison is between two models.
 FALLBACK_IDS = (1, 5, 9, 13, 17, 21, 25, 29)
 
+PROVIDERS = {"cpu": "CPUExecutionProvider", "cuda": "CUDAExecutionProvider"}
+# numpy has no bfloat16: a bf16 decoder cannot be fed from here, and says so.
 ORT_DTYPES = {"tensor(float)": "float32", "tensor(float16)": "float16", "tensor(int64)": "int64"}
-ORT_DTYPES |= {"tensor(int32)": "int32", "tensor(bfloat16)": "float32"}
+ORT_DTYPES |= {"tensor(int32)": "int32"}
 
 
 def prompt_ids(folder: Path, text: str = PROMPT) -> list[int]:
@@ -73,6 +75,8 @@ def empty_past_feed(
     feed: dict[str, np.ndarray] = {}
     for arg in session.get_inputs():
         dtype = ORT_DTYPES.get(arg.type)
+        if dtype is None:
+            raise StageError(f"decoder input {arg.name!r} has type {arg.type}, not one numpy has")
         if arg.name == "input_ids":
             feed[arg.name] = np.array([input_ids], dtype=dtype)
         elif arg.name == "attention_mask":
@@ -86,14 +90,17 @@ def empty_past_feed(
     return feed
 
 
-def onnx_logits(folder: Path, input_ids: list[int]) -> np.ndarray:
-    """Logits [seq, vocab] (float32) of the folder's decoder on the CPU provider."""
+def onnx_logits(folder: Path, input_ids: list[int], provider: str = "cpu") -> np.ndarray:
+    """Logits [seq, vocab] (float32) of the folder's decoder."""
     import numpy as np
     import onnxruntime as ort
 
     path = model_file(folder)
+    providers = list(dict.fromkeys([PROVIDERS[provider], "CPUExecutionProvider"]))
+    if providers[0] not in ort.get_available_providers():
+        raise PreflightError(f"onnxruntime here has no {providers[0]} to run {path}")
     try:
-        session = ort.InferenceSession(str(path), providers=["CPUExecutionProvider"])
+        session = ort.InferenceSession(str(path), providers=providers)
     except Exception as err:  # onnxruntime's Fail, InvalidGraph, ... derive from Exception only
         raise StageError(f"{path} does not load in onnxruntime: {err}") from err
     feed = empty_past_feed(session, input_ids, decoder_dims(folder))
@@ -146,10 +153,79 @@ def genai_generate(folder: Path, text: str = PROMPT, new_tokens: int = 8) -> str
         raise StageError(f"{folder} does not run in onnxruntime-genai: {err}") from err
 
 
-def check_onnx_against(reference: np.ndarray, folder: Path, input_ids: list[int]) -> dict[str, Any]:
+def check_onnx_against(
+    reference: np.ndarray, folder: Path, input_ids: list[int], provider: str = "cpu"
+) -> dict[str, Any]:
     """Metrics of the folder's model vs reference logits, plus genai text when it has a config."""
-    metrics: dict[str, Any] = compare_logits(reference, onnx_logits(folder, input_ids))
+    logits = onnx_logits(folder, input_ids, provider)
+    metrics: dict[str, Any] = compare_logits(reference, logits)
     metrics["prompt_tokens"] = len(input_ids)
     if (folder / GENAI_CONFIG).is_file():
         metrics["genai_text"] = genai_generate(folder)
+    return metrics
+
+
+def op_counts(model_path: Path) -> dict[str, int]:
+    """How many nodes of each op type the graph has (weights are not read)."""
+    import onnx
+
+    model = onnx.load(str(model_path), load_external_data=False)
+    counts: dict[str, int] = {}
+    for node in model.graph.node:
+        counts[node.op_type] = counts.get(node.op_type, 0) + 1
+    return counts
+
+
+def activation_type(model_path: Path) -> str:
+    """The float type the decoder computes in ("float32", "float16"): its cache's, or logits'."""
+    import onnx
+
+    graph = onnx.load(str(model_path), load_external_data=False).graph
+    values = [i for i in graph.input if i.name.startswith("past_key_values.")] or [
+        o for o in graph.output if o.name == "logits"
+    ]
+    if not values:
+        raise StageError(f"{model_path}: no past_key_values.* input or logits output")
+    return str(onnx.helper.tensor_dtype_to_np_dtype(values[0].type.tensor_type.elem_type))
+
+
+def target_provider(folder: Path) -> str:
+    """The execution provider a folder is built for: the first in its genai_config, else cpu."""
+    genai = folder / GENAI_CONFIG
+    if not genai.is_file():
+        return "cpu"
+    session = json.loads(genai.read_text())["model"]["decoder"].get("session_options", {})
+    for options in session.get("provider_options", []):
+        return next(iter(options), "cpu")
+    return "cpu"
+
+
+def require_provider(provider: str) -> None:
+    """Refuse, before any work, to build what this machine cannot run to prove it."""
+    if provider == "cpu":
+        return
+    import onnxruntime as ort
+    import onnxruntime_genai as og
+
+    have_ort = PROVIDERS.get(provider) in ort.get_available_providers()
+    if provider != "cuda" or not (have_ort and og.is_cuda_available()):
+        raise PreflightError(
+            f"a model for the {provider!r} execution provider is proved by running it there, and "
+            "this machine cannot (needs onnxruntime-gpu, onnxruntime-genai-cuda and a GPU): "
+            "build this step on such a machine"
+        )
+
+
+def check_quantized(src: Path, out: Path, quantized_op: str) -> dict[str, Any]:
+    """Prove an ONNX quantizer's output: it has `quantized_op` nodes, loads and stays close."""
+    count = op_counts(model_file(out)).get(quantized_op, 0)
+    if count == 0:
+        found = op_counts(model_file(src))
+        raise StageError(
+            f"{model_file(src)} has no MatMul with constant weights to quantize (its ops: "
+            f"{', '.join(sorted(found))}): quantize an fp32 capture"
+        )
+    ids, provider = prompt_ids(src), target_provider(src)
+    metrics = check_onnx_against(onnx_logits(src, ids, provider), out, ids, provider)
+    metrics["quantized_nodes"] = count
     return metrics

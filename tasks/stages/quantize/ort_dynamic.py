@@ -13,9 +13,16 @@ from __future__ import annotations
 from dataclasses import dataclass
 from typing import Any, Literal
 
-from tasks.config import option
+from tasks.config import ConfigValueError, option
+from tasks.errors import StageError
 from tasks.stages import ONNX, StageSpec, StepContext
 from tasks.stages.onnx_folder import copy_sidecars, model_file
+from tasks.stages.onnx_run import (
+    activation_type,
+    check_quantized,
+    require_provider,
+    target_provider,
+)
 
 
 @dataclass(frozen=True, kw_only=True)
@@ -25,7 +32,15 @@ class Config:
     weight_type: Literal["int8", "uint8"] = option("int8", "integer type of the weights")
     per_channel: bool = option(False, "one scale per output channel instead of per tensor")
     reduce_range: bool = option(False, "7-bit weights, for older x86 CPUs without VNNI")
-    op_types: tuple[str, ...] = option(("MatMul",), "ONNX op types to quantize")
+    op_types: tuple[Literal["MatMul", "Gather"], ...] = option(
+        ("MatMul",), "ONNX op types to quantize (Gather: the embedding table)"
+    )
+
+    def __post_init__(self) -> None:
+        if "MatMul" not in self.op_types:  # the step exists to quantize the MatMuls
+            raise ConfigValueError(
+                "op_types", f"{list(self.op_types)} leaves out MatMul", 'use ["MatMul", "Gather"]'
+            )
 
 
 def run(config: Config, ctx: StepContext) -> dict[str, Any]:
@@ -33,6 +48,13 @@ def run(config: Config, ctx: StepContext) -> dict[str, Any]:
 
     assert ctx.input is not None
     src = model_file(ctx.input)
+    require_provider(target_provider(ctx.input))
+    if (dtype := activation_type(src)) != "float32":
+        # DynamicQuantizeLinear takes float32 only: the output would not load.
+        raise StageError(
+            f"{src} computes in {dtype}; ort-dynamic needs an fp32 model: "
+            'quantize a capture with precision = "fp32"'
+        )
     dst = ctx.out / src.name
     ctx.log(f"quantizing {src.name} to dynamic {config.weight_type}")
     quantize_dynamic(
@@ -46,7 +68,9 @@ def run(config: Config, ctx: StepContext) -> dict[str, Any]:
         extra_options={"MatMulConstBOnly": True},
     )
     copy_sidecars(ctx.input, ctx.out)
-    return {}
+    metrics = check_quantized(ctx.input, ctx.out, "MatMulInteger")
+    ctx.log(f"max |Δlogit| vs the input model: {metrics['max_abs_logit_diff']:.3g}")
+    return metrics
 
 
 SPEC = StageSpec(
@@ -59,5 +83,9 @@ SPEC = StageSpec(
     inputs=(ONNX,),
     output=ONNX,
     libraries=("onnxruntime", "onnx"),
-    needs={"onnxruntime": "pip install 'modelkiln[onnx]'"},
+    needs={
+        "onnxruntime": "pip install 'modelkiln[onnx]'",
+        "onnx": "pip install 'modelkiln[onnx]'",
+        "onnxruntime_genai": "pip install 'modelkiln[onnx]'",  # to run genai folders
+    },
 )

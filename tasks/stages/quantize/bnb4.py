@@ -1,0 +1,73 @@
+"""bitsandbytes-style 4-bit weights (NF4 or FP4) in ONNX: onnxruntime's MatMulBnb4.
+
+```toml
+[quantize.bnb4]
+from = "capture.fp32"
+quant_type = "nf4"
+block_size = 64
+```
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Any, Literal
+
+from tasks.config import ConfigValueError, option
+from tasks.stages import ONNX, StageSpec, StepContext
+from tasks.stages.onnx_folder import copy_sidecars, model_file
+from tasks.stages.onnx_run import check_quantized, require_provider, target_provider
+
+
+@dataclass(frozen=True, kw_only=True)
+class Config:
+    """4-bit block-wise quantization of constant MatMul weights (MatMulBnb4)."""
+
+    quant_type: Literal["nf4", "fp4"] = option("nf4", "4-bit NormalFloat or 4-bit float")
+    block_size: int = option(64, "weights per scale: a power of two, at least 16")
+
+    def __post_init__(self) -> None:
+        # The kernels take power-of-two blocks of 16 or more (bitsandbytes uses 64).
+        if self.block_size < 16 or self.block_size & (self.block_size - 1):
+            raise ConfigValueError(
+                "block_size",
+                f"{self.block_size} is not a power of two >= 16",
+                "use 16, 32, 64 (the default), 128 or 256",
+            )
+
+
+def run(config: Config, ctx: StepContext) -> dict[str, Any]:
+    import onnx
+    from onnxruntime.quantization.matmul_bnb4_quantizer import MatMulBnb4Quantizer
+
+    assert ctx.input is not None
+    src = model_file(ctx.input)
+    require_provider(target_provider(ctx.input))
+    ctx.log(f"quantizing {src.name} to {config.quant_type}, block size {config.block_size}")
+    quant_type = MatMulBnb4Quantizer.NF4 if config.quant_type == "nf4" else MatMulBnb4Quantizer.FP4
+    quantizer = MatMulBnb4Quantizer(onnx.load(str(src)), quant_type, config.block_size)
+    quantizer.process()
+    # External data (as <name>.data) keeps models over protobuf's 2 GB limit saveable.
+    quantizer.model.save_model_to_file(str(ctx.out / src.name), use_external_data_format=True)
+    copy_sidecars(ctx.input, ctx.out)
+    metrics = check_quantized(ctx.input, ctx.out, "MatMulBnb4")
+    ctx.log(f"max |Δlogit| vs the input model: {metrics['max_abs_logit_diff']:.3g}")
+    return metrics
+
+
+SPEC = StageSpec(
+    stage="quantize",
+    algorithm="bnb4",
+    version="1",
+    config=Config,
+    run=run,
+    doc="ONNX Runtime 4-bit NF4/FP4 weights (MatMulBnb4)",
+    inputs=(ONNX,),
+    output=ONNX,
+    libraries=("onnxruntime", "onnx"),
+    needs={
+        "onnxruntime": "pip install 'modelkiln[onnx]'",
+        "onnx": "pip install 'modelkiln[onnx]'",
+        "onnxruntime_genai": "pip install 'modelkiln[onnx]'",  # to run genai folders
+    },
+)

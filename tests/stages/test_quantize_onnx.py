@@ -1,0 +1,114 @@
+"""ONNX quantizers (ort-dynamic, bnb4) on the tiny model's fp32 capture: outputs load and stay close."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+from typing import Any
+
+import pytest
+
+from tasks.config import ConfigValueError, parse_config
+from tasks.errors import RecipeError, StageError
+from tasks.stages import StepContext, spec_for
+from tasks.stages.capture import Config as CaptureConfig
+from tasks.stages.capture import run as run_capture
+from tasks.stages.onnx_run import genai_generate, onnx_logits, op_counts, prompt_ids
+from tasks.stages.quantize import bnb4
+
+
+def step(stage: str, algorithm: str | None, src: Path, out: Path, **table: Any) -> dict[str, Any]:
+    spec = spec_for(stage, algorithm)
+    out.mkdir(parents=True)
+    ctx = StepContext(task=f"{stage}:test", out=out, artifacts=out.parent, input=src)
+    return spec.run(parse_config(spec.config, table, "recipe.toml", stage), ctx)
+
+
+@pytest.fixture(scope="module")
+def fp32(tiny_model: Path, tmp_path_factory) -> Path:
+    """The tiny model captured by the genai builder, fp32 on the CPU."""
+    out = tmp_path_factory.mktemp("quantize") / "fp32"
+    out.mkdir()
+    ctx = StepContext(task="capture:fp32", out=out, artifacts=out.parent, input=tiny_model)
+    run_capture(CaptureConfig(), ctx)
+    return out
+
+
+@pytest.fixture(scope="module")
+def nf4(fp32: Path, tmp_path_factory) -> tuple[Path, dict[str, Any]]:
+    out = tmp_path_factory.mktemp("quantize") / "nf4"
+    return out, step("quantize", "bnb4", fp32, out)
+
+
+CASES = {
+    "dynamic-per-tensor": ("ort-dynamic", {}, "MatMulInteger", 0.1),
+    "dynamic-per-channel": ("ort-dynamic", {"per_channel": True}, "MatMulInteger", 0.1),
+    "bnb4-fp4": ("bnb4", {"quant_type": "fp4", "block_size": 32}, "MatMulBnb4", 0.5),
+}
+
+
+def assert_loads_everywhere(out: Path, fp32: Path, quantized_op: str, metrics: dict[str, Any]):
+    import onnx
+
+    # Every tensor lives in the output's own data file, which genai_config's model names.
+    genai = json.loads((out / "genai_config.json").read_text())
+    assert genai["model"]["decoder"]["filename"] == "model.onnx"
+    model = onnx.load(str(out / "model.onnx"), load_external_data=False)
+    locations = {
+        entry.value
+        for tensor in model.graph.initializer
+        for entry in tensor.external_data
+        if entry.key == "location"
+    }
+    assert locations == {"model.onnx.data"}
+    assert op_counts(out / "model.onnx").get(quantized_op, 0) == metrics["quantized_nodes"] > 0
+    assert {p.name for p in fp32.iterdir()} == {p.name for p in out.iterdir()}
+    # Loaded afresh here, not only inside the stage.
+    ids = prompt_ids(out)
+    assert onnx_logits(out, ids).shape == onnx_logits(fp32, ids).shape
+    assert isinstance(genai_generate(out), str)
+
+
+@pytest.mark.parametrize("case", CASES)
+def test_quantized_output_loads_and_stays_close(case, fp32, tmp_path):
+    algorithm, table, quantized_op, tolerance = CASES[case]
+    metrics = step("quantize", algorithm, fp32, tmp_path / "out", **table)
+    assert 0 < metrics["max_abs_logit_diff"] < tolerance
+    assert metrics["top1_agreement"] >= 0.5
+    assert isinstance(metrics["genai_text"], str)
+    assert_loads_everywhere(tmp_path / "out", fp32, quantized_op, metrics)
+
+
+def test_bnb4_nf4_default(nf4, fp32):
+    out, metrics = nf4
+    assert 0 < metrics["max_abs_logit_diff"] < 0.5
+    assert_loads_everywhere(out, fp32, "MatMulBnb4", metrics)
+
+
+def test_per_channel_writes_one_scale_per_column(fp32, tmp_path):
+    import onnx
+
+    step("quantize", "ort-dynamic", fp32, tmp_path / "pc", per_channel=True)
+    graph = onnx.load(str(tmp_path / "pc" / "model.onnx"), load_external_data=False).graph
+    shapes = {i.name: list(i.dims) for i in graph.initializer}
+    matmuls = [n for n in graph.node if n.op_type == "MatMulInteger"]
+    assert all(len(shapes[n.input[3]]) == 1 for n in matmuls)  # B's zero point: one per column
+
+
+def test_nothing_left_to_quantize_is_an_error(nf4, tmp_path):
+    with pytest.raises(StageError, match="no MatMul with constant weights"):
+        step("quantize", "ort-dynamic", nf4[0], tmp_path / "again")
+
+
+@pytest.mark.parametrize("block_size", [8, 48, 0, -64])
+def test_bnb4_block_size_must_be_a_power_of_two_from_16(block_size):
+    with pytest.raises(ConfigValueError, match="power of two"):
+        bnb4.Config(block_size=block_size)
+    with pytest.raises(RecipeError, match="block_size"):
+        parse_config(bnb4.Config, {"block_size": block_size}, "recipe.toml", "quantize.bnb4")
+
+
+def test_ort_dynamic_needs_matmul_in_op_types():
+    spec = spec_for("quantize", "ort-dynamic")
+    with pytest.raises(RecipeError, match="leaves out MatMul"):
+        parse_config(spec.config, {"op_types": ["Gather"]}, "recipe.toml", "quantize.int8")
