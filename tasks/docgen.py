@@ -38,7 +38,9 @@ def tables() -> str:
                 out.append('`from`: the input step (`"<stage>.<name>"`, default `"model"`).\n')
             out += ["| key | type | default | meaning |", "|---|---|---|---|"]
             for name, kind, default, doc in field_docs(spec.config):
-                out.append(f"| `{name}` | {kind.replace('|', '&#124;')} | {_default(default)} | {doc} |")
+                out.append(
+                    f"| `{name}` | {kind.replace('|', '&#124;')} | {_default(default)} | {doc} |"
+                )
     out += ["", END]
     return "\n".join(out)
 

@@ -7,6 +7,7 @@ database decides nothing: reverting a recipe brings the earlier output back with
 from __future__ import annotations
 
 import contextlib
+import dataclasses
 import shutil
 import sys
 from collections.abc import Iterator
@@ -15,7 +16,6 @@ from typing import Any
 
 from doit.exceptions import TaskFailed
 
-from tasks.config import as_params
 from tasks.graph import Graph
 from tasks.keys import diff_identities
 from tasks.recipe import Step
@@ -38,11 +38,16 @@ def _unlink(graph: Graph, ref: str) -> None:
 
 
 def _doc(step: Step) -> str:
-    params = ", ".join(
-        f"{k}={v}" for k, v in as_params(step.config).items() if v not in ("", None, [], ())
-    )
+    """The stage's doc, its input and the settings that differ from the defaults."""
+    defaults = {f.name: f.default for f in dataclasses.fields(step.spec.config)}
+    params = ", ".join(f"{k}={_short(v)}" for k, v in vars(step.config).items() if v != defaults[k])
     source = f" <- {step.source}" if step.source else ""
-    return f"{step.spec.doc}{source}" + (f" ({params})" if params else "")
+    return f"{step.spec.doc}{source}" + (f" [{params}]" if params else "")
+
+
+def _short(value: object) -> str:
+    text = str(value)
+    return text if len(text) <= 40 else f"{text[:12]}...{text[-12:]}"
 
 
 def _task(graph: Graph, ref: str, doc: str, deps: list[str]) -> dict[str, Any]:

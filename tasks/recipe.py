@@ -73,7 +73,9 @@ def load_recipe(path: Path) -> Recipe:
         raise RecipeError(
             file, "", f"not valid TOML: {err}", "fix the syntax at that line"
         ) from None
-    return Recipe(path, _order(_parse_steps(raw, file), file))
+    steps = _order(_parse_steps(raw, file), file)
+    _check_formats(file, steps)
+    return Recipe(path, steps)
 
 
 def _parse_steps(raw: dict[str, Any], file: str) -> dict[str, Step]:
@@ -107,6 +109,14 @@ def _parse_steps(raw: dict[str, Any], file: str) -> dict[str, Step]:
     for step in steps.values():
         _check_refs(file, step, steps)
     return steps
+
+
+def _check_formats(file: str, steps: dict[str, Step]) -> None:
+    """After the cycle check, so a step reading from itself is reported as a cycle."""
+    for step in steps.values():
+        upstream = steps.get(step.source) if step.source else None
+        if upstream and upstream.spec.output not in step.spec.inputs:
+            raise RecipeError(file, step.ref, *_format_fix(step, upstream, steps))
 
 
 def _step(file: str, stage: str, name: str, table: dict[str, Any]) -> Step:
@@ -147,8 +157,6 @@ def _check_refs(file: str, step: Step, steps: dict[str, Step]) -> None:
                 file, step.ref, f"from = {step.source!r} names no step{did_you_mean(step.source, known)}",
                 f"name one of: {', '.join(known)}",
             )  # fmt: skip
-        if upstream.spec.output not in step.spec.inputs:
-            raise RecipeError(file, step.ref, *_format_fix(step, upstream, steps))
     for ref in step.data:
         target = steps.get(ref)
         if target is None or target.spec.output != DATA:

