@@ -20,14 +20,16 @@ from tasks.errors import KilnError
 from tasks.glue import explain, gc, report_task, stage_tasks, step_task, verify
 from tasks.graph import load_graph
 
-RECIPE = Path(get_var("recipe", "recipes/default.toml"))
-ARTIFACTS = Path(get_var("artifacts", "artifacts"))
+# get_var gives None outside a doit run (a plain import of this file), hence the `or`.
+RECIPE = Path(get_var("recipe") or "recipes/default.toml")
+ARTIFACTS = Path(get_var("artifacts") or "artifacts")
 
 try:
     GRAPH = load_graph(RECIPE, ARTIFACTS)
 except KilnError as err:
     sys.exit(f"modelkiln: {err}")
 
+ARTIFACTS.mkdir(parents=True, exist_ok=True)  # doit opens its database here before any task runs
 DOIT_CONFIG = {
     "default_tasks": ["model", "data", "capture", "quantize", "evaluate", "report"],
     "dep_file": str(ARTIFACTS / ".doit.db"),

@@ -16,7 +16,6 @@ import hashlib
 import os
 import shutil
 import statistics
-import subprocess
 import sys
 import tempfile
 import time
@@ -112,7 +111,13 @@ def main() -> None:
     print("| " + " | ".join(cols) + " |")
     print("|" + "---:|" * len(cols))
     for row in rows:
-        print("| " + " | ".join(f"{row[c]:.3g}" if isinstance(row[c], float) else str(row[c]) for c in cols) + " |")
+        print(
+            "| "
+            + " | ".join(
+                f"{row[c]:.3g}" if isinstance(row[c], float) else str(row[c]) for c in cols
+            )
+            + " |"
+        )
     worst = max(r["no-op median s"] for r in rows)
     print(f"\nworst no-op median: {worst:.3f} s (target <= 0.3 s); {os.cpu_count()} CPUs")
     if not args.keep:

@@ -16,6 +16,8 @@ END = "<!-- end of generated tables -->"
 
 
 def _default(value: object) -> str:
+    if value is None:
+        return "unset"
     if isinstance(value, bool):
         return f"`{str(value).lower()}`"
     if isinstance(value, tuple):

@@ -1,0 +1,54 @@
+"""End to end on the real model: the default recipe builds offline on a CPU and holds up."""
+
+from __future__ import annotations
+
+import json
+import math
+
+import pytest
+from workspace import ROOT, Workspace, executed
+
+pytestmark = pytest.mark.slow
+
+
+@pytest.fixture(scope="module")
+def default_build(tmp_path_factory):
+    ws = Workspace(tmp_path_factory.mktemp("default"))
+    ws.write((ROOT / "recipes" / "default.toml").read_text())
+    first = ws.doit()
+    return ws, first
+
+
+def metrics(ws: Workspace, name: str) -> dict:
+    return json.loads((ws.artifacts / "recipe" / "evaluate" / name / "MANIFEST.json").read_text())[
+        "metrics"
+    ]
+
+
+def test_every_step_builds_and_the_table_is_printed(default_build):
+    ws, first = default_build
+    assert len(executed(first.stdout)) == 10
+    assert "evaluate:bnb4" in first.stdout and "perplexity" in first.stdout
+    assert (ws.artifacts / "recipe" / "report" / "report.html").is_file()
+
+
+def test_second_run_does_nothing(default_build):
+    ws, _ = default_build
+    assert executed(ws.doit().stdout) == []
+
+
+def test_onnx_fp32_matches_pytorch_and_quantized_variants_are_close(default_build):
+    ws, _ = default_build
+    torch_ppl = metrics(ws, "torch")["perplexity"]
+    fp32 = metrics(ws, "fp32")
+    assert abs(fp32["perplexity"] / torch_ppl - 1) < 0.005
+    assert "Paris" in fp32["sample"]
+    for name in ("int8", "bnb4"):
+        ppl = metrics(ws, name)["perplexity"]
+        assert math.isfinite(ppl) and torch_ppl < ppl < 2 * torch_ppl, (name, ppl)
+        assert metrics(ws, name)["size_bytes"] < fp32["size_bytes"] / 2.5
+
+
+def test_store_verifies(default_build):
+    ws, _ = default_build
+    assert ws.doit("verify").returncode == 0
