@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import os
 import sqlite3
+import time
 from collections.abc import Callable
 from pathlib import Path
 
@@ -41,6 +42,17 @@ def list_files(root: Path) -> list[Path]:
     return sorted(out)
 
 
+def _enable_wal(db: sqlite3.Connection) -> None:
+    """WAL lets readers and a writer overlap. Switching to it ignores the busy timeout when
+    another process holds the file, so retry briefly; WAL is sticky, one success is enough."""
+    for _ in range(100):
+        try:
+            db.execute("PRAGMA journal_mode=WAL")
+            return
+        except sqlite3.OperationalError:
+            time.sleep(0.02)
+
+
 class DigestCache:
     """SQLite map from a file's stat signature to its digest; safe across processes."""
 
@@ -52,7 +64,7 @@ class DigestCache:
         if self._db is None:
             self.db_path.parent.mkdir(parents=True, exist_ok=True)
             self._db = sqlite3.connect(self.db_path, timeout=30, isolation_level=None)
-            self._db.execute("PRAGMA journal_mode=WAL")
+            _enable_wal(self._db)
             self._db.execute(
                 "CREATE TABLE IF NOT EXISTS digests (dev INTEGER, ino INTEGER, size INTEGER,"
                 " mtime_ns INTEGER, digest TEXT, PRIMARY KEY (dev, ino, size, mtime_ns))"

@@ -45,3 +45,25 @@ def test_cache_survives_a_new_process_handle(tmp_path):
     again = DigestCache(tmp_path / "c.sqlite")
     row = again._conn().execute("SELECT COUNT(*) FROM digests").fetchone()
     assert row == (1,)
+
+
+def _hash_sources(db):
+    from pathlib import Path
+
+    cache = DigestCache(Path(db))
+    for path in sorted(Path(__file__).parent.glob("*.py")):
+        cache.file_digest(path)
+    cache.close()
+
+
+def test_many_processes_share_a_fresh_cache(tmp_path):
+    """Two doit processes start together: the cache's first open must not fail as 'locked'."""
+    import multiprocessing as mp
+
+    ctx = mp.get_context("fork")
+    procs = [ctx.Process(target=_hash_sources, args=(tmp_path / "d.sqlite",)) for _ in range(8)]
+    for p in procs:
+        p.start()
+    for p in procs:
+        p.join(60)
+    assert [p.exitcode for p in procs] == [0] * 8
