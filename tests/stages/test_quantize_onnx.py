@@ -112,3 +112,14 @@ def test_ort_dynamic_needs_matmul_in_op_types():
     spec = spec_for("quantize", "ort-dynamic")
     with pytest.raises(RecipeError, match="leaves out MatMul"):
         parse_config(spec.config, {"op_types": ["Gather"]}, "recipe.toml", "quantize.int8")
+
+
+@pytest.mark.parametrize(
+    ("algorithm", "quantized_op"), [("ort-dynamic", "MatMulInteger"), ("bnb4", "MatMulBnb4")]
+)
+def test_nodes_to_exclude_stay_in_float(algorithm, quantized_op, fp32, tmp_path):
+    all_quantized = op_counts(fp32 / "model.onnx").get("MatMul", 0)
+    step("quantize", algorithm, fp32, tmp_path / "q", nodes_to_exclude=["/lm_head/MatMul"])
+    counts = op_counts(tmp_path / "q" / "model.onnx")
+    assert counts.get("MatMul") == 1  # the LM head only
+    assert counts[quantized_op] == all_quantized - 1

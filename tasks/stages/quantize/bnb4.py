@@ -25,6 +25,9 @@ class Config:
 
     quant_type: Literal["nf4", "fp4"] = option("nf4", "4-bit NormalFloat or 4-bit float")
     block_size: int = option(64, "weights per scale: a power of two, at least 16")
+    nodes_to_exclude: tuple[str, ...] = option(
+        (), "MatMul nodes to keep in float, e.g. the LM head of a builder graph: '/lm_head/MatMul'"
+    )
 
     def __post_init__(self) -> None:
         # The kernels take power-of-two blocks of 16 or more (bitsandbytes uses 64).
@@ -45,7 +48,9 @@ def run(config: Config, ctx: StepContext) -> dict[str, Any]:
     require_provider(target_provider(ctx.input))
     ctx.log(f"quantizing {src.name} to {config.quant_type}, block size {config.block_size}")
     quant_type = MatMulBnb4Quantizer.NF4 if config.quant_type == "nf4" else MatMulBnb4Quantizer.FP4
-    quantizer = MatMulBnb4Quantizer(onnx.load(str(src)), quant_type, config.block_size)
+    quantizer = MatMulBnb4Quantizer(
+        onnx.load(str(src)), quant_type, config.block_size, list(config.nodes_to_exclude)
+    )
     quantizer.process()
     # External data (as <name>.data) keeps models over protobuf's 2 GB limit saveable.
     quantizer.model.save_model_to_file(str(ctx.out / src.name), use_external_data_format=True)

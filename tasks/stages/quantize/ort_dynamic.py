@@ -35,6 +35,9 @@ class Config:
     op_types: tuple[Literal["MatMul", "Gather"], ...] = option(
         ("MatMul",), "ONNX op types to quantize (Gather: the embedding table)"
     )
+    nodes_to_exclude: tuple[str, ...] = option(
+        (), "nodes to keep in float, e.g. the LM head of a builder graph: '/lm_head/MatMul'"
+    )
 
     def __post_init__(self) -> None:
         if "MatMul" not in self.op_types:  # the step exists to quantize the MatMuls
@@ -64,6 +67,7 @@ def run(config: Config, ctx: StepContext) -> dict[str, Any]:
         per_channel=config.per_channel,
         reduce_range=config.reduce_range,
         op_types_to_quantize=list(config.op_types),
+        nodes_to_exclude=list(config.nodes_to_exclude),
         use_external_data_format=True,
         extra_options={"MatMulConstBOnly": True},
     )
