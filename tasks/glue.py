@@ -9,19 +9,20 @@ from __future__ import annotations
 import contextlib
 import dataclasses
 import shutil
-import sys
 from collections.abc import Iterator
 from functools import partial
 from typing import Any
 
 from doit.exceptions import TaskFailed
 
+from tasks.digest import dir_size
+from tasks.errors import KilnError, StoreError
 from tasks.graph import Graph
-from tasks.keys import diff_identities
+from tasks.keys import canonical_json, diff_identities
 from tasks.recipe import Step
 from tasks.report import REPORT_STEP
 from tasks.runner import run_step
-from tasks.store import MANIFEST, entry_size
+from tasks.store import Store
 
 
 def _up_to_date(graph: Graph, ref: str) -> bool:
@@ -53,7 +54,8 @@ def _short(value: object) -> str:
 def _task(graph: Graph, ref: str, doc: str, deps: list[str]) -> dict[str, Any]:
     return {
         "actions": [(run_step, [graph, ref])],
-        "targets": [str(graph.store.entry(graph.keys[ref]) / MANIFEST)],
+        # No doit `targets`: up to date means the key's manifest exists, and two steps with
+        # the same settings share one entry (doit forbids two tasks with a common target).
         "uptodate": [partial(_up_to_date, graph, ref)],
         "task_dep": deps,
         "clean": [partial(_unlink, graph, ref)],
@@ -85,79 +87,94 @@ def report_task(graph: Graph) -> dict[str, Any]:
 # ---- maintenance ---------------------------------------------------------------------------
 
 
-def explain(graph: Graph, names: list[str]) -> None:
+def explain(graph: Graph, names: list[str]) -> TaskFailed | None:
     """Why each step would run: never built, or which part of its identity changed."""
-    by_task = {s.task: s.ref for s in graph.recipe.steps.values()} | {REPORT_STEP: REPORT_STEP}
+    by_task = {graph.task(ref): ref for ref in graph.keys}
     unknown = [n for n in names if n not in by_task]
     if unknown:
-        print(
-            f"unknown step(s): {', '.join(unknown)}; steps: {', '.join(by_task)}", file=sys.stderr
-        )
-    refs = [by_task[n] for n in names if n in by_task] or list(by_task.values())
-    ref_of_key = {v: k for k, v in graph.keys.items()}
-    for ref in refs:
-        print(f"{ref.replace('.', ':', 1)}: {_why(graph, ref, ref_of_key)}")
+        return TaskFailed(f"explain: no step {', '.join(unknown)}; steps: {', '.join(by_task)}")
+    task_of_key = {key: graph.task(ref) for ref, key in graph.keys.items()}
+    try:
+        for name in names or list(by_task):
+            print(f"{name}: {_why(graph, by_task[name], task_of_key)}")
+    except KilnError as err:
+        return TaskFailed(str(err))
+    return None
 
 
-def _why(graph: Graph, ref: str, ref_of_key: dict[str, str]) -> str:
+def _why(graph: Graph, ref: str, task_of_key: dict[str, str]) -> str:
     key = graph.keys[ref]
     if graph.store.is_complete(key):
         return f"up to date ({key[:16]}...)"
     link = graph.link(ref)
-    old_key = link.resolve().name if link.is_symlink() else None
-    if not old_key or not graph.store.is_complete(old_key):
+    old = [p.resolve().name for p in (link, graph.store.previous(link)) if p.is_symlink()]
+    old = [k for k in old if k != key and graph.store.is_complete(k)]
+    if not old:
         return "will run: never built"
-    changes = diff_identities(graph.store.manifest(old_key)["identity"], graph.identities[ref])
-    lines = []
-    for change in changes:
-        field = change.split(":", 1)[0]
-        if field.startswith("inputs."):
-            new_key = graph.identities[ref]["inputs"].get(field.split(".", 1)[1], "")
-            upstream = ref_of_key.get(new_key, field.split(".", 1)[1])
-            lines.append(f"input {upstream.replace('.', ':', 1)} changed")
-        else:
-            lines.append(change)
-    return "will run: " + "; ".join(lines or ["its entry is missing from the store"])
+    changes = diff_identities(graph.store.manifest(old[0])["identity"], graph.identities[ref])
+    return "will run: " + "; ".join(_describe(c, task_of_key) for c in changes)
+
+
+def _describe(change: tuple[str, Any, Any], task_of_key: dict[str, str]) -> str:
+    path, old, new = change
+    if path == "inputs.from" or path.endswith(".data"):
+        return f"input {task_of_key.get(new, '?')} changed"
+    if path.endswith(".content"):
+        return f"the files named by {path.split('.')[1]} changed"
+    return f"{path}: {canonical_json(old)} -> {canonical_json(new)}"
 
 
 def gc(graph: Graph, dry_run: bool) -> None:
     """Remove store entries that no link (of any recipe built here) or this recipe points at."""
     store = graph.store
+    verb = "would remove" if dry_run else "removing"
+    freed, removed = 0, 0
     live = set(store.links().values()) | set(graph.keys.values())
-    doomed = [k for k in store.built_keys() if k not in live]
-    total = 0
-    for key in doomed:
-        manifest = store.manifest(key)
-        size = entry_size(store.entry(key))
-        total += size
-        print(f"{'would remove' if dry_run else 'removing'} {key[:16]}... {size / 1e6:9.1f} MB  "
-              f"{manifest.get('built_as', {}).get('task', '?')}")  # fmt: skip
-        if not dry_run:
-            store.remove(key)
+    for key in store.built_keys():
+        if key in live:
+            continue
+        with store.lock(key, wait=False) as held:
+            # Re-check under the lock: a build may have linked this entry meanwhile.
+            if not held or key in store.links().values():
+                continue
+            size = dir_size(store.entry(key))
+            print(f"{verb} {key[:16]}... {size / 1e6:9.1f} MB  {_built_as(store, key)}")
+            if not dry_run:
+                store.remove(key)
+            freed, removed = freed + size, removed + 1
     stale = store.stale_tmps()
     for tmp in stale:
-        total += sum(p.stat().st_size for p in tmp.rglob("*") if p.is_file())
-        print(f"{'would remove' if dry_run else 'removing'} unfinished build {tmp.name}")
+        freed += dir_size(tmp)
+        print(f"{verb} unfinished build {tmp.name}")
         if not dry_run:
             shutil.rmtree(tmp, ignore_errors=True)
-    verb = "would free" if dry_run else "freed"
-    print(f"{len(doomed)} entries, {len(stale)} unfinished builds: {verb} {total / 1e6:.1f} MB")
+    print(f"{removed} entries, {len(stale)} unfinished builds: "
+          f"{'would free' if dry_run else 'freed'} {freed / 1e6:.1f} MB")  # fmt: skip
+
+
+def _built_as(store: Store, key: str) -> str:
+    try:
+        return store.manifest(key).get("built_as", {}).get("task", "?")
+    except StoreError:
+        return "(unreadable manifest)"
 
 
 def verify(graph: Graph, remove_damaged: bool) -> TaskFailed | None:
     """Re-hash every store entry against its manifest (no cache) and name each changed file."""
     store = graph.store
+    keys = store.built_keys()
     damaged = {}
-    for key in store.built_keys():
+    for key in keys:
         if problems := store.verify(key):
             damaged[key] = problems
             print("\n".join(problems))
     if not damaged:
-        print(f"verify: all {len(store.built_keys())} entries match their manifests")
+        print(f"verify: all {len(keys)} entries match their manifests")
         return None
     if remove_damaged:
         for key in damaged:
-            store.remove(key)
+            with store.lock(key):
+                store.remove(key)
         print(f"verify: removed {len(damaged)} damaged entries; `doit` rebuilds them")
         return None
     return TaskFailed(

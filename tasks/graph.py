@@ -36,15 +36,23 @@ class Graph:
     def entry(self, ref: str) -> Path:
         return self.store.entry(self.keys[ref])
 
-    def is_built(self, ref: str) -> bool:
-        return self.store.is_complete(self.keys[ref])
+    def task(self, ref: str) -> str:
+        return REPORT_STEP if ref == REPORT_STEP else self.step(ref).task
 
     def evaluate_refs(self) -> list[str]:
         return [s.ref for s in self.recipe.of_stage("evaluate")]
 
 
+RESERVED = ("store", "cache", "downloads", "envs")  # folders of the artifacts root
+
+
 def load_graph(recipe_path: Path, artifacts: Path) -> Graph:
     recipe = load_recipe(recipe_path)
+    if recipe.name in RESERVED or recipe.name.startswith("."):
+        raise RecipeError(
+            str(recipe_path), "", f"a recipe cannot be named {recipe.name!r}: its links would "
+            "mix with the store's own folders", "rename the file",
+        )  # fmt: skip
     store = Store(artifacts)
     cache = DigestCache(artifacts / "cache" / "digests.sqlite")
     identities: dict[str, dict[str, Any]] = {}
@@ -55,8 +63,8 @@ def load_graph(recipe_path: Path, artifacts: Path) -> Graph:
             keys[ref] = key_of(identities[ref])
     finally:
         cache.close()
-    evaluated = {ref: keys[ref] for ref in recipe.steps if recipe.steps[ref].stage == "evaluate"}
-    identities[REPORT_STEP] = report_identity(evaluated)
+    rows = {s.task: {"key": keys[s.ref], "from": s.source} for s in recipe.of_stage("evaluate")}
+    identities[REPORT_STEP] = report_identity(recipe.name, rows)
     keys[REPORT_STEP] = key_of(identities[REPORT_STEP])
     return Graph(recipe, store, identities, keys)
 
@@ -64,29 +72,30 @@ def load_graph(recipe_path: Path, artifacts: Path) -> Graph:
 def step_identity(
     step: Step, keys: dict[str, str], cache: DigestCache, file: str
 ) -> dict[str, Any]:
-    """Everything that changes the step's output, and nothing cosmetic (not its name)."""
+    """Everything that changes the step's output, and nothing cosmetic: not the step's name,
+    not the names of its data sets, not the paths of its local inputs (their content instead)."""
     spec = step.spec
-    inputs = {"from": keys[step.source]} if step.source else {}
-    inputs |= {ref: keys[ref] for ref in step.data}
+    params = as_params(step.config)
+    for field, local in spec.local_inputs(step.config).items():
+        params[field] = {"content": _local_digest(step, local, cache, file)}
+    for field in spec.data_fields:
+        if params[field]:
+            params[field] = {"data": keys[f"data.{params[field]}"]}
     return {
         "stage": step.stage,
         "algorithm": spec.algorithm,
         "version": spec.version,
-        "params": as_params(step.config),
-        "inputs": inputs,
-        "content": _local_digests(step, cache, file),
+        "params": params,
+        "inputs": {"from": keys[step.source]} if step.source else {},
         "libraries": library_versions(spec.libraries),
     }
 
 
-def _local_digests(step: Step, cache: DigestCache, file: str) -> dict[str, str]:
-    digests = {}
-    for local in step.spec.local_inputs(step.config):
-        path = Path(local)
-        if not path.exists():
-            raise RecipeError(
-                file, step.ref, f"{local!r}: no such file or directory (from {Path.cwd()})",
-                "fix the path (relative paths are read from the directory doit runs in)",
-            )  # fmt: skip
-        digests[local] = cache.tree_digest(path)
-    return digests
+def _local_digest(step: Step, local: str, cache: DigestCache, file: str) -> str:
+    path = Path(local)
+    if not path.exists():
+        raise RecipeError(
+            file, step.ref, f"{local!r}: no such file or directory (from {Path.cwd()})",
+            "fix the path (relative paths are read from the directory doit runs in)",
+        )  # fmt: skip
+    return cache.tree_digest(path)

@@ -36,19 +36,12 @@ def library_versions(dists: tuple[str, ...]) -> dict[str, str]:
     return {d: library_version(d) for d in sorted(dists)}
 
 
-def diff_identities(old: Any, new: Any, path: str = "") -> list[str]:
-    """Human-readable differences between two identities, one line per changed leaf."""
+def diff_identities(old: Any, new: Any, path: str = "") -> list[tuple[str, Any, Any]]:
+    """(dotted path, old value, new value) for every leaf that differs; None where absent."""
     if isinstance(old, dict) and isinstance(new, dict):
-        lines = []
+        changes = []
         for k in sorted(set(old) | set(new)):
             sub = f"{path}.{k}" if path else str(k)
-            if k not in old:
-                lines.append(f"{sub}: added ({canonical_json(new[k])})")
-            elif k not in new:
-                lines.append(f"{sub}: removed (was {canonical_json(old[k])})")
-            else:
-                lines.extend(diff_identities(old[k], new[k], sub))
-        return lines
-    if old != new:
-        return [f"{path}: {canonical_json(old)} -> {canonical_json(new)}"]
-    return []
+            changes += diff_identities(old.get(k), new.get(k), sub)
+        return changes
+    return [(path, old, new)] if old != new else []

@@ -69,6 +69,10 @@ def load_recipe(path: Path) -> Recipe:
         raise RecipeError(
             file, "", "no such recipe file", "pass recipe=<path to a .toml file>"
         ) from None
+    except (OSError, UnicodeDecodeError) as err:
+        raise RecipeError(
+            file, "", f"cannot read the recipe: {err}", "pass recipe=<a UTF-8 .toml file>"
+        ) from None
     except tomllib.TOMLDecodeError as err:
         raise RecipeError(
             file, "", f"not valid TOML: {err}", "fix the syntax at that line"

@@ -23,9 +23,10 @@ COLUMNS = [  # (metric, header, format)
 ]
 
 
-def report_identity(evaluated: dict[str, str]) -> dict[str, Any]:
-    """Keyed by the evaluate steps (names included: they label the rows)."""
-    return {"stage": REPORT_STEP, "version": REPORT_VERSION, "inputs": evaluated}
+def report_identity(title: str, rows: dict[str, dict[str, Any]]) -> dict[str, Any]:
+    """Keyed by what the report shows: its title and, per evaluate step, its key and the
+    names that label its row."""
+    return {"stage": REPORT_STEP, "version": REPORT_VERSION, "title": title, "rows": rows}
 
 
 def make_rows(evaluations: list[tuple[str, str, dict[str, Any]]]) -> list[dict[str, Any]]:

@@ -6,7 +6,6 @@ failure is never cached. Errors the user can act on come back as one message, no
 
 from __future__ import annotations
 
-import json
 import platform
 import sys
 import time
@@ -18,12 +17,11 @@ from tasks.errors import KilnError
 from tasks.graph import Graph
 from tasks.report import REPORT_STEP, make_rows, text_table, write_report
 from tasks.stages import StepContext
-from tasks.store import MANIFEST
 
 
 def run_step(graph: Graph, ref: str) -> TaskFailed | None:
     """The doit action of a step."""
-    task = ref.replace(".", ":", 1)
+    task = graph.task(ref)
     try:
         if ref != REPORT_STEP:
             graph.step(ref).spec.preflight()
@@ -42,10 +40,14 @@ def _build(graph: Graph, ref: str, task: str) -> dict[str, Any] | None:
     def waiting() -> None:
         print(f"  {task}: another process is building {key[:12]}..., waiting", file=sys.stderr)
 
+    link = graph.link(ref)
     with store.lock(key, on_wait=waiting):
         if store.is_complete(key):
-            store.link(graph.link(ref), key)
+            store.link(link, key)
             return None
+        # Until the new entry exists the link must not show the old one as current; the old
+        # target stays reachable (for `explain`, and safe from `gc`) as a hidden link.
+        store.set_aside(link)
         tmp = store.new_tmp(key)
         started = time.time()
         try:
@@ -64,7 +66,9 @@ def _build(graph: Graph, ref: str, task: str) -> dict[str, Any] | None:
             "platform": platform.platform(),
         }
         store.publish(key, tmp, manifest)
-    store.link(graph.link(ref), key)
+        store.link(link, key)  # under the lock: gc never sees a new entry without its link
+        store.forget_previous(link)
+    print(f"  {task}: built in {manifest['timings']['seconds']:.1f} s -> {link}", file=sys.stderr)
     return metrics
 
 
@@ -75,10 +79,8 @@ def _run(graph: Graph, ref: str, task: str, tmp: Any) -> dict[str, Any]:
     ctx = StepContext(task=task, out=tmp, artifacts=graph.store.root)
     if step.source:
         ctx.input = graph.entry(step.source)
-        ctx.input_manifest = json.loads((ctx.input / MANIFEST).read_text())
     for data_ref in step.data:
         ctx.data[data_ref.split(".", 1)[1]] = graph.entry(data_ref)
-        ctx.data_keys[data_ref.split(".", 1)[1]] = graph.keys[data_ref]
     return step.spec.run(step.config, ctx) or {}
 
 

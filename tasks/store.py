@@ -13,6 +13,7 @@ import contextlib
 import fcntl
 import json
 import os
+import re
 import shutil
 from collections.abc import Iterator
 from dataclasses import dataclass
@@ -44,7 +45,9 @@ class Store:
         try:
             return json.loads(path.read_text())
         except (OSError, json.JSONDecodeError) as err:
-            raise StoreError(f"cannot read {path}: {err}; run `doit verify`") from None
+            raise StoreError(
+                f"cannot read {path}: {err}; run `doit verify --remove-damaged`, then `doit`"
+            ) from None
 
     def built_keys(self) -> list[str]:
         """Every complete entry in the store."""
@@ -53,19 +56,23 @@ class Store:
         return sorted(p.parent.name for p in self.store_dir.glob(f"??/*/{MANIFEST}") if p.is_file())
 
     @contextlib.contextmanager
-    def lock(self, key: str, on_wait: Any = None) -> Iterator[None]:
-        """Exclusive per-key lock (flock): released by the kernel if the holder dies."""
+    def lock(self, key: str, on_wait: Any = None, wait: bool = True) -> Iterator[bool]:
+        """Exclusive per-key lock (flock), released by the kernel if the holder dies.
+        Yields True once held; with wait=False, yields False at once if another holds it."""
         path = self.store_dir / ".locks" / f"{key}.lock"
         path.parent.mkdir(parents=True, exist_ok=True)
         with open(path, "a") as fh:
             try:
                 fcntl.flock(fh, fcntl.LOCK_EX | fcntl.LOCK_NB)
             except BlockingIOError:
+                if not wait:
+                    yield False
+                    return
                 if on_wait:
                     on_wait()
                 fcntl.flock(fh, fcntl.LOCK_EX)
             try:
-                yield
+                yield True
             finally:
                 fcntl.flock(fh, fcntl.LOCK_UN)
 
@@ -95,7 +102,7 @@ class Store:
     def remove(self, key: str) -> None:
         entry = self.entry(key)
         # Move aside first, so a crash mid-delete never leaves a manifest over missing files.
-        doomed = self.store_dir / ".tmp" / f"{key}.deleting"
+        doomed = self.store_dir / ".tmp" / f"{key}.deleting-{os.getpid()}"
         doomed.parent.mkdir(parents=True, exist_ok=True)
         os.rename(entry, doomed)
         shutil.rmtree(doomed)
@@ -105,7 +112,9 @@ class Store:
         tmp_root = self.store_dir / ".tmp"
         if not tmp_root.is_dir():
             return []
-        return [p for p in tmp_root.iterdir() if not _pid_alive(p.suffix.lstrip("."))]
+        # Names end in the builder's pid: "<key>.<pid>" or "<key>.deleting-<pid>".
+        owners = {p: re.search(r"[.-](\d+)$", p.name) for p in tmp_root.iterdir()}
+        return [p for p, m in owners.items() if not (m and _pid_alive(m.group(1)))]
 
     def link(self, link: Path, key: str) -> None:
         """Point link at the entry for key, atomically (a relative symlink)."""
@@ -118,6 +127,19 @@ class Store:
             tmp.unlink()
         tmp.symlink_to(target)
         os.replace(tmp, link)
+
+    @staticmethod
+    def previous(link: Path) -> Path:
+        return link.with_name(f".{link.name}.previous")
+
+    def set_aside(self, link: Path) -> None:
+        """Move a link to its hidden `.previous` name while its step rebuilds."""
+        if link.is_symlink():
+            os.replace(link, self.previous(link))
+
+    def forget_previous(self, link: Path) -> None:
+        with contextlib.suppress(FileNotFoundError):
+            self.previous(link).unlink()
 
     def links(self) -> dict[Path, str]:
         """Every link under the artifacts root and the key it points at."""
@@ -136,7 +158,10 @@ class Store:
     def verify(self, key: str) -> list[str]:
         """Re-hash an entry's files (bypassing every cache); one line per problem."""
         entry = self.entry(key)
-        recorded = {f["path"]: f for f in self.manifest(key)["files"]}
+        try:
+            recorded = {f["path"]: f for f in self.manifest(key)["files"]}
+        except (StoreError, KeyError, TypeError) as err:
+            return [f"{entry / MANIFEST}: unreadable ({err})"]
         present = {p.as_posix() for p in list_files(entry)} - {MANIFEST}
         problems = [f"{entry / p}: missing" for p in sorted(set(recorded) - present)]
         problems += [f"{entry / p}: not in the manifest" for p in sorted(present - set(recorded))]
@@ -161,10 +186,6 @@ def describe_files(root: Path) -> list[dict[str, Any]]:
     return files
 
 
-def entry_size(entry: Path) -> int:
-    return sum((entry / rel).stat().st_size for rel in list_files(entry))
-
-
 def _fsync_dir(path: Path) -> None:
     fd = os.open(path, os.O_RDONLY)
     try:
@@ -174,8 +195,6 @@ def _fsync_dir(path: Path) -> None:
 
 
 def _pid_alive(pid: str) -> bool:
-    if not pid.isdigit():
-        return False
     try:
         os.kill(int(pid), 0)
     except ProcessLookupError:

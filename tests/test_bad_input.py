@@ -59,6 +59,23 @@ def test_recipe_errors_at_load(tmp_path, tiny_model, prose_file, case, edit, mes
     assert str(ws.recipe) in proc.stderr  # names the file
 
 
+@pytest.mark.parametrize(
+    ("make", "message"),
+    [
+        (lambda p: None, "no such recipe file"),
+        (lambda p: p.mkdir(), "cannot read the recipe"),
+        (lambda p: p.write_bytes(b"[model]\nsource = '\xe9'\n"), "cannot read the recipe"),
+    ],
+    ids=["missing", "a directory", "not utf-8"],
+)
+def test_unreadable_recipe_files(tmp_path, make, message):
+    ws = Workspace(tmp_path)
+    make(ws.recipe)
+    proc = ws.doit("list", check=False)
+    assert proc.returncode != 0 and message in proc.stderr
+    assert "Traceback" not in proc.stderr
+
+
 def test_missing_local_model_directory(tmp_path, prose_file):
     ws = Workspace(tmp_path)
     ws.write(tiny_recipe(tmp_path / "nowhere", prose_file))

@@ -12,8 +12,9 @@ from pathlib import Path
 import pytest
 
 from tasks import fetch
+from tasks.config import ConfigValueError
 from tasks.errors import StageError
-from tasks.fetch import extract_member, pypi_download
+from tasks.fetch import check_pin, extract_member, pypi_download
 
 
 def tar_gz(path: Path, files: dict[str, bytes]) -> Path:
@@ -140,3 +141,24 @@ def test_missing_member_lists_close_names(tmp_path, package):
 def test_member_below_a_plain_file_is_an_error(tmp_path, package):
     with pytest.raises(StageError, match="not a zip or tar archive"):
         extract_member(package, "pkg-1.0/data/a.txt/inside.txt", tmp_path)
+
+
+@pytest.mark.parametrize(
+    ("pypi", "sha256", "member", "key"),
+    [
+        (True, "", "pkg/a.txt", "sha256"),
+        (True, "A" * 64, "pkg/a.txt", "sha256"),  # lowercase hex only, as sha256sum prints
+        (True, "a" * 63, "pkg/a.txt", "sha256"),
+        (True, "a" * 64, "", "file"),  # the member field's own name
+        (False, "a" * 64, "", "sha256"),  # a pin without a package to pin
+    ],
+)
+def test_check_pin_names_the_wrong_field(pypi, sha256, member, key):
+    with pytest.raises(ConfigValueError) as err:
+        check_pin(pypi, sha256, "file", member, "file = '<pkg>/<name>'")
+    assert err.value.key == key and err.value.fix
+
+
+def test_check_pin_accepts_a_full_pin_and_no_pin():
+    check_pin(True, "a" * 64, "member", "pkg/a.txt")
+    check_pin(False, "", "member", "")

@@ -15,7 +15,7 @@ def test_canonical_json_is_compact_and_sorted():
 def test_diff_names_each_changed_leaf():
     old = {"params": {"bits": 4, "sym": True}, "inputs": {"from": "k1"}}
     new = {"params": {"bits": 8, "sym": True}, "inputs": {"from": "k1", "data.x": "k2"}}
-    assert diff_identities(old, new) == ['inputs.data.x: added ("k2")', "params.bits: 4 -> 8"]
+    assert diff_identities(old, new) == [("inputs.data.x", None, "k2"), ("params.bits", 4, 8)]
 
 
 def test_missing_library_version_is_absent():

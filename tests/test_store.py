@@ -96,3 +96,23 @@ def test_unreadable_manifest_is_a_store_error(tmp_path):
     (entry / MANIFEST).write_text("{")
     with pytest.raises(StoreError, match="doit verify"):
         store.manifest(KEY)
+
+
+def test_an_unreadable_manifest_is_reported_as_damage(tmp_path):
+    store = Store(tmp_path)
+    entry = build(store)
+    (entry / MANIFEST).write_text("{")
+    assert store.verify(KEY) == [f"{entry / MANIFEST}: unreadable (cannot read {entry / MANIFEST}: "
+                                 "Expecting property name enclosed in double quotes: line 1 column 2 (char 1);"
+                                 " run `doit verify --remove-damaged`, then `doit`)"]  # fmt: skip
+
+
+def test_a_link_set_aside_while_rebuilding_is_still_a_link(tmp_path):
+    store = Store(tmp_path)
+    build(store)
+    link = tmp_path / "r" / "quantize" / "x"
+    store.link(link, KEY)
+    store.set_aside(link)
+    assert not link.exists() and store.links() == {store.previous(link): KEY}
+    store.forget_previous(link)
+    assert store.links() == {}

@@ -18,7 +18,7 @@ from typing import Any
 from tasks.errors import PreflightError
 
 # Formats a step's output can have; a stage lists which ones it accepts as input.
-HF, ONNX, DATA, METRICS, REPORT = "hf", "onnx", "data", "metrics", "report"
+HF, ONNX, DATA, METRICS = "hf", "onnx", "data", "metrics"
 FORMAT_NAMES = {HF: "a Hugging Face model", ONNX: "an ONNX model", DATA: "a data set"}
 
 # (stage, algorithm) -> module. Algorithm None: the stage has one implementation.
@@ -50,9 +50,10 @@ class StageSpec:
     libraries: tuple[str, ...] = ()  # distributions whose versions enter the key
     needs: dict[str, str] = field(default_factory=dict)  # import name -> pip install fix
     data_fields: tuple[str, ...] = ()  # config fields that name a [data.<name>] table
-    # Local files or directories the output depends on: their content digests enter the key
-    # (cached by stat, so unchanged big files are never re-read). A missing one fails at load.
-    local_inputs: Callable[[Any], list[str]] = lambda config: []
+    # Config fields naming local files or directories -> their paths. In the key, each such
+    # field holds the content digest instead of the path (cached by stat, so unchanged big files
+    # are never re-read, and moving a file does not rebuild). A missing one fails at load.
+    local_inputs: Callable[[Any], dict[str, str]] = lambda config: {}
 
     def preflight(self) -> None:
         """Fail before any model is loaded when a needed package is missing."""
@@ -69,9 +70,7 @@ class StepContext:
     out: Path  # the (temporary) directory to write the output into
     artifacts: Path  # the artifacts root, for download caches
     input: Path | None = None  # the upstream step's store entry
-    input_manifest: dict[str, Any] | None = None
     data: dict[str, Path] = field(default_factory=dict)  # data set name -> store entry
-    data_keys: dict[str, str] = field(default_factory=dict)
 
     def log(self, message: str) -> None:
         print(f"  {self.task}: {message}", file=sys.stderr, flush=True)

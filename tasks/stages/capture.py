@@ -14,6 +14,7 @@ execution_provider = "cpu"
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import os
 import shutil
@@ -27,7 +28,13 @@ from typing import Any, Literal
 from tasks.config import ConfigValueError, option
 from tasks.errors import StageError
 from tasks.stages import HF, ONNX, StageSpec, StepContext
-from tasks.stages.onnx_run import check_onnx_against, prompt_ids, require_provider, torch_logits
+from tasks.stages.onnx_run import (
+    check_onnx_against,
+    head_dims,
+    prompt_ids,
+    require_provider,
+    torch_logits,
+)
 
 # Bits onnxruntime's MatMulNBits, which the builder re-packs quantized checkpoints into, takes.
 NBITS = (2, 4, 8)
@@ -36,6 +43,16 @@ LOG_TAIL_LINES = 40
 # Builder extra options (and their deprecated int4_ aliases) that this step's own fields set.
 INT4_KEYS = {"block_size": "int4_block_size", "accuracy_level": "int4_accuracy_level"}
 INT4_KEYS |= {f"int4_{k}": v for k, v in INT4_KEYS.items()}
+# Distributions that shape the output. onnx-ir: the builder writes its graph through it.
+LIBRARIES = (
+    "onnxruntime-genai",
+    "onnxruntime",
+    "onnx",
+    "onnx-ir",
+    "onnxscript",
+    "torch",
+    "transformers",
+)
 WEIGHT_SUFFIXES = {".safetensors", ".bin", ".pt", ".pth", ".gguf", ".h5", ".msgpack"}
 
 
@@ -83,8 +100,12 @@ class Config:
                 "int4_accuracy_level", f"{self.int4_accuracy_level} is not 0 to 4", "use 4 (int8)"
             )
         # Ignored outside int4, they would change the step's key but not its output.
-        defaults = {"int4_block_size": 32, "int4_accuracy_level": 4}
-        changed = [key for key, value in defaults.items() if getattr(self, key) != value]
+        int4_fields = set(INT4_KEYS.values())
+        changed = [
+            f.name
+            for f in dataclasses.fields(self)
+            if f.name in int4_fields and getattr(self, f.name) != f.default
+        ]
         if self.precision != "int4" and changed:
             raise ConfigValueError(
                 changed[0],
@@ -204,9 +225,8 @@ def export_decoder(hf_dir: Path, out: Path) -> None:
 
     model = AutoModelForCausalLM.from_pretrained(hf_dir, dtype=torch.float32).eval()
     text = model.config.get_text_config(decoder=True)
-    layers, heads = text.num_hidden_layers, text.num_attention_heads
-    kv_heads = getattr(text, "num_key_value_heads", None) or heads
-    head_size = getattr(text, "head_dim", None) or text.hidden_size // heads
+    layers, dims = text.num_hidden_layers, head_dims(text.to_dict())
+    kv_heads, head_size = dims["kv_heads"], dims["head_size"]
     # Example sizes above 1: torch.export specializes dimensions of size 0 and 1.
     batch, seq, past_len = 2, 3, 4
     past = tuple(torch.zeros(batch, kv_heads, past_len, head_size) for _ in range(2 * layers))
@@ -274,7 +294,7 @@ SPEC = StageSpec(
     doc="Hugging Face model -> ONNX (onnxruntime-genai builder or torch.onnx)",
     inputs=(HF,),
     output=ONNX,
-    libraries=("onnxruntime-genai", "onnxruntime", "onnx", "onnxscript", "torch", "transformers"),
+    libraries=LIBRARIES,
     needs={
         "onnxruntime": "pip install 'modelkiln[onnx]'",
         "onnxruntime_genai": "pip install 'modelkiln[onnx]'",

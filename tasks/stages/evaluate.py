@@ -28,6 +28,7 @@ from pathlib import Path
 from typing import TYPE_CHECKING, Any, Literal
 
 from tasks.config import ConfigValueError, option
+from tasks.digest import dir_size
 from tasks.errors import PreflightError, StageError
 from tasks.stages import HF, METRICS, ONNX, StageSpec, StepContext
 from tasks.stages.onnx_folder import GENAI_CONFIG
@@ -37,7 +38,7 @@ if TYPE_CHECKING:
 
     from tasks.stages.evaluate_runners import Runner
 
-NOT_WEIGHTS = {"MANIFEST.json"}  # store bookkeeping, not part of what a user ships
+NOT_WEIGHTS = ("MANIFEST.json",)  # store bookkeeping, not part of what a user ships
 
 
 @dataclass(frozen=True, kw_only=True)
@@ -151,9 +152,8 @@ def eos_ids(folder: Path, tokenizer: Any) -> frozenset[int]:
 
 
 def size_bytes(folder: Path) -> int:
-    return sum(
-        p.stat().st_size for p in folder.rglob("*") if p.is_file() and p.name not in NOT_WEIGHTS
-    )
+    """Bytes a user ships: the folder's files less the store's bookkeeping."""
+    return dir_size(folder, exclude=NOT_WEIGHTS)
 
 
 def time_generation(

@@ -16,9 +16,15 @@ from contextlib import contextmanager
 from pathlib import Path
 from typing import TYPE_CHECKING, Any, Protocol
 
-from tasks.errors import StageError
 from tasks.stages.onnx_folder import GENAI_CONFIG, model_file
-from tasks.stages.onnx_run import ORT_DTYPES, decoder_dims, empty_past_feed
+from tasks.stages.onnx_run import (
+    ORT_DTYPES,
+    decoder_dims,
+    empty_past_feed,
+    genai_errors,
+    genai_greedy,
+    ort_session,
+)
 
 if TYPE_CHECKING:
     import numpy as np
@@ -96,13 +102,7 @@ class OrtRunner:
         options = ort.SessionOptions()
         options.intra_op_num_threads = threads
         options.inter_op_num_threads = 1
-        path = model_file(folder)
-        try:
-            self.session = ort.InferenceSession(
-                str(path), options, providers=["CPUExecutionProvider"]
-            )
-        except Exception as err:  # onnxruntime's errors derive from Exception only
-            raise StageError(f"{path} does not load in onnxruntime: {err}") from err
+        self.session = ort_session(model_file(folder), ["CPUExecutionProvider"], options)
         self.dims = decoder_dims(folder)
         self.inputs = {arg.name: arg for arg in self.session.get_inputs()}
         self.outputs = [arg.name for arg in self.session.get_outputs()]
@@ -156,34 +156,13 @@ def greedy(
     return tokens, first - started, time.perf_counter() - first
 
 
-def _genai_model(folder: Path, threads: int) -> Any:
+def genai_model(folder: Path, threads: int) -> Any:
     import onnxruntime_genai as og
 
     config = og.Config(str(folder))
     options = {"intra_op_num_threads": threads, "inter_op_num_threads": 1}
     config.overlay(json.dumps({"model": {"decoder": {"session_options": options}}}))
     return og.Model(config)
-
-
-def _genai_greedy(
-    model: Any, prompt: list[int], new_tokens: int, fixed: bool
-) -> tuple[list[int], float, float]:
-    """(tokens, first-token s, rest s). `fixed` forbids stopping at EOS (genai's min_length),
-    so timed runs decode exactly new_tokens like the other runners."""
-    import onnxruntime_genai as og
-
-    params = og.GeneratorParams(model)
-    length = len(prompt) + new_tokens
-    params.set_search_options(max_length=length, min_length=length if fixed else 0, do_sample=False)
-    generator = og.Generator(model, params)
-    started = time.perf_counter()
-    generator.append_tokens(prompt)  # runs the prompt; the next call only picks the token
-    generator.generate_next_token()
-    first = time.perf_counter()
-    while not generator.is_done():
-        generator.generate_next_token()
-    tokens = [int(t) for t in generator.get_sequence(0)[len(prompt) :]]
-    return tokens, first - started, time.perf_counter() - first
 
 
 def genai_metrics(
@@ -200,14 +179,12 @@ def genai_metrics(
     if not (folder / GENAI_CONFIG).is_file():
         return {}
     started = time.perf_counter()
-    try:
-        model = _genai_model(folder, threads)
+    with genai_errors(folder):
+        model = genai_model(folder, threads)
         load_s = time.perf_counter() - started
-        sample, _, _ = _genai_greedy(model, prompt, new_tokens, fixed=False)  # also a warm-up
-        runs = [_genai_greedy(model, prompt, new_tokens, fixed=True) for _ in range(repeats)]
+        sample, _, _ = genai_greedy(model, prompt, new_tokens)  # also a warm-up
+        runs = [genai_greedy(model, prompt, new_tokens, fixed=True) for _ in range(repeats)]
         text = og.Tokenizer(model).decode([t for t in sample if t not in eos])
-    except RuntimeError as err:  # og reports every failure as RuntimeError
-        raise StageError(f"{folder} does not run in onnxruntime-genai: {err}") from err
     return {
         "genai_load_s": load_s,
         "genai_first_token_ms": statistics.median(r[1] for r in runs) * 1e3,

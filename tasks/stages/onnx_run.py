@@ -8,6 +8,9 @@ greedy tokens. Heavy libraries are imported inside the functions.
 from __future__ import annotations
 
 import json
+import time
+from collections.abc import Iterator, Sequence
+from contextlib import contextmanager
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
@@ -38,6 +41,15 @@ def prompt_ids(folder: Path, text: str = PROMPT) -> list[int]:
     return Tokenizer.from_file(str(path)).encode(text, add_special_tokens=False).ids
 
 
+def head_dims(config: dict[str, Any]) -> dict[str, int]:
+    """Key/value heads and head size from a Hugging Face decoder's config settings."""
+    heads = config["num_attention_heads"]
+    return {
+        "kv_heads": config.get("num_key_value_heads") or heads,
+        "head_size": config.get("head_dim") or config["hidden_size"] // heads,
+    }
+
+
 def decoder_dims(folder: Path) -> dict[str, int]:
     """Key/value heads and head size, which ONNX inputs may leave symbolic (the builder does)."""
     genai = folder / GENAI_CONFIG
@@ -46,12 +58,7 @@ def decoder_dims(folder: Path) -> dict[str, int]:
         return {"kv_heads": decoder["num_key_value_heads"], "head_size": decoder["head_size"]}
     hf = folder / "config.json"
     if hf.is_file():
-        config = json.loads(hf.read_text())
-        heads = config["num_attention_heads"]
-        return {
-            "kv_heads": config.get("num_key_value_heads") or heads,
-            "head_size": config.get("head_dim") or config["hidden_size"] // heads,
-        }
+        return head_dims(json.loads(hf.read_text()))
     return {}
 
 
@@ -90,6 +97,18 @@ def empty_past_feed(
     return feed
 
 
+def ort_session(
+    path: Path, providers: list[str], options: ort.SessionOptions | None = None
+) -> ort.InferenceSession:
+    """An onnxruntime session of the model file, or a StageError saying it does not load."""
+    import onnxruntime as ort
+
+    try:
+        return ort.InferenceSession(str(path), options, providers=providers)
+    except Exception as err:  # onnxruntime's Fail, InvalidGraph, ... derive from Exception only
+        raise StageError(f"{path} does not load in onnxruntime: {err}") from err
+
+
 def onnx_logits(folder: Path, input_ids: list[int], provider: str = "cpu") -> np.ndarray:
     """Logits [seq, vocab] (float32) of the folder's decoder."""
     import numpy as np
@@ -99,10 +118,7 @@ def onnx_logits(folder: Path, input_ids: list[int], provider: str = "cpu") -> np
     providers = list(dict.fromkeys([PROVIDERS[provider], "CPUExecutionProvider"]))
     if providers[0] not in ort.get_available_providers():
         raise PreflightError(f"onnxruntime here has no {providers[0]} to run {path}")
-    try:
-        session = ort.InferenceSession(str(path), providers=providers)
-    except Exception as err:  # onnxruntime's Fail, InvalidGraph, ... derive from Exception only
-        raise StageError(f"{path} does not load in onnxruntime: {err}") from err
+    session = ort_session(path, providers)
     feed = empty_past_feed(session, input_ids, decoder_dims(folder))
     (logits,) = session.run(["logits"], feed)
     return np.asarray(logits[0], dtype=np.float32)
@@ -134,23 +150,46 @@ def compare_logits(reference: np.ndarray, candidate: np.ndarray) -> dict[str, fl
     }
 
 
+@contextmanager
+def genai_errors(folder: Path) -> Iterator[None]:
+    """Turn onnxruntime-genai's failures in the block into a StageError naming the folder."""
+    try:
+        yield
+    except RuntimeError as err:  # og reports every failure as RuntimeError
+        raise StageError(f"{folder} does not run in onnxruntime-genai: {err}") from err
+
+
+def genai_greedy(
+    model: Any, prompt: Sequence[int], new_tokens: int, fixed: bool = False
+) -> tuple[list[int], float, float]:
+    """(new tokens, seconds to the first, seconds for the rest) of greedy decoding in
+    onnxruntime-genai. `fixed` forbids stopping at EOS (genai's min_length), so timed runs
+    decode exactly new_tokens. Call it inside `genai_errors`."""
+    import onnxruntime_genai as og
+
+    params = og.GeneratorParams(model)
+    length = len(prompt) + new_tokens
+    params.set_search_options(max_length=length, min_length=length if fixed else 0, do_sample=False)
+    generator = og.Generator(model, params)
+    started = time.perf_counter()
+    generator.append_tokens(prompt)  # runs the prompt; the next call only picks the token
+    generator.generate_next_token()
+    first = time.perf_counter()
+    while not generator.is_done():
+        generator.generate_next_token()
+    tokens = [int(t) for t in generator.get_sequence(0)[len(prompt) :]]
+    return tokens, first - started, time.perf_counter() - first
+
+
 def genai_generate(folder: Path, text: str = PROMPT, new_tokens: int = 8) -> str:
     """A few greedy tokens from onnxruntime-genai: proves the folder runs there as a whole."""
     import onnxruntime_genai as og
 
-    try:
+    with genai_errors(folder):
         model = og.Model(str(folder))
         tokenizer = og.Tokenizer(model)
-        ids = tokenizer.encode(text)
-        params = og.GeneratorParams(model)
-        params.set_search_options(max_length=len(ids) + new_tokens, do_sample=False)
-        generator = og.Generator(model, params)
-        generator.append_tokens(ids)
-        while not generator.is_done():
-            generator.generate_next_token()
-        return tokenizer.decode(generator.get_sequence(0)[len(ids) :])
-    except RuntimeError as err:  # og reports every failure as RuntimeError
-        raise StageError(f"{folder} does not run in onnxruntime-genai: {err}") from err
+        tokens, _, _ = genai_greedy(model, tokenizer.encode(text), new_tokens)
+        return tokenizer.decode(tokens)
 
 
 def check_onnx_against(

@@ -164,6 +164,18 @@ def test_cuda_without_a_gpu_is_refused_before_building(tiny_model, tmp_path):
     assert not any((tmp_path / "out").iterdir())
 
 
+def test_kv_heads_and_head_size_come_from_the_config(tiny_model):
+    from tasks.stages.onnx_run import decoder_dims
+
+    assert decoder_dims(tiny_model) == {"kv_heads": 2, "head_size": 16}  # 4 heads of 64 / 4
+
+
+def test_builder_libraries_enter_the_key():
+    from tasks.stages.capture import SPEC
+
+    assert {"onnx-ir", "onnxruntime-genai"} <= set(SPEC.libraries)
+
+
 def test_config_value_error_names_the_key():
     with pytest.raises(ConfigValueError) as err:
         Config(precision="fp16")

@@ -73,7 +73,7 @@ def test_prose_is_cut_at_the_markers_and_held_out_at_the_end(tmp_path, gutenberg
     assert heldout[-1]["text"].endswith(paragraphs[-1]) and len(heldout) == round(len(texts) * 0.1)
     assert info == json.loads((tmp_path / "out" / "info.json").read_text())
     assert info["train"] == len(train) and info["heldout"] == len(heldout)
-    assert SPEC.local_inputs(prose_config(gutenberg)) == [str(gutenberg)]
+    assert SPEC.local_inputs(prose_config(gutenberg)) == {"path": str(gutenberg)}
 
 
 def test_hard_wraps_are_undone_and_long_paragraphs_cut_at_line_ends(tmp_path):
@@ -171,6 +171,14 @@ def test_missing_marker_and_wrong_column_count_say_the_fix(tmp_path, gutenberg):
         run(Config(path=str(tsv), format="tsv", columns=("id", "phrase")), context(tmp_path, "o2"))
 
 
+def test_unreadable_csv_is_a_stage_error(tmp_path):
+    """csv.Error (here a quote left open, which runs past csv's field limit) gets a fix."""
+    bad = tmp_path / "d.csv"
+    bad.write_text('phrase,tone\ngood,positive\n"never closed,' + "x" * 200_000 + "\n")
+    with pytest.raises(StageError, match=r"d.csv line \d+ is not valid csv: .*\n  fix: check"):
+        run(Config(path=str(bad), format="csv"), context(tmp_path))
+
+
 def test_nested_member_of_a_pypi_sdist(tmp_path, monkeypatch):
     inner = io.BytesIO()
     with tarfile.open(fileobj=inner, mode="w:gz") as tar:
@@ -196,7 +204,7 @@ def test_nested_member_of_a_pypi_sdist(tmp_path, monkeypatch):
     )
     info = run(config, context(tmp_path))
     assert info["records"] == 4 and info["heldout"] == 1
-    assert SPEC.local_inputs(config) == []
+    assert SPEC.local_inputs(config) == {}
 
 
 def add(tar: tarfile.TarFile, name: str, data: bytes) -> None:
@@ -212,9 +220,7 @@ def test_hf_dataset_is_loaded_with_its_split_and_revision(tmp_path, monkeypatch)
         calls.append((path, name, split, revision))
         return [{"sentence": f"s{i}", "label": i % 2} for i in range(20)]
 
-    fake = type(sys)("datasets")
-    fake.load_dataset = load_dataset
-    monkeypatch.setitem(sys.modules, "datasets", fake)
+    fake_datasets(monkeypatch, load_dataset)
     config = Config(
         hf_dataset="org/set", hf_split="validation", hf_revision="v1", text_field="sentence"
     )
@@ -226,9 +232,50 @@ def test_hf_dataset_is_loaded_with_its_split_and_revision(tmp_path, monkeypatch)
     )
 
 
+def fake_datasets(monkeypatch, load_dataset) -> None:
+    fake = type(sys)("datasets")
+    fake.load_dataset = load_dataset
+    monkeypatch.setitem(sys.modules, "datasets", fake)
+
+
+@pytest.mark.parametrize(
+    "error",
+    [
+        ValueError("Unknown split 'tets'. Should be one of ['train', 'test']."),
+        FileNotFoundError("Dataset 'org/nope' doesn't exist on the Hub"),
+    ],
+)
+def test_hf_dataset_load_errors_say_the_fix(tmp_path, monkeypatch, error):
+    def load_dataset(path, name=None, split=None, revision=None):
+        raise error
+
+    fake_datasets(monkeypatch, load_dataset)
+    with pytest.raises(StageError, match=r"cannot load the data set 'org/set'") as err:
+        run(Config(hf_dataset="org/set", hf_split="tets"), context(tmp_path))
+    assert f"{type(error).__name__}: {error}" in str(err.value)
+    assert "\n  fix: check those names" in str(err.value)
+
+
+def test_no_library_version_rekeys_data_sets():
+    assert SPEC.libraries == ()
+
+
 @pytest.mark.parametrize(
     ("fields", "key"),
     [
+        # Settings that do not apply to the source or format would change the key only.
+        ({"path": "a.txt", "member": "x/a.txt"}, "member"),
+        ({"path": "a.txt", "sdist": False}, "sdist"),
+        ({"path": "a.txt", "hf_name": "wikitext-2-raw-v1"}, "hf_name"),
+        ({"path": "a.txt", "hf_split": "test"}, "hf_split"),
+        ({"pypi": "x==1", "sha256": "a" * 64, "member": "a", "hf_revision": "v1"}, "hf_revision"),
+        ({"hf_dataset": "org/set", "format": "jsonl"}, "format"),
+        ({"hf_dataset": "org/set", "encoding": "latin-1"}, "encoding"),
+        ({"hf_dataset": "org/set", "record_chars": 500}, "record_chars"),
+        ({"path": "a.jsonl", "format": "jsonl", "record_chars": 500}, "record_chars"),
+        ({"path": "a.tsv", "format": "tsv", "end_marker": "***"}, "end_marker"),
+        ({"path": "a.txt", "seed": 3}, "seed"),  # prose is not shuffled by default
+        ({"path": "a.tsv", "format": "tsv", "shuffle": False, "seed": 3}, "seed"),
         ({}, "source"),
         ({"path": "a.txt", "pypi": "x==1"}, "source"),
         ({"pypi": "x==1", "member": "x/a.txt"}, "sha256"),
@@ -245,6 +292,15 @@ def test_bad_configs_are_rejected(fields, key):
     with pytest.raises(ConfigValueError) as err:
         Config(**fields)
     assert err.value.key == key
+
+
+def test_settings_that_apply_are_accepted():
+    Config(path="a.txt", shuffle=True, seed=3, record_chars=500, start_marker="***")
+    Config(path="a.tsv", format="tsv", seed=3, columns=("a",), encoding="latin-1")
+    Config(pypi="x==1", sha256="a" * 64, member="x/a.txt", sdist=False)
+    Config(hf_dataset="org/set", hf_name="n", hf_split="test", hf_revision="v1", shuffle=True)
+    with pytest.raises(ConfigValueError, match="seed: only applies to a shuffled data set"):
+        Config(hf_dataset="org/set", seed=1)
 
 
 def test_writing_the_default_shuffle_gives_the_same_params():

@@ -125,6 +125,8 @@ def test_size_counts_files_but_not_the_manifest(tmp_path: Path) -> None:
     (tmp_path / "sub" / "b.bin").write_bytes(b"x" * 5)
     (tmp_path / "MANIFEST.json").write_text("{}")
     assert size_bytes(tmp_path) == 15
+    (tmp_path / "sub" / "MANIFEST.json").write_text("{}")  # only the store's own is left out
+    assert size_bytes(tmp_path) == 17
 
 
 def test_hf_and_onnx_score_the_same_tokens_alike(hf_metrics: dict, onnx_metrics: dict) -> None:
@@ -156,11 +158,12 @@ def test_genai_is_measured_for_a_builder_folder(onnx_metrics: dict, hf_metrics: 
 
 
 def test_genai_and_onnxruntime_greedy_tokens_match(onnx_folder: Path) -> None:
-    from tasks.stages.evaluate_runners import OrtRunner, _genai_greedy, _genai_model, greedy
+    from tasks.stages.evaluate_runners import OrtRunner, genai_model, greedy
+    from tasks.stages.onnx_run import genai_greedy
 
     prompt, eos = [57, 74, 301, 223, 75, 85], frozenset({0})
     ours, _, _ = greedy(OrtRunner(onnx_folder, threads=1), prompt, 12, eos)
-    theirs, _, _ = _genai_greedy(_genai_model(onnx_folder, 1), prompt, 12, fixed=False)
+    theirs, _, _ = genai_greedy(genai_model(onnx_folder, 1), prompt, 12)
     assert theirs == ours
 
 

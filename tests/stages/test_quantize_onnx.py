@@ -123,3 +123,23 @@ def test_nodes_to_exclude_stay_in_float(algorithm, quantized_op, fp32, tmp_path)
     counts = op_counts(tmp_path / "q" / "model.onnx")
     assert counts.get("MatMul") == 1  # the LM head only
     assert counts[quantized_op] == all_quantized - 1
+
+
+@pytest.mark.parametrize(
+    ("algorithm", "key", "messy", "tidy"),
+    [
+        ("ort-dynamic", "op_types", ["Gather", "MatMul", "Gather"], ["Gather", "MatMul"]),
+        ("ort-dynamic", "nodes_to_exclude", ["/b", "/a", "/b"], ["/a", "/b"]),
+        ("bnb4", "nodes_to_exclude", ["/b", "/a", "/b"], ["/a", "/b"]),
+    ],
+)
+def test_set_like_lists_do_not_rekey_when_reordered_or_repeated(algorithm, key, messy, tidy):
+    from tasks.config import as_params
+
+    config = spec_for("quantize", algorithm).config
+
+    def params(value: list[str]) -> dict[str, Any]:
+        return as_params(parse_config(config, {key: value}, "recipe.toml", "quantize.q"))
+
+    assert params(messy) == params(tidy)
+    assert params(messy)[key] == tidy

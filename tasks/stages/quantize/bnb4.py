@@ -30,6 +30,8 @@ class Config:
     )
 
     def __post_init__(self) -> None:
+        # A set in effect: reordering or repeating it must not change the step's key.
+        object.__setattr__(self, "nodes_to_exclude", tuple(sorted(set(self.nodes_to_exclude))))
         # The kernels take power-of-two blocks of 16 or more (bitsandbytes uses 64).
         if self.block_size < 16 or self.block_size & (self.block_size - 1):
             raise ConfigValueError(

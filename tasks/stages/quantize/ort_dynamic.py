@@ -40,6 +40,9 @@ class Config:
     )
 
     def __post_init__(self) -> None:
+        # Sets in effect: reordering or repeating them must not change the step's key.
+        for key in ("op_types", "nodes_to_exclude"):
+            object.__setattr__(self, key, tuple(sorted(set(getattr(self, key)))))
         if "MatMul" not in self.op_types:  # the step exists to quantize the MatMuls
             raise ConfigValueError(
                 "op_types", f"{list(self.op_types)} leaves out MatMul", 'use ["MatMul", "Gather"]'
