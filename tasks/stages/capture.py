@@ -29,6 +29,8 @@ from tasks.config import ConfigValueError, option
 from tasks.errors import StageError
 from tasks.stages import HF, ONNX, StageSpec, StepContext
 from tasks.stages.onnx_run import (
+    ONNX_EXTRA,
+    ONNX_NEEDS,
     check_onnx_against,
     head_dims,
     prompt_ids,
@@ -295,10 +297,6 @@ SPEC = StageSpec(
     inputs=(HF,),
     output=ONNX,
     libraries=LIBRARIES,
-    needs={
-        "onnxruntime": "pip install 'modelkiln[onnx]'",
-        "onnxruntime_genai": "pip install 'modelkiln[onnx]'",
-        "onnx_ir": "pip install 'modelkiln[onnx]'",  # the builder needs it, undeclared
-        "onnxscript": "pip install 'modelkiln[onnx]'",  # torch.onnx's dynamo exporter
-    },
+    # onnx_ir: the builder needs it without declaring it; onnxscript: torch.onnx's exporter.
+    needs=ONNX_NEEDS | {"onnx_ir": ONNX_EXTRA, "onnxscript": ONNX_EXTRA},
 )

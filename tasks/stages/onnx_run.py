@@ -15,11 +15,17 @@ from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 from tasks.errors import PreflightError, StageError
-from tasks.stages.onnx_folder import GENAI_CONFIG, model_file
+from tasks.stages.onnx_folder import GENAI_CONFIG, copy_sidecars, model_file
+
+ONNX_EXTRA = "pip install 'modelkiln[onnx]'"
+# What every step that writes an ONNX folder needs (genai: to prove the folder runs there).
+ONNX_NEEDS = {m: ONNX_EXTRA for m in ("onnxruntime", "onnx", "onnxruntime_genai")}
 
 if TYPE_CHECKING:
     import numpy as np
     import onnxruntime as ort
+
+    from tasks.stages import StepContext
 
 PROMPT = "The quick brown fox jumps over the lazy dog"
 # Without a tokenizer any in-vocabulary ids do: the comparison is between two models.
@@ -253,6 +259,15 @@ def require_provider(provider: str) -> None:
             "this machine cannot (needs onnxruntime-gpu, onnxruntime-genai-cuda and a GPU): "
             "build this step on such a machine"
         )
+
+
+def finish_quantized(ctx: StepContext, quantized_op: str) -> dict[str, Any]:
+    """The common end of an ONNX quantizer: copy the sidecars, then prove the output."""
+    assert ctx.input is not None
+    copy_sidecars(ctx.input, ctx.out)
+    metrics = check_quantized(ctx.input, ctx.out, quantized_op)
+    ctx.log(f"max |Δlogit| vs the input model: {metrics['max_abs_logit_diff']:.3g}")
+    return metrics
 
 
 def check_quantized(src: Path, out: Path, quantized_op: str) -> dict[str, Any]:

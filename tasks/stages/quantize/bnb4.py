@@ -15,8 +15,8 @@ from typing import Any, Literal
 
 from tasks.config import ConfigValueError, option
 from tasks.stages import ONNX, StageSpec, StepContext
-from tasks.stages.onnx_folder import copy_sidecars, model_file
-from tasks.stages.onnx_run import check_quantized, require_provider, target_provider
+from tasks.stages.onnx_folder import model_file
+from tasks.stages.onnx_run import ONNX_NEEDS, finish_quantized, require_provider, target_provider
 
 
 @dataclass(frozen=True, kw_only=True)
@@ -56,10 +56,7 @@ def run(config: Config, ctx: StepContext) -> dict[str, Any]:
     quantizer.process()
     # External data (as <name>.data) keeps models over protobuf's 2 GB limit saveable.
     quantizer.model.save_model_to_file(str(ctx.out / src.name), use_external_data_format=True)
-    copy_sidecars(ctx.input, ctx.out)
-    metrics = check_quantized(ctx.input, ctx.out, "MatMulBnb4")
-    ctx.log(f"max |Δlogit| vs the input model: {metrics['max_abs_logit_diff']:.3g}")
-    return metrics
+    return finish_quantized(ctx, "MatMulBnb4")
 
 
 SPEC = StageSpec(
@@ -72,9 +69,5 @@ SPEC = StageSpec(
     inputs=(ONNX,),
     output=ONNX,
     libraries=("onnxruntime", "onnx"),
-    needs={
-        "onnxruntime": "pip install 'modelkiln[onnx]'",
-        "onnx": "pip install 'modelkiln[onnx]'",
-        "onnxruntime_genai": "pip install 'modelkiln[onnx]'",  # to run genai folders
-    },
+    needs=ONNX_NEEDS,
 )

@@ -16,10 +16,11 @@ from typing import Any, Literal
 from tasks.config import ConfigValueError, option
 from tasks.errors import StageError
 from tasks.stages import ONNX, StageSpec, StepContext
-from tasks.stages.onnx_folder import copy_sidecars, model_file
+from tasks.stages.onnx_folder import model_file
 from tasks.stages.onnx_run import (
+    ONNX_NEEDS,
     activation_type,
-    check_quantized,
+    finish_quantized,
     require_provider,
     target_provider,
 )
@@ -74,10 +75,7 @@ def run(config: Config, ctx: StepContext) -> dict[str, Any]:
         use_external_data_format=True,
         extra_options={"MatMulConstBOnly": True},
     )
-    copy_sidecars(ctx.input, ctx.out)
-    metrics = check_quantized(ctx.input, ctx.out, "MatMulInteger")
-    ctx.log(f"max |Δlogit| vs the input model: {metrics['max_abs_logit_diff']:.3g}")
-    return metrics
+    return finish_quantized(ctx, "MatMulInteger")
 
 
 SPEC = StageSpec(
@@ -90,9 +88,5 @@ SPEC = StageSpec(
     inputs=(ONNX,),
     output=ONNX,
     libraries=("onnxruntime", "onnx"),
-    needs={
-        "onnxruntime": "pip install 'modelkiln[onnx]'",
-        "onnx": "pip install 'modelkiln[onnx]'",
-        "onnxruntime_genai": "pip install 'modelkiln[onnx]'",  # to run genai folders
-    },
+    needs=ONNX_NEEDS,
 )
