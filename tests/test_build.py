@@ -71,6 +71,16 @@ def test_change_reruns_exactly_the_step_and_its_descendants_and_revert_restores(
     assert link_key(ws, "quantize", "int8") == old  # the earlier output is back
 
 
+def test_clean_removes_the_link_and_keeps_the_entry(built):
+    ws, _ = built
+    link = ws.artifacts / "recipe" / "quantize" / "int8"
+    entry = link.resolve()
+    ws.doit("clean", "quantize:int8")
+    assert not link.is_symlink() and (entry / MANIFEST).is_file()
+    assert executed(ws.doit().stdout) == []  # still built: the link comes back, nothing runs
+    assert link.resolve() == entry
+
+
 def test_verify_names_a_modified_store_file(built):
     ws, _ = built
     assert ws.doit("verify").returncode == 0
