@@ -117,11 +117,11 @@ def _why(graph: Graph, ref: str, task_of_key: dict[str, str]) -> str:
 
 def _describe(change: tuple[str, Any, Any], task_of_key: dict[str, str]) -> str:
     path, old, new = change
-    if path == "inputs.from" or path.endswith(".data"):
+    if isinstance(new, str) and (path == "inputs.from" or path.endswith(".data")):
         return f"input {task_of_key.get(new, '?')} changed"
     if path.endswith(".content"):
         return f"the files named by {path.split('.')[1]} changed"
-    return f"{path}: {canonical_json(old)} -> {canonical_json(new)}"
+    return f"{path}: {_short(canonical_json(old))} -> {_short(canonical_json(new))}"
 
 
 def gc(graph: Graph, dry_run: bool) -> None:

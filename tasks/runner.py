@@ -25,11 +25,9 @@ def run_step(graph: Graph, ref: str) -> TaskFailed | None:
     try:
         if ref != REPORT_STEP:
             graph.step(ref).spec.preflight()
-        metrics = _build(graph, ref, task)
+        _build(graph, ref, task)  # each stage logs its own summary
     except KilnError as err:
         return TaskFailed(f"{task}: {err}")
-    if metrics is not None:
-        _print_summary(task, metrics)
     return None
 
 
@@ -94,14 +92,3 @@ def _run_report(graph: Graph, out: Any) -> dict[str, Any]:
     write_report(out, rows, f"modelkiln report: {graph.recipe.name}")
     print(f"\n{text_table(rows)}\n", flush=True)
     return {"rows": len(rows)}
-
-
-def _print_summary(task: str, metrics: dict[str, Any]) -> None:
-    shown = {
-        k: v for k, v in metrics.items() if isinstance(v, int | float) and not isinstance(v, bool)
-    }
-    if shown:
-        text = ", ".join(
-            f"{k}={v:.4g}" if isinstance(v, float) else f"{k}={v}" for k, v in shown.items()
-        )
-        print(f"  {task}: {text}", file=sys.stderr, flush=True)

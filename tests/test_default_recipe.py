@@ -27,7 +27,7 @@ def metrics(ws: Workspace, name: str) -> dict:
 
 def test_every_step_builds_and_the_table_is_printed(default_build):
     ws, first = default_build
-    assert len(executed(first.stdout)) == 10
+    assert len(executed(first.stdout)) == 12
     assert "evaluate:bnb4" in first.stdout and "perplexity" in first.stdout
     assert (ws.artifacts / "recipe" / "report" / "report.html").is_file()
 
@@ -43,10 +43,12 @@ def test_onnx_fp32_matches_pytorch_and_quantized_variants_are_close(default_buil
     fp32 = metrics(ws, "fp32")
     assert abs(fp32["perplexity"] / torch_ppl - 1) < 0.005
     assert "Paris" in fp32["sample"]
-    for name in ("int8", "bnb4"):
+    for name, smaller in (("int8", 2.0), ("int8-keep-down", 1.3), ("bnb4", 2.5)):
         ppl = metrics(ws, name)["perplexity"]
         assert math.isfinite(ppl) and torch_ppl < ppl < 2 * torch_ppl, (name, ppl)
-        assert metrics(ws, name)["size_bytes"] < fp32["size_bytes"] / 2.5
+        assert metrics(ws, name)["size_bytes"] < fp32["size_bytes"] / smaller
+    # Keeping the outlier-carrying projections in float is what makes int8 usable here.
+    assert metrics(ws, "int8-keep-down")["perplexity"] < 1.15 * torch_ppl
 
 
 def test_store_verifies(default_build):

@@ -210,6 +210,27 @@ def check_onnx_against(
     return metrics
 
 
+def match_nodes(model_path: Path, patterns: Sequence[str]) -> list[str]:
+    """Names of the nodes matching glob patterns ('*/mlp/down_proj/*'); a pattern that matches
+    nothing is an error, so a typo cannot silently quantize what it meant to keep."""
+    import fnmatch
+
+    import onnx
+
+    names = [n.name for n in onnx.load(str(model_path), load_external_data=False).graph.node]
+    matched: set[str] = set()
+    for pattern in patterns:
+        hits = fnmatch.filter(names, pattern)
+        if not hits:
+            some = [n for n in names if "MatMul" in n][:3] or names[:3]
+            raise StageError(
+                f"nodes_to_exclude: {pattern!r} matches no node of {model_path.name}\n"
+                f"  fix: use node names or glob patterns like {some}"
+            )
+        matched.update(hits)
+    return sorted(matched)
+
+
 def op_counts(model_path: Path) -> dict[str, int]:
     """How many nodes of each op type the graph has (weights are not read)."""
     import onnx

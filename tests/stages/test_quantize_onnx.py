@@ -143,3 +143,10 @@ def test_set_like_lists_do_not_rekey_when_reordered_or_repeated(algorithm, key, 
 
     assert params(messy) == params(tidy)
     assert params(messy)[key] == tidy
+
+
+def test_nodes_to_exclude_takes_globs_and_refuses_a_pattern_matching_nothing(fp32, tmp_path):
+    step("quantize", "ort-dynamic", fp32, tmp_path / "q", nodes_to_exclude=["*/mlp/down_proj/*"])
+    assert op_counts(tmp_path / "q" / "model.onnx").get("MatMul") == 2  # one per layer
+    with pytest.raises(StageError, match="matches no node"):
+        step("quantize", "bnb4", fp32, tmp_path / "typo", nodes_to_exclude=["*/mlp/dwn_proj/*"])

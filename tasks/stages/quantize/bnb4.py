@@ -16,7 +16,13 @@ from typing import Any, Literal
 from tasks.config import ConfigValueError, option
 from tasks.stages import ONNX, StageSpec, StepContext
 from tasks.stages.onnx_folder import model_file
-from tasks.stages.onnx_run import ONNX_NEEDS, finish_quantized, require_provider, target_provider
+from tasks.stages.onnx_run import (
+    ONNX_NEEDS,
+    finish_quantized,
+    match_nodes,
+    require_provider,
+    target_provider,
+)
 
 
 @dataclass(frozen=True, kw_only=True)
@@ -26,7 +32,7 @@ class Config:
     quant_type: Literal["nf4", "fp4"] = option("nf4", "4-bit NormalFloat or 4-bit float")
     block_size: int = option(64, "weights per scale: a power of two, at least 16")
     nodes_to_exclude: tuple[str, ...] = option(
-        (), "MatMul nodes to keep in float, e.g. the LM head of a builder graph: '/lm_head/MatMul'"
+        (), "nodes to keep in float, by name or glob: '/lm_head/MatMul', '*/mlp/down_proj/*'"
     )
 
     def __post_init__(self) -> None:
@@ -51,7 +57,10 @@ def run(config: Config, ctx: StepContext) -> dict[str, Any]:
     ctx.log(f"quantizing {src.name} to {config.quant_type}, block size {config.block_size}")
     quant_type = MatMulBnb4Quantizer.NF4 if config.quant_type == "nf4" else MatMulBnb4Quantizer.FP4
     quantizer = MatMulBnb4Quantizer(
-        onnx.load(str(src)), quant_type, config.block_size, list(config.nodes_to_exclude)
+        onnx.load(str(src)),
+        quant_type,
+        config.block_size,
+        match_nodes(src, config.nodes_to_exclude),
     )
     quantizer.process()
     # External data (as <name>.data) keeps models over protobuf's 2 GB limit saveable.

@@ -21,6 +21,7 @@ from tasks.stages.onnx_run import (
     ONNX_NEEDS,
     activation_type,
     finish_quantized,
+    match_nodes,
     require_provider,
     target_provider,
 )
@@ -37,7 +38,7 @@ class Config:
         ("MatMul",), "ONNX op types to quantize (Gather: the embedding table)"
     )
     nodes_to_exclude: tuple[str, ...] = option(
-        (), "nodes to keep in float, e.g. the LM head of a builder graph: '/lm_head/MatMul'"
+        (), "nodes to keep in float, by name or glob: '/lm_head/MatMul', '*/mlp/down_proj/*'"
     )
 
     def __post_init__(self) -> None:
@@ -71,7 +72,7 @@ def run(config: Config, ctx: StepContext) -> dict[str, Any]:
         per_channel=config.per_channel,
         reduce_range=config.reduce_range,
         op_types_to_quantize=list(config.op_types),
-        nodes_to_exclude=list(config.nodes_to_exclude),
+        nodes_to_exclude=match_nodes(src, config.nodes_to_exclude),
         use_external_data_format=True,
         extra_options={"MatMulConstBOnly": True},
     )
