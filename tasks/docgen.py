@@ -1,12 +1,14 @@
-"""Print the recipe reference tables of docs/recipes.md from the stages' config dataclasses.
+"""The recipe reference tables of docs/recipes.md, generated from the stages' configs.
 
-    python -m tasks.docgen > /tmp/keys.md
+    python -m tasks.docgen           rewrite the generated part of docs/recipes.md
 
 A test checks that docs/recipes.md contains exactly these tables, so the docs cannot drift
 from the code.
 """
 
 from __future__ import annotations
+
+from pathlib import Path
 
 from tasks.config import field_docs
 from tasks.stages import REGISTRY, spec_for
@@ -47,5 +49,13 @@ def tables() -> str:
     return "\n".join(out)
 
 
+def rewrite(doc: Path) -> None:
+    """Replace everything from the BEGIN marker to the END marker with fresh tables."""
+    text = doc.read_text()
+    head, _, rest = text.partition(BEGIN)
+    _, _, tail = rest.partition(END)
+    doc.write_text(head + tables() + tail)
+
+
 if __name__ == "__main__":
-    print(tables())
+    rewrite(Path(__file__).resolve().parents[1] / "docs" / "recipes.md")

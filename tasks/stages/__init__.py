@@ -29,6 +29,10 @@ REGISTRY: dict[str, dict[str | None, str]] = {
     "quantize": {
         "ort-dynamic": "tasks.stages.quantize.ort_dynamic",
         "bnb4": "tasks.stages.quantize.bnb4",
+        "rtn": "tasks.stages.quantize.rtn",
+        "gptq": "tasks.stages.quantize.gptq",
+        "awq": "tasks.stages.quantize.awq",
+        "quarot": "tasks.stages.quantize.quarot",
     },
     "evaluate": {None: "tasks.stages.evaluate"},
 }

@@ -66,10 +66,16 @@ class Config:
     precision: Literal["fp32", "fp16", "int4"] = option("fp32", "weights' precision (builder)")
     execution_provider: Literal["cpu", "cuda"] = option("cpu", "provider the builder targets")
     int4_block_size: int = option(32, "int4 block size: 16, 32, 64, 128 or 256 (builder)")
-    int4_accuracy_level: int = option(
-        4, "int4 MatMul compute type: 0 default, 1 fp32, 2 fp16, 3 bf16, 4 int8 (builder)"
+    int4_accuracy_level: int | None = option(
+        None,
+        "int4 MatMul compute type: 0 default, 1 fp32, 2 fp16, 3 bf16, 4 int8; unset: 4 for a "
+        "float input, 1 for a GPTQ/AWQ input (so it converts exactly) (builder)",
     )
-    extra_options: tuple[str, ...] = option((), "more builder --extra_options, 'key=value'")
+    extra_options: tuple[str, ...] = option(
+        (),
+        "more builder --extra_options, 'key=value'; a GPTQ/AWQ input gets "
+        "nodes_to_exclude=/lm_head/MatMul (its float LM head stays float) unless set here",
+    )
 
     def __post_init__(self) -> None:
         self._check_int4()
@@ -97,7 +103,7 @@ class Config:
                 f"{self.int4_block_size} is not a block size MatMulNBits takes",
                 f"use one of {', '.join(map(str, BLOCK_SIZES))}",
             )
-        if self.int4_accuracy_level not in range(5):
+        if self.int4_accuracy_level is not None and self.int4_accuracy_level not in range(5):
             raise ConfigValueError(
                 "int4_accuracy_level", f"{self.int4_accuracy_level} is not 0 to 4", "use 4 (int8)"
             )
@@ -152,25 +158,40 @@ def check_quantization(hf_dir: Path, config: Config) -> dict[str, Any] | None:
     return quant
 
 
-def builder_command(config: Config, hf_dir: Path, out: Path, cache: Path) -> list[str]:
-    extra = list(config.extra_options)
+def quantized_defaults(config: Config, quant: dict[str, Any] | None) -> list[str]:
+    """Extra options that make a GPTQ/AWQ checkpoint convert exactly, unless the step sets them:
+    keep the float LM head in float (else the builder RTN-quantizes it)."""
+    if quant is None or quant.get("lm_head"):
+        return []
+    if any(item.partition("=")[0].strip() == "nodes_to_exclude" for item in config.extra_options):
+        return []
+    return ["nodes_to_exclude=/lm_head/MatMul"]
+
+
+def builder_command(
+    config: Config, hf_dir: Path, out: Path, cache: Path, quant: dict[str, Any] | None = None
+) -> list[str]:
+    """The builder's command line; `quant`: the input's quantization_config, if any."""
+    extra = list(config.extra_options) + quantized_defaults(config, quant)
     if config.precision == "int4":
-        extra += [
-            f"block_size={config.int4_block_size}",
-            f"accuracy_level={config.int4_accuracy_level}",
-        ]
+        # fp32 compute (1) reproduces a pre-quantized checkpoint's (q - z) * s; int8 (4) is faster.
+        level = config.int4_accuracy_level
+        level = level if level is not None else (1 if quant else 4)
+        extra += [f"block_size={config.int4_block_size}", f"accuracy_level={level}"]
     cmd = [sys.executable, "-m", "onnxruntime_genai.models.builder", "-i", str(hf_dir)]
     cmd += ["-o", str(out), "-p", config.precision, "-e", config.execution_provider]
     cmd += ["-c", str(cache)]
     return cmd + (["--extra_options", *extra] if extra else [])
 
 
-def run_builder(config: Config, ctx: StepContext, hf_dir: Path) -> None:
+def run_builder(
+    config: Config, ctx: StepContext, hf_dir: Path, quant: dict[str, Any] | None = None
+) -> None:
     """Run the builder in a subprocess: it prints freely and holds on to memory when imported."""
     log_path = ctx.out / "builder.log"
     # The cache holds the builder's temporary external data: never in the output.
     with tempfile.TemporaryDirectory(prefix="builder-cache-") as cache:
-        cmd = builder_command(config, hf_dir, ctx.out, Path(cache))
+        cmd = builder_command(config, hf_dir, ctx.out, Path(cache), quant)
         ctx.log(f"model builder: {config.precision} for {config.execution_provider}")
         # Offline: the input is a local folder and only the model step touches the network.
         env = {**os.environ, "HF_HUB_OFFLINE": "1"}
@@ -267,14 +288,14 @@ def copy_hf_sidecars(hf_dir: Path, out: Path) -> None:
 
 def run(config: Config, ctx: StepContext) -> dict[str, Any]:
     assert ctx.input is not None
-    check_quantization(ctx.input, config)
+    quant = check_quantization(ctx.input, config)
     require_provider(config.execution_provider)
     if config.ort_genai:
         # The builder re-saves the tokenizer with transformers 5, so tokenizer_config.json says
         # "TokenizersBackend", which transformers 4 cannot load. It stays: onnxruntime-genai
         # accepts it, whereas it refuses tokenizer classes it does not know, so putting back
         # the input's file could break the folder; the genai check below proves it loads.
-        run_builder(config, ctx, ctx.input)
+        run_builder(config, ctx, ctx.input, quant)
     else:
         ctx.log("torch.onnx export (dynamo)")
         export_decoder(ctx.input, ctx.out)

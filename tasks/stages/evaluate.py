@@ -129,6 +129,32 @@ def score(runner: Runner, windows: Iterable[list[int]], context: int) -> dict[st
     return {"perplexity": math.exp(total / count), "tokens_scored": count}
 
 
+def text_perplexity(
+    runner: Runner, tokenizer: Any, text: str, seq_len: int, max_tokens: int, ctx: StepContext
+) -> dict[str, Any]:
+    """Perplexity of the model over the first max_tokens tokens of text, in windows."""
+    prefix = special_prefix(tokenizer)
+    # verbose=False: the whole text is longer than the model's context, which is fine here.
+    ids = tokenizer(text, add_special_tokens=False, verbose=False).input_ids
+    windows = token_windows(ids, prefix, seq_len, max_tokens)
+    progress = ctx.progress(windows, "perplexity", total=len(windows))
+    return score(runner, progress, len(prefix) or 1)
+
+
+def heldout_perplexity(
+    folder: Path, data_dir: Path, ctx: StepContext, seq_len: int = 512, max_tokens: int = 4096
+) -> dict[str, Any]:
+    """Perplexity of a Hugging Face model folder on a data set's held-out split: what a
+    producing step (a quantizer) records about its own output."""
+    from transformers import AutoTokenizer
+
+    tokenizer = AutoTokenizer.from_pretrained(folder)
+    runner = load_runner(folder, HF, threads=0)
+    return text_perplexity(
+        runner, tokenizer, read_text(data_dir, "heldout"), seq_len, max_tokens, ctx
+    )
+
+
 def prompt_ids(tokenizer: Any, config: Config) -> list[int]:
     if config.chat_template and getattr(tokenizer, "chat_template", None):
         messages = [{"role": "user", "content": config.prompt}]
@@ -190,12 +216,7 @@ def measure(
         if config.split != "heldout":
             ctx.log(f"scoring the {config.split} split: for debugging; report held-out perplexity")
         text = read_text(ctx.data[config.data], config.split)
-        prefix = special_prefix(tokenizer)
-        # verbose=False: the whole text is longer than the model's context, which is fine here.
-        ids = tokenizer(text, add_special_tokens=False, verbose=False).input_ids
-        windows = token_windows(ids, prefix, config.seq_len, config.max_tokens)
-        progress = ctx.progress(windows, "perplexity", total=len(windows))
-        metrics |= score(runner, progress, len(prefix) or 1)
+        metrics |= text_perplexity(runner, tokenizer, text, config.seq_len, config.max_tokens, ctx)
     eos = eos_ids(ctx.input, tokenizer)
     sample, timings = time_generation(runner, prompt, config, eos)
     metrics |= timings

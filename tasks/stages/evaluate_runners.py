@@ -23,6 +23,7 @@ from tasks.stages.onnx_run import (
     empty_past_feed,
     genai_errors,
     genai_greedy,
+    load_causal_lm,
     ort_session,
 )
 
@@ -59,14 +60,13 @@ def torch_threads(threads: int) -> Iterator[None]:
 
 
 class HfRunner:
-    """A transformers causal LM in float32 on the CPU."""
+    """A transformers causal LM in float32 on the CPU (a GPTQ/AWQ checkpoint dequantized)."""
 
     def __init__(self, folder: Path) -> None:
         import torch
-        from transformers import AutoModelForCausalLM
 
         self.torch = torch
-        self.model = AutoModelForCausalLM.from_pretrained(folder, dtype=torch.float32).eval()
+        self.model = load_causal_lm(folder)
         self.past: Any = None
         # transformers 5.2x renames forward's past_key_values to cache (the old name warns).
         params = inspect.signature(self.model.forward).parameters

@@ -130,12 +130,25 @@ def onnx_logits(folder: Path, input_ids: list[int], provider: str = "cpu") -> np
     return np.asarray(logits[0], dtype=np.float32)
 
 
-def torch_logits(hf_dir: Path, input_ids: list[int]) -> np.ndarray:
-    """Logits [seq, vocab] of the Hugging Face model in fp32 on the CPU."""
+def load_causal_lm(hf_dir: Path) -> Any:
+    """The folder's causal LM in fp32 on the CPU, in eval mode. A GPTQ/AWQ checkpoint is
+    dequantized ((q - z) * s, what its ONNX conversion computes): transformers alone cannot
+    load one without gptqmodel, whose CPU kernels run in bf16."""
     import torch
     from transformers import AutoModelForCausalLM
 
-    model = AutoModelForCausalLM.from_pretrained(hf_dir, dtype=torch.float32).eval()
+    from tasks.quant.checkpoint import is_quantized, load_dequantized
+
+    if is_quantized(hf_dir):
+        return load_dequantized(hf_dir, dtype=torch.float32)
+    return AutoModelForCausalLM.from_pretrained(hf_dir, dtype=torch.float32).eval()
+
+
+def torch_logits(hf_dir: Path, input_ids: list[int]) -> np.ndarray:
+    """Logits [seq, vocab] of the Hugging Face model in fp32 on the CPU."""
+    import torch
+
+    model = load_causal_lm(hf_dir)
     with torch.no_grad():
         logits = model(torch.tensor([input_ids])).logits[0]
     return logits.float().numpy()

@@ -154,6 +154,28 @@ def test_extra_options_reach_the_builder():
     assert "--extra_options" not in builder_command(Config(), Path("h"), Path("o"), Path("c"))
 
 
+def test_quantized_input_converts_exactly_unless_told_otherwise():
+    """A GPTQ/AWQ input keeps its float LM head in float and computes in fp32 (accuracy 1), so
+    the ONNX model matches the checkpoint's (q - z) * s; the step's own settings win."""
+    from tasks.stages.capture import builder_command
+
+    def extra(config: Config, quant: dict[str, Any] | None) -> list[str]:
+        cmd = builder_command(config, Path("hf"), Path("out"), Path("cache"), quant)
+        return cmd[cmd.index("--extra_options") + 1 :]
+
+    gptq = {"quant_method": "gptq", "bits": 4, "group_size": 32}
+    int4 = Config(precision="int4")
+    assert extra(int4, gptq) == [
+        "nodes_to_exclude=/lm_head/MatMul",
+        "block_size=32",
+        "accuracy_level=1",
+    ]
+    assert extra(int4, None) == ["block_size=32", "accuracy_level=4"]
+    assert extra(int4, gptq | {"lm_head": True}) == ["block_size=32", "accuracy_level=1"]
+    own = Config(precision="int4", int4_accuracy_level=4, extra_options=("nodes_to_exclude=/x",))
+    assert extra(own, gptq) == ["nodes_to_exclude=/x", "block_size=32", "accuracy_level=4"]
+
+
 def test_cuda_without_a_gpu_is_refused_before_building(tiny_model, tmp_path):
     import onnxruntime_genai as og
 

@@ -1,0 +1,51 @@
+"""Peak memory of one step, even inside a long-lived doit process.
+
+ru_maxrss only grows over a process's life, so it cannot say what one step used. Linux resets
+the peak RSS (VmHWM) when "5" is written to /proc/self/clear_refs; we do that at the start and
+read VmHWM at the end. CUDA has its own peak counter.
+"""
+
+from __future__ import annotations
+
+import contextlib
+from pathlib import Path
+from typing import Any
+
+import torch
+
+
+def _vm_hwm_bytes() -> int | None:
+    with contextlib.suppress(OSError):
+        for line in Path("/proc/self/status").read_text().splitlines():
+            if line.startswith("VmHWM:"):
+                return int(line.split()[1]) * 1024
+    return None
+
+
+class PeakMemory:
+    def __init__(self, device: torch.device) -> None:
+        self.device = device
+        self.reset = False
+
+    def __enter__(self) -> PeakMemory:
+        with contextlib.suppress(OSError):
+            Path("/proc/self/clear_refs").write_text("5")
+            self.reset = True
+        if self.device.type == "cuda":
+            torch.cuda.reset_peak_memory_stats(self.device)
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.rss = _vm_hwm_bytes()
+        self.cuda = (
+            torch.cuda.max_memory_allocated(self.device) if self.device.type == "cuda" else None
+        )
+
+    def metrics(self) -> dict[str, Any]:
+        out: dict[str, Any] = {}
+        if self.rss is not None:
+            # Without the reset the figure is the whole process's peak: say so.
+            out["peak_rss_bytes" if self.reset else "process_peak_rss_bytes"] = self.rss
+        if self.cuda is not None:
+            out["peak_cuda_bytes"] = self.cuda
+        return out

@@ -1,0 +1,54 @@
+"""AWQ: activation-aware weight quantization (Lin et al., 2023). Salient input channels, found
+from calibration activations, are scaled up before rounding and the scale folded into what
+produces them, so the float model is unchanged and the rounding hurts them less.
+
+```toml
+[quantize.awq]
+algorithm = "awq"
+bits = 4
+group_size = 64
+data = "botchan"
+```
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Any
+
+from tasks.config import ConfigValueError, option
+from tasks.stages import StepContext
+from tasks.stages.quantize.hf_common import HFQuantConfig, hf_spec, run_quantizer
+
+
+@dataclass(frozen=True, kw_only=True)
+class Config(HFQuantConfig):
+    """AWQ scale search and weight clipping, then RTN. 4 bits: the AWQ GEMM layout; other
+    widths: the GPTQ layout (AWQ's layout is 4-bit only)."""
+
+    sym: bool = option(
+        False, "symmetric (zero point fixed at the middle) or asymmetric (AWQ's zero_point)"
+    )
+    grid: int = option(
+        20, "points of the scale search over alpha in [0, 1), and of the clip search"
+    )
+    duo_scaling: bool = option(
+        True, "scales from activations and weights (false: activations only)"
+    )
+    clip: bool = option(True, "search a clipping range per weight group (not for q/k)")
+
+    def __post_init__(self) -> None:
+        super().__post_init__()
+        if self.grid < 2:
+            raise ConfigValueError("grid", f"{self.grid} points is no search", "use 10 to 20")
+
+
+def run(config: Config, ctx: StepContext) -> dict[str, Any]:
+    from tasks.quant.handlers import Awq
+
+    handler = Awq(config.spec(), config.grid, config.duo_scaling, config.clip)
+    layout = "awq" if config.bits == 4 else "gptq"
+    return run_quantizer(config, ctx, handler, layout, {})
+
+
+SPEC = hf_spec("awq", Config, run, "AWQ activation-aware weight quantization (AWQ GEMM layout)")

@@ -1,0 +1,178 @@
+"""What the Hugging Face weight quantizers (rtn, gptq, awq, quarot) share: the common recipe
+keys, their checks, and the run that streams the model through tasks.quant.layerwise."""
+
+from __future__ import annotations
+
+import json
+import shutil
+from dataclasses import dataclass
+from pathlib import Path
+from typing import TYPE_CHECKING, Any, Literal
+
+from tasks.config import ConfigValueError, option
+from tasks.errors import StageError
+from tasks.stages import HF, StageSpec, StepContext
+
+if TYPE_CHECKING:
+    import torch
+
+    from tasks.quant.layerwise import Handler
+    from tasks.quant.primitives import QuantSpec
+
+LIBRARIES = ("torch", "transformers", "safetensors")
+NEEDS = {"torch": "pip install modelkiln", "safetensors": "pip install modelkiln"}
+
+
+@dataclass(frozen=True, kw_only=True)
+class HFQuantConfig:
+    """Keys every Hugging Face quantizer takes."""
+
+    bits: Literal[2, 3, 4, 8] = option(4, "bits per weight")
+    group_size: int = option(
+        128, "input columns sharing a scale: a power of two >= 16, or -1 per output channel"
+    )
+    sym: bool = option(True, "symmetric (zero point fixed at the middle) or asymmetric")
+    data: str = option("", "calibration data set: a [data.<name>] table (its train split)")
+    num_samples: int = option(16, "calibration sequences")
+    seq_len: int = option(512, "tokens per calibration sequence")
+    modules_to_not_convert: tuple[str, ...] = option(
+        ("lm_head",), "modules left in float (names or suffixes)"
+    )
+    device: Literal["auto", "cpu", "cuda"] = option(
+        "auto", "where to run: auto takes a GPU when there is one"
+    )
+    eval_tokens: int = option(4096, "held-out tokens to score the result on (0: skip)")
+
+    def __post_init__(self) -> None:
+        if self.group_size != -1 and (
+            self.group_size < 16 or self.group_size & (self.group_size - 1)
+        ):
+            raise ConfigValueError(
+                "group_size",
+                f"{self.group_size} is not a power of two >= 16",
+                "use 32, 64, 128 or -1",
+            )
+        if "lm_head" not in self.modules_to_not_convert:
+            raise ConfigValueError(
+                "modules_to_not_convert", "the LM head is always kept in float here",
+                'keep "lm_head" in the list',
+            )  # fmt: skip
+        if self.num_samples < 1 or self.seq_len < 16:
+            raise ConfigValueError(
+                "num_samples", "needs num_samples >= 1 and seq_len >= 16", "raise them"
+            )
+        if self.needs_data() and not self.data:
+            raise ConfigValueError(
+                "data",
+                "this algorithm needs calibration data",
+                'set data = "<name of a [data.<name>] table>"',
+            )
+
+    def needs_data(self) -> bool:
+        return True
+
+    def spec(self) -> QuantSpec:
+        from tasks.quant.primitives import QuantSpec
+
+        return QuantSpec(self.bits, self.group_size, self.sym)
+
+
+def hf_spec(algorithm: str, config: type, run: Any, doc: str) -> StageSpec:
+    return StageSpec(
+        stage="quantize", algorithm=algorithm, version="1", config=config, run=run, doc=doc,
+        inputs=(HF,), output=HF, libraries=LIBRARIES, needs=NEEDS, data_fields=("data",),
+    )  # fmt: skip
+
+
+def check_group_size(src: Path, config: HFQuantConfig) -> None:
+    """Every decoder linear's in_features must be a multiple of group_size: say which layer
+    does not divide, and which group sizes would work, before any weight is loaded."""
+    if config.group_size == -1:
+        return
+    cfg = json.loads((src / "config.json").read_text())
+    widths = {"hidden_size (q, k, v, gate, up)": cfg["hidden_size"],
+              "intermediate_size (down_proj)": cfg["intermediate_size"]}  # fmt: skip
+    heads = cfg["num_attention_heads"]
+    widths["o_proj"] = cfg.get("head_dim", cfg["hidden_size"] // heads) * heads
+    for what, width in widths.items():
+        if width % config.group_size:
+            fits = [g for g in (16, 32, 64, 128, 256) if all(w % g == 0 for w in widths.values())]
+            raise StageError(
+                f"group_size {config.group_size} does not divide {what} = {width}\n"
+                f"  fix: use group_size = {' or '.join(map(str, fits + [-1]))}"
+            )
+
+
+def pick_device(choice: str) -> torch.device:
+    import torch
+
+    if choice == "cuda" and not torch.cuda.is_available():
+        raise StageError(
+            'device = "cuda" but torch sees no GPU\n  fix: use device = "auto" or "cpu"'
+        )
+    cuda = choice == "cuda" or (choice == "auto" and torch.cuda.is_available())
+    return torch.device("cuda" if cuda else "cpu")
+
+
+def calibration_ids(src: Path, data_dir: Path, config: HFQuantConfig) -> torch.Tensor:
+    """num_samples windows of seq_len tokens, evenly spread over the data set's train split."""
+    import torch
+    from transformers import AutoTokenizer
+
+    from tasks.stages.evaluate import read_text
+
+    tokenizer = AutoTokenizer.from_pretrained(src)
+    ids = tokenizer(read_text(data_dir, "train"), add_special_tokens=False, verbose=False).input_ids
+    if len(ids) < config.num_samples * config.seq_len:
+        raise StageError(
+            f"calibration needs {config.num_samples} x {config.seq_len} tokens but the train split "
+            f"has {len(ids)}\n  fix: lower num_samples or seq_len, or use a larger data set"
+        )
+    starts = torch.linspace(0, len(ids) - config.seq_len, config.num_samples).long().tolist()
+    return torch.tensor([ids[s : s + config.seq_len] for s in starts])
+
+
+def run_quantizer(config: HFQuantConfig, ctx: StepContext, handler: Handler, layout: str,
+                  extra: dict[str, Any]) -> dict[str, Any]:  # fmt: skip
+    """Stream the model through the handler, write the packed checkpoint, measure it."""
+    from tasks.quant.checkpoint import write_quantized
+    from tasks.quant.layerwise import quantize_layerwise
+    from tasks.quant.memory import PeakMemory
+
+    assert ctx.input is not None
+    check_group_size(ctx.input, config)
+    device = pick_device(config.device)
+    calibration = (
+        calibration_ids(ctx.input, ctx.data[config.data], config) if handler.needs_data else None
+    )
+    with PeakMemory(device) as peak:
+        floats, quantized, model_config, report = quantize_layerwise(
+            ctx.input,
+            handler,
+            calibration,
+            device,
+            lambda it, desc, n: ctx.progress(it, desc, n),
+            keep_float=config.modules_to_not_convert,
+        )
+        try:
+            write_quantized(ctx.out, model_config, floats, quantized, layout, config.spec(), extra)
+        except ValueError as err:  # a combination no runtime would read back correctly
+            raise StageError(str(err)) from None
+    _copy_tokenizer(ctx.input, ctx.out)
+    metrics = {"device": device.type, "layout": layout, "seconds_per_layer": report.seconds_per_layer,
+               "quantized_linears": len(quantized), **peak.metrics()}  # fmt: skip
+    if config.data and config.eval_tokens:
+        from tasks.stages.evaluate import heldout_perplexity
+
+        metrics |= heldout_perplexity(
+            ctx.out, ctx.data[config.data], ctx, max_tokens=config.eval_tokens
+        )
+        ctx.log(f"held-out perplexity {metrics['perplexity']:.3f}")
+    return metrics
+
+
+def _copy_tokenizer(src: Path, dst: Path) -> None:
+    skip = {"config.json", "MANIFEST.json", "model.safetensors.index.json"}
+    for path in src.iterdir():
+        if path.is_file() and path.suffix != ".safetensors" and path.name not in skip:
+            shutil.copy2(path, dst / path.name)

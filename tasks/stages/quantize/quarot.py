@@ -1,0 +1,67 @@
+"""QuaRot: rotate the model's residual stream with randomised Hadamard matrices fused into its
+weights (Ashkboos et al., 2024), then quantize the rotated weights with GPTQ or RTN. The rotation
+removes outlier channels, so low-bit weights lose less.
+
+```toml
+[quantize.quarot-w3]
+algorithm = "quarot"
+bits = 3
+group_size = 64
+data = "botchan"
+weight_quantizer = "gptq"
+seed = 0
+```
+"""
+
+from __future__ import annotations
+
+import json
+from dataclasses import dataclass
+from typing import Any, Literal
+
+from tasks.config import option
+from tasks.stages import StepContext
+from tasks.stages.quantize.gptq import Config as GptqConfig
+from tasks.stages.quantize.hf_common import hf_spec, run_quantizer
+
+
+@dataclass(frozen=True, kw_only=True)
+class Config(GptqConfig):
+    """Hadamard rotation fused into the weights, then GPTQ (or RTN); the GPTQ layout. The LM
+    head and the embedding come out untied (the final norm is folded into the head)."""
+
+    weight_quantizer: Literal["gptq", "rtn"] = option(
+        "gptq", "how the rotated weights are quantized"
+    )
+    seed: int = option(0, "seed of the random signs of the Hadamard rotations")
+    rotate_heads: bool = option(True, "also rotate each attention head's values (v_proj/o_proj)")
+
+    def needs_data(self) -> bool:
+        return self.weight_quantizer == "gptq" or bool(self.data)
+
+
+def run(config: Config, ctx: StepContext) -> dict[str, Any]:
+    from tasks.quant.handlers import Gptq, Quarot, Rtn
+
+    assert ctx.input is not None
+    model = json.loads((ctx.input / "config.json").read_text())
+    head_dim = model.get("head_dim") or model["hidden_size"] // model["num_attention_heads"]
+    spec = config.spec()
+    inner = (
+        Gptq(
+            spec,
+            config.damp_percent,
+            config.act_order,
+            config.true_sequential,
+            config.static_groups,
+        )
+        if config.weight_quantizer == "gptq"
+        else Rtn(spec)
+    )
+    handler = Quarot(inner, model["hidden_size"], head_dim, config.seed, config.rotate_heads)
+    extra = {"damp_percent": config.damp_percent, "true_sequential": config.true_sequential,
+             "static_groups": config.static_groups}  # fmt: skip
+    return run_quantizer(config, ctx, handler, "gptq", extra)
+
+
+SPEC = hf_spec("quarot", Config, run, "QuaRot Hadamard rotation, then GPTQ or RTN (GPTQ layout)")
