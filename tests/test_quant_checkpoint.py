@@ -54,7 +54,7 @@ def quantize_tiny(model: Any, spec: QuantSpec, act_order: bool = False, zero_edg
 
 def write(out: Path, model: Any, tiny_model: Path, layout: str, spec: QuantSpec, **kw) -> Path:
     floats, quantized = quantize_tiny(model, spec, **kw)
-    write_quantized(out, model.config.to_dict(), floats, quantized, layout, spec)
+    write_quantized(out, model.config.to_dict(), floats, dict(quantized), layout, spec)
     for name in SIDECARS:
         shutil.copy(tiny_model / name, out / name)
     return out
@@ -87,7 +87,7 @@ def logits(model: Any, ids: list[int]) -> torch.Tensor:
 )
 def test_load_dequantized_is_the_stored_weights(tiny, tiny_model, tmp_path, layout, spec):
     floats, quantized = quantize_tiny(tiny, spec)
-    write_quantized(tmp_path, tiny.config.to_dict(), floats, quantized, layout, spec)
+    write_quantized(tmp_path, tiny.config.to_dict(), floats, dict(quantized), layout, spec)
     ids = prompt_ids(tiny_model)
     loaded = load_dequantized(tmp_path)
     assert "quantization_config" not in loaded.config.to_dict()
@@ -100,7 +100,7 @@ def test_sharded_checkpoint_has_an_index_and_loads(tiny, tiny_model, tmp_path):
     spec = QuantSpec(8, 32, True)
     floats, quantized = quantize_tiny(tiny, spec)
     write_quantized(
-        tmp_path, tiny.config.to_dict(), floats, quantized, "gptq", spec, shard_bytes=40_000
+        tmp_path, tiny.config.to_dict(), floats, dict(quantized), "gptq", spec, shard_bytes=40_000
     )
     index = json.loads((tmp_path / "model.safetensors.index.json").read_text())
     files = sorted(p.name for p in tmp_path.glob("*.safetensors"))

@@ -179,7 +179,8 @@ def write_quantized(
 
     `config`: the model's config dict; `float_tensors`: every tensor kept as is (embeddings,
     norms, lm_head, biases); `quantized`: Linear name ("model.layers.0.self_attn.q_proj") ->
-    its codes. Refuses (ValueError) combinations that do not convert exactly."""
+    its codes, consumed (emptied) as they are packed. Refuses (ValueError) combinations that
+    do not convert exactly."""
     desc_act = check_writable(quantized, layout, spec)
     # Float 2-D weights (embeddings, lm_head): loaders must leave them alone.
     float_modules = sorted(
@@ -190,7 +191,10 @@ def write_quantized(
     quant = quantization_config(layout, spec, desc_act, float_modules, extra_config)
     pack = pack_gptq if layout == "gptq" else pack_awq
     tensors = dict(float_tensors)
-    for name, q in quantized.items():
+    # Pop each linear's codes as it is packed: the codes and their packed form of every layer
+    # are never all held at once.
+    for name in list(quantized):
+        q = quantized.pop(name)
         if f"{name}.weight" in float_tensors:
             raise ValueError(f"{name}.weight is both a float tensor and quantized")
         tensors |= {f"{name}.{suffix}": t for suffix, t in pack(q).items()}

@@ -132,7 +132,7 @@ def quantize_layerwise(
         runner = (lambda h, m=module: run(m, h)) if run else None
         layer = Layer(index, module, hidden, runner, keep_float)
         for name, q in handler.quantize_layer(layer).items():
-            quantized[f"{LAYERS}{index}.{name}"] = q
+            quantized[f"{LAYERS}{index}.{name}"] = q.compact()
         if hidden is not None:
             hidden = layer.forward_all()
         _keep_floats(module, index, quantized, reader, floats)

@@ -53,6 +53,14 @@ class QuantizedLinear:
     g_idx: torch.Tensor  # int32 [in]: the group of each input column
     spec: QuantSpec
 
+    def compact(self) -> QuantizedLinear:
+        """The same on the CPU with one byte per code (not four): what is kept for every layer
+        until the checkpoint is written, so a 1B model's codes stay well under its bf16 size."""
+        return QuantizedLinear(
+            self.codes.to("cpu", torch.uint8), self.scales.cpu(), self.zeros.cpu(),
+            self.g_idx.cpu(), self.spec,
+        )  # fmt: skip
+
     def dequantize(self) -> torch.Tensor:
         """The float weight [out, in] these codes stand for: (q - z) * s."""
         g = self.g_idx.long()

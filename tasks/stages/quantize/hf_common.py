@@ -154,13 +154,14 @@ def run_quantizer(config: HFQuantConfig, ctx: StepContext, handler: Handler, lay
             lambda it, desc, n: ctx.progress(it, desc, n),
             keep_float=config.modules_to_not_convert,
         )
+        count = len(quantized)
         try:
             write_quantized(ctx.out, model_config, floats, quantized, layout, config.spec(), extra)
         except ValueError as err:  # a combination no runtime would read back correctly
             raise StageError(str(err)) from None
     _copy_tokenizer(ctx.input, ctx.out)
     metrics = {"device": device.type, "layout": layout, "seconds_per_layer": report.seconds_per_layer,
-               "quantized_linears": len(quantized), **peak.metrics()}  # fmt: skip
+               "quantized_linears": count, **peak.metrics()}  # fmt: skip
     if config.data and config.eval_tokens:
         from tasks.stages.evaluate import heldout_perplexity
 
