@@ -19,6 +19,7 @@ from tasks.errors import RecipeError, did_you_mean
 from tasks.stages import (
     DATA,
     FORMAT_NAMES,
+    HF,
     ONNX,
     STEP_STAGES,
     StageSpec,
@@ -185,6 +186,10 @@ def _format_fix(step: Step, upstream: Step, steps: dict[str, Step]) -> tuple[str
         return problem, (
             f"put a capture step in front: add [capture.{upstream.name or 'base'}] with "
             f'from = "{upstream.ref}", then set from = "capture.{upstream.name or "base"}" here'
+        )
+    if HF in step.spec.inputs and upstream.stage == "capture" and upstream.source:
+        return problem, (
+            f'set from = "{upstream.source}" (the Hugging Face model {upstream.ref} captures)'
         )
     return problem, f"point from at a step that gives {wants}"
 

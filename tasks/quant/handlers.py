@@ -30,8 +30,9 @@ class _Stop(Exception):
 
 def capture(layer: Layer, names: tuple[str, ...], on_input) -> None:
     """Run the layer's calibration inputs forward, calling on_input(name, x [tokens, in]) for
-    each watched linear, and stop each batch as soon as all of them have been reached."""
-    linears = layer.linears()
+    each watched linear, and stop each batch as soon as all of them have been reached. Any
+    linear of the layer can be watched, also one kept in float (AWQ reads their inputs)."""
+    linears = {n: m for n, m in layer.module.named_modules() if isinstance(m, torch.nn.Linear)}
     seen: set[str] = set()
 
     def hook(name: str):
@@ -97,8 +98,9 @@ class Gptq(Identity):
     needs_data: bool = True
 
     def groups(self, names: list[str]) -> list[tuple[str, ...]]:
-        if self.true_sequential and set(names) == {n for g in SEQUENTIAL for n in g}:
-            return list(SEQUENTIAL)
+        """The linears to quantize, in turn; those kept in float are left out of the order."""
+        if self.true_sequential and set(names) <= {n for g in SEQUENTIAL for n in g}:
+            return [kept for g in SEQUENTIAL if (kept := tuple(n for n in g if n in names))]
         return [tuple(names)]
 
     def quantize_layer(self, layer: Layer) -> dict[str, QuantizedLinear]:
@@ -157,11 +159,12 @@ class Awq(Identity):
                 f"awq supports Llama-style layers (q/k/v/o, gate/up/down); layer {layer.index} has {sorted(lin)}"
             )
         inputs = self._inputs(layer, (QP, OP, GATE, DOWN))
-        self._scale(inputs, QP, [QP, KP, VP], lin, norm=mod.input_layernorm)
+        quantized = set(layer.linears())
+        self._scale(inputs, QP, [QP, KP, VP], lin, quantized, norm=mod.input_layernorm)
         if lin[VP].out_features == lin[OP].in_features:
-            self._scale(inputs, OP, [OP], lin, prev=lin[VP])
-        self._scale(inputs, GATE, [GATE, UP], lin, norm=mod.post_attention_layernorm)
-        self._scale(inputs, DOWN, [DOWN], lin, prev=lin[UP])
+            self._scale(inputs, OP, [OP], lin, quantized, prev=lin[VP])
+        self._scale(inputs, GATE, [GATE, UP], lin, quantized, norm=mod.post_attention_layernorm)
+        self._scale(inputs, DOWN, [DOWN], lin, quantized, prev=lin[UP])
         readers = {QP: QP, KP: QP, VP: QP, OP: OP, GATE: GATE, UP: GATE, DOWN: DOWN}
         out = {}
         for name, linear in layer.linears().items():
@@ -186,11 +189,17 @@ class Awq(Identity):
             out[name] = x[keep]
         return out
 
-    def _scale(self, inputs, reader: str, names: list[str], lin, norm=None, prev=None) -> None:
+    def _scale(self, inputs, reader: str, names: list[str], lin, quantized: set[str],
+               norm=None, prev=None) -> None:  # fmt: skip
+        """Search scales for the linears reading one input (those kept in float do not count:
+        their rounding error is none) and apply them to all of them, so the function stays."""
         from tasks.quant.awq import search_scales
 
+        searched = [n for n in names if n in quantized]
+        if not searched:
+            return
         x = inputs[reader]
-        s = search_scales(x, [lin[n].weight.data for n in names], self.spec, grid=self.grid,
+        s = search_scales(x, [lin[n].weight.data for n in searched], self.spec, grid=self.grid,
                           duo_scaling=self.duo_scaling)  # fmt: skip
         for n in names:
             lin[n].weight.data *= s  # W diag(s): reads x / s

@@ -61,13 +61,34 @@ class Layer:
         return {
             n: m
             for n, m in self.module.named_modules()
-            if isinstance(m, torch.nn.Linear) and not (full + n).endswith(self.keep_float)
+            if isinstance(m, torch.nn.Linear) and not kept_float(full + n, self.keep_float)
         }
 
     def forward_all(self, batch_size: int = 4) -> torch.Tensor:
         assert self.inputs is not None
         with torch.no_grad():
             return torch.cat([self.run(b) for b in self.inputs.split(batch_size)])
+
+
+def kept_float(name: str, keep: tuple[str, ...]) -> bool:
+    """Whether a module is named in keep, in full or by a dotted suffix ("mlp.down_proj",
+    "down_proj"; not "proj")."""
+    return any(name == k or name.endswith("." + k) for k in keep)
+
+
+def check_keep_float(skeleton: torch.nn.Module, keep: tuple[str, ...]) -> None:
+    """Every name in keep must match a linear: a typo would quietly quantize it."""
+    from tasks.errors import did_you_mean
+
+    linears = [n for n, m in skeleton.named_modules() if isinstance(m, torch.nn.Linear)]
+    for k in keep:
+        if not any(kept_float(n, (k,)) for n in linears):
+            suffixes = {n.split(".", 3)[-1] if n.startswith(LAYERS) else n for n in linears}
+            raise StageError(
+                f"modules_to_not_convert: {k!r} matches no linear of the model"
+                f"{did_you_mean(k, suffixes)}\n"
+                f"  fix: name linears in full or by a suffix: {', '.join(sorted(suffixes))}"
+            )
 
 
 class Handler(Protocol):
@@ -111,6 +132,7 @@ def quantize_layerwise(
     reader = WeightReader(src)
     with torch.device("meta"):
         skeleton = AutoModelForCausalLM.from_config(config)
+    check_keep_float(skeleton, keep_float)
     report = Report()
     floats: dict[str, torch.Tensor] = {}
     quantized: dict[str, QuantizedLinear] = {}

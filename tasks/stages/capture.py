@@ -17,6 +17,7 @@ from __future__ import annotations
 import dataclasses
 import json
 import os
+import re
 import shutil
 import subprocess
 import sys
@@ -155,7 +156,37 @@ def check_quantization(hf_dir: Path, config: Config) -> dict[str, Any] | None:
             f"{path} is quantized ({quant.get('quant_method')}, {bits} bits) and the builder "
             f'fails on it with precision = "{config.precision}": set precision = "int4"'
         )
+    # GPTQ and AWQ store a packed linear as <name>.qweight, so <name>.weight is a float one.
+    floats = float_projections(hf_dir) if quant.get("quant_method") in ("gptq", "awq") else []
+    if floats:
+        raise StageError(
+            f"{hf_dir} is quantized ({quant.get('quant_method')}) but keeps "
+            f"{len(floats)} decoder linears in float ({', '.join(floats[:4])}"
+            f"{', ...' if len(floats) > 4 else ''}): the builder reads every decoder projection "
+            "of a quantized checkpoint as packed and fails on a float one\n"
+            "  fix: remove them from the quantize step's modules_to_not_convert (keep only "
+            '"lm_head")'
+        )
     return quant
+
+
+# A decoder projection's weight; in a quantized checkpoint it should be <name>.qweight.
+_PROJECTION = re.compile(r"^model\.layers\.\d+\.(self_attn|mlp)\.\w*proj\.weight$")
+
+
+def float_projections(hf_dir: Path) -> list[str]:
+    """Decoder projections (q/k/v/o, gate/up/down) a checkpoint holds as float weights, by
+    module name, from the safetensors headers (no tensor is read)."""
+    from safetensors import safe_open
+
+    names: set[str] = set()
+    for file in sorted(hf_dir.glob("*.safetensors")):
+        with safe_open(str(file), framework="numpy") as f:
+            names.update(f.keys())
+    return sorted(
+        (n.removesuffix(".weight") for n in names if _PROJECTION.match(n)),
+        key=lambda n: (int(n.split(".")[2]), n),  # layer 2 before layer 10
+    )
 
 
 def quantized_defaults(config: Config, quant: dict[str, Any] | None) -> list[str]:

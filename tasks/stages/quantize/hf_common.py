@@ -28,9 +28,9 @@ class HFQuantConfig:
     """Keys every Hugging Face quantizer takes."""
 
     bits: Literal[2, 3, 4, 8] = option(4, "bits per weight")
-    group_size: int = option(
-        128, "input columns sharing a scale: a power of two >= 16, or -1 per output channel"
-    )
+    # No -1 (one group per output channel): onnxruntime's MatMulNBits fails to load it, so
+    # write_quantized refuses it, and a recipe should not find out after the whole run.
+    group_size: int = option(128, "input columns sharing a scale: a power of two >= 16")
     sym: bool = option(True, "symmetric (zero point fixed at the middle) or asymmetric")
     data: str = option("", "calibration data set: a [data.<name>] table (its train split)")
     num_samples: int = option(16, "calibration sequences")
@@ -44,13 +44,12 @@ class HFQuantConfig:
     eval_tokens: int = option(4096, "held-out tokens to score the result on (0: skip)")
 
     def __post_init__(self) -> None:
-        if self.group_size != -1 and (
-            self.group_size < 16 or self.group_size & (self.group_size - 1)
-        ):
+        if self.group_size < 16 or self.group_size & (self.group_size - 1):
             raise ConfigValueError(
                 "group_size",
-                f"{self.group_size} is not a power of two >= 16",
-                "use 32, 64, 128 or -1",
+                f"{self.group_size} is not a power of two >= 16 (onnxruntime's MatMulNBits "
+                "block sizes; -1, per output channel, does not load there)",
+                "use 32, 64 or 128",
             )
         if "lm_head" not in self.modules_to_not_convert:
             raise ConfigValueError(
@@ -87,19 +86,23 @@ def hf_spec(algorithm: str, config: type, run: Any, doc: str) -> StageSpec:
 def check_group_size(src: Path, config: HFQuantConfig) -> None:
     """Every decoder linear's in_features must be a multiple of group_size: say which layer
     does not divide, and which group sizes would work, before any weight is loaded."""
-    if config.group_size == -1:
-        return
     cfg = json.loads((src / "config.json").read_text())
     widths = {"hidden_size (q, k, v, gate, up)": cfg["hidden_size"],
               "intermediate_size (down_proj)": cfg["intermediate_size"]}  # fmt: skip
     heads = cfg["num_attention_heads"]
-    widths["o_proj"] = cfg.get("head_dim", cfg["hidden_size"] // heads) * heads
+    # head_dim may be present but null.
+    widths["o_proj"] = (cfg.get("head_dim") or cfg["hidden_size"] // heads) * heads
     for what, width in widths.items():
         if width % config.group_size:
             fits = [g for g in (16, 32, 64, 128, 256) if all(w % g == 0 for w in widths.values())]
+            fix = (
+                f"use group_size = {' or '.join(map(str, fits))}"
+                if fits
+                else "no power-of-two group size >= 16 divides every layer's width: "
+                "this model cannot be written in a layout onnxruntime loads"
+            )
             raise StageError(
-                f"group_size {config.group_size} does not divide {what} = {width}\n"
-                f"  fix: use group_size = {' or '.join(map(str, fits + [-1]))}"
+                f"group_size {config.group_size} does not divide {what} = {width}\n  fix: {fix}"
             )
 
 
