@@ -23,26 +23,48 @@ from tasks.quant.primitives import QuantizedLinear
 LAYERS = "model.layers."
 
 
+DTYPES = {
+    "F64": torch.float64, "F32": torch.float32, "F16": torch.float16, "BF16": torch.bfloat16,
+    "I64": torch.int64, "I32": torch.int32, "I16": torch.int16, "I8": torch.int8,
+    "U8": torch.uint8, "BOOL": torch.bool,
+}  # fmt: skip
+
+
 class WeightReader:
-    """Tensors of a safetensors checkpoint by name, each read only when asked for."""
+    """Tensors of a safetensors checkpoint by name, each read from disk only when asked for.
+
+    Plain reads, not mmap (as safetensors' safe_open does): pages of an mmap'd file that were
+    touched stay resident in the process, so streaming a model through would end up holding
+    all of it and peak memory would reach the checkpoint's size."""
 
     def __init__(self, folder: Path) -> None:
-        from safetensors import safe_open
-
         files = sorted(folder.glob("*.safetensors"))
         if not files:
             raise StageError(f"{folder} has no .safetensors weights")
-        self._handles = [safe_open(str(f), framework="pt") for f in files]
-        self._where = {name: h for h in self._handles for name in h.keys()}  # noqa: SIM118
+        self._where: dict[str, tuple[Path, int, dict[str, Any]]] = {}
+        for file in files:
+            with open(file, "rb") as fh:
+                size = int.from_bytes(fh.read(8), "little")
+                header = json.loads(fh.read(size))
+            header.pop("__metadata__", None)
+            for name, info in header.items():
+                self._where[name] = (file, 8 + size, info)
 
     def names(self) -> list[str]:
         return list(self._where)
 
-    def get(self, name: str) -> torch.Tensor:
-        return self._where[name].get_tensor(name)
-
     def has(self, name: str) -> bool:
         return name in self._where
+
+    def get(self, name: str) -> torch.Tensor:
+        file, base, info = self._where[name]
+        begin, end = info["data_offsets"]
+        buffer = bytearray(end - begin)
+        with open(file, "rb", buffering=0) as fh:
+            fh.seek(base + begin)
+            fh.readinto(buffer)
+        flat = torch.frombuffer(buffer, dtype=DTYPES[info["dtype"]]) if buffer else torch.empty(0)
+        return flat.reshape(info["shape"])
 
 
 @dataclass
