@@ -24,7 +24,7 @@ CHILD = """
 import json, sys, time, torch
 from pathlib import Path
 sys.path.insert(0, {root!r})
-from tasks.quant.checkpoint import write_quantized
+from tasks.quant.checkpoint import pack_linear, write_quantized
 from tasks.quant.handlers import Gptq
 from tasks.quant.layerwise import quantize_layerwise
 from tasks.quant.primitives import QuantSpec
@@ -34,7 +34,7 @@ calibration = torch.randint(0, 32000, (samples, seq_len), generator=torch.Genera
 started = time.perf_counter()
 floats, quantized, config, report = quantize_layerwise(
     Path(src), Gptq(spec, act_order=True, static_groups=True), calibration, torch.device("cpu"),
-    lambda it, desc, n: it)
+    lambda it, desc, n: it, finish=lambda q: pack_linear(q, "gptq"))
 write_quantized(Path(out), config, floats, quantized, "gptq", spec)
 hwm = next(int(l.split()[1]) * 1024 for l in open("/proc/self/status") if l.startswith("VmHWM"))
 print("RESULT " + json.dumps({{"seconds": time.perf_counter() - started, "peak_rss": hwm}}))

@@ -11,6 +11,7 @@ fp16 scales as stored, i.e. the numbers an ONNX conversion computes with.
 from __future__ import annotations
 
 import json
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Literal
 
@@ -42,16 +43,34 @@ DERIVED_KEYS = {
 GPTQ_DEFAULTS = {"damp_percent": 0.1, "true_sequential": True, "static_groups": False}
 
 
-def act_order(quantized: dict[str, QuantizedLinear], group_size: int) -> bool:
-    """Whether any layer's g_idx is permuted (GPTQ's desc_act)."""
-    return any(
-        not torch.equal(q.g_idx.to(torch.int32), trivial_g_idx(q.codes.shape[1], group_size))
-        for q in quantized.values()
-    )
+@dataclass
+class Packed:
+    """A linear already packed in a layout, its codes dropped: what the writer needs. The
+    layer-streaming runner packs each layer as soon as it is quantized, so the whole model's
+    codes are never held at once."""
+
+    tensors: dict[str, torch.Tensor]
+    spec: QuantSpec
+    permuted: bool  # g_idx is not i // group_size: act-order (desc_act)
 
 
-def check_writable(quantized: dict[str, QuantizedLinear], layout: str, spec: QuantSpec) -> bool:
-    """Refuse what does not convert exactly; return desc_act."""
+def pack_linear(q: QuantizedLinear | Packed, layout: Layout) -> Packed:
+    if isinstance(q, Packed):
+        return q
+    if layout not in LAYOUTS:
+        raise ValueError(f"layout {layout!r} is not one of {LAYOUTS}")
+    trivial = trivial_g_idx(q.codes.shape[1], q.spec.group_size)
+    permuted = not torch.equal(q.g_idx.to(torch.int32).cpu(), trivial)
+    if permuted and layout == "awq":
+        raise ValueError(
+            "the AWQ layout has no g_idx: act-order (a permuted g_idx) needs the gptq layout"
+        )
+    pack = pack_gptq if layout == "gptq" else pack_awq
+    return Packed(pack(q), q.spec, permuted)
+
+
+def check_layout(layout: str, spec: QuantSpec) -> None:
+    """Refuse a layout and spec that do not convert exactly, before anything is packed."""
     if layout not in LAYOUTS:
         raise ValueError(f"layout {layout!r} is not one of {LAYOUTS}")
     if layout == "awq" and spec.bits != 4:
@@ -65,16 +84,17 @@ def check_writable(quantized: dict[str, QuantizedLinear], layout: str, spec: Qua
             f"group_size {g} does not convert: onnxruntime's MatMulNBits needs a power-of-two "
             "block size of at least 16 (per-channel -1 builds but fails to load); use 32, 64 or 128"
         )
-    for name, q in quantized.items():
-        if q.spec != spec:
+
+
+def check_writable(packed: dict[str, Packed], layout: str, spec: QuantSpec) -> bool:
+    """Refuse what does not convert exactly; return desc_act."""
+    check_layout(layout, spec)
+    for name, p in packed.items():
+        if p.spec != spec:
             raise ValueError(
-                f"{name} is quantized with {q.spec}, the checkpoint with {spec}: one spec for all"
+                f"{name} is quantized with {p.spec}, the checkpoint with {spec}: one spec for all"
             )
-    desc_act = act_order(quantized, g)
-    if desc_act and layout == "awq":
-        raise ValueError(
-            "the AWQ layout has no g_idx: act-order (a permuted g_idx) needs the gptq layout"
-        )
+    desc_act = any(p.permuted for p in packed.values())
     if desc_act and not spec.sym:
         raise ValueError(
             "act-order (desc_act) with asymmetric zero points converts to wrong logits: "
@@ -168,7 +188,7 @@ def write_quantized(
     out_dir: Path,
     config: dict[str, Any],
     float_tensors: dict[str, torch.Tensor],
-    quantized: dict[str, QuantizedLinear],
+    quantized: dict[str, QuantizedLinear | Packed],
     layout: Layout,
     spec: QuantSpec,
     extra_config: dict[str, Any] | None = None,
@@ -179,9 +199,12 @@ def write_quantized(
 
     `config`: the model's config dict; `float_tensors`: every tensor kept as is (embeddings,
     norms, lm_head, biases); `quantized`: Linear name ("model.layers.0.self_attn.q_proj") ->
-    its codes, consumed (emptied) as they are packed. Refuses (ValueError) combinations that
+    its codes or its `Packed` tensors (the dict is emptied as they are packed). Refuses (ValueError) combinations that
     do not convert exactly."""
-    desc_act = check_writable(quantized, layout, spec)
+    check_layout(layout, spec)
+    # Pack (and drop the codes) one linear at a time; the runner usually packed them already.
+    packed = {name: pack_linear(quantized.pop(name), layout) for name in list(quantized)}
+    desc_act = check_writable(packed, layout, spec)
     # Float 2-D weights (embeddings, lm_head): loaders must leave them alone.
     float_modules = sorted(
         n.removesuffix(".weight")
@@ -189,15 +212,11 @@ def write_quantized(
         if n.endswith(".weight") and t.dim() == 2
     )
     quant = quantization_config(layout, spec, desc_act, float_modules, extra_config)
-    pack = pack_gptq if layout == "gptq" else pack_awq
     tensors = dict(float_tensors)
-    # Pop each linear's codes as it is packed: the codes and their packed form of every layer
-    # are never all held at once.
-    for name in list(quantized):
-        q = quantized.pop(name)
+    for name, p in packed.items():
         if f"{name}.weight" in float_tensors:
             raise ValueError(f"{name}.weight is both a float tensor and quantized")
-        tensors |= {f"{name}.{suffix}": t for suffix, t in pack(q).items()}
+        tensors |= {f"{name}.{suffix}": t for suffix, t in p.tensors.items()}
     out_dir = Path(out_dir)
     out_dir.mkdir(parents=True, exist_ok=True)
     save_tensors(out_dir, _unshared(tensors), shard_bytes)

@@ -146,6 +146,7 @@ def quantize_layerwise(
     device: torch.device,
     progress: Callable[[Iterable[Any], str, int], Iterable[Any]],
     keep_float: tuple[str, ...] = (),
+    finish: Callable[[QuantizedLinear], Any] = QuantizedLinear.compact,
 ) -> tuple[dict[str, torch.Tensor], dict[str, QuantizedLinear], dict[str, Any], Report]:
     """(float tensors, quantized linears by module name, config, report) of the whole model."""
     from transformers import AutoConfig, AutoModelForCausalLM
@@ -176,7 +177,7 @@ def quantize_layerwise(
         runner = (lambda h, m=module: run(m, h)) if run else None
         layer = Layer(index, module, hidden, runner, keep_float)
         for name, q in handler.quantize_layer(layer).items():
-            quantized[f"{LAYERS}{index}.{name}"] = q.compact()
+            quantized[f"{LAYERS}{index}.{name}"] = finish(q)
         if hidden is not None:
             hidden = layer.forward_all()
         _keep_floats(module, index, quantized, reader, floats)

@@ -138,12 +138,16 @@ def calibration_ids(src: Path, data_dir: Path, config: HFQuantConfig) -> torch.T
 def run_quantizer(config: HFQuantConfig, ctx: StepContext, handler: Handler, layout: str,
                   extra: dict[str, Any]) -> dict[str, Any]:  # fmt: skip
     """Stream the model through the handler, write the packed checkpoint, measure it."""
-    from tasks.quant.checkpoint import write_quantized
+    from tasks.quant.checkpoint import check_layout, pack_linear, write_quantized
     from tasks.quant.layerwise import quantize_layerwise
     from tasks.quant.memory import PeakMemory
 
     assert ctx.input is not None
     check_group_size(ctx.input, config)
+    try:
+        check_layout(layout, config.spec())
+    except ValueError as err:
+        raise StageError(str(err)) from None
     device = pick_device(config.device)
     calibration = (
         calibration_ids(ctx.input, ctx.data[config.data], config) if handler.needs_data else None
@@ -156,6 +160,7 @@ def run_quantizer(config: HFQuantConfig, ctx: StepContext, handler: Handler, lay
             device,
             lambda it, desc, n: ctx.progress(it, desc, n),
             keep_float=config.modules_to_not_convert,
+            finish=lambda q: pack_linear(q, layout),  # pack each layer at once: less memory
         )
         count = len(quantized)
         try:
