@@ -116,7 +116,7 @@ class Gptq(Identity):
 
             capture(layer, group, on_input)
             for name in group:
-                w, h = linears[name].weight.data, hessians[name][0]
+                w, h = linears[name].weight.data, hessians.pop(name)[0]  # free it once used
                 try:
                     q = gptq_quantize(
                         w,
