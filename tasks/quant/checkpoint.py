@@ -16,7 +16,7 @@ from pathlib import Path
 from typing import Any, Literal
 
 import torch
-from safetensors.torch import load_file, save_file
+from safetensors.torch import load_file
 
 from tasks.quant.pack import pack_awq, pack_gptq, trivial_g_idx, unpack_awq, unpack_gptq
 from tasks.quant.primitives import QuantizedLinear, QuantSpec
@@ -145,17 +145,32 @@ def quantization_config(
     return base | extra
 
 
-def _unshared(tensors: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
-    """Contiguous tensors, copies where two share memory (safetensors refuses shared ones)."""
-    seen: set[int] = set()
-    out = {}
-    for name, tensor in tensors.items():
-        t = tensor.detach().contiguous()
-        if t.data_ptr() in seen:
-            t = t.clone()
-        seen.add(t.data_ptr())
-        out[name] = t
-    return out
+SAFETENSORS_DTYPES = {
+    torch.float64: "F64", torch.float32: "F32", torch.float16: "F16", torch.bfloat16: "BF16",
+    torch.int64: "I64", torch.int32: "I32", torch.int16: "I16", torch.int8: "I8",
+    torch.uint8: "U8", torch.bool: "BOOL",
+}  # fmt: skip
+
+
+def write_safetensors(path: Path, tensors: dict[str, torch.Tensor]) -> None:
+    """A safetensors file written tensor by tensor. safetensors' own save_file first copies
+    every tensor into Python bytes, which would double the peak memory of a model's save."""
+    header: dict[str, Any] = {"__metadata__": {"format": "pt"}}
+    offset = 0
+    for name in sorted(tensors):
+        t = tensors[name]
+        nbytes = t.numel() * t.element_size()
+        header[name] = {"dtype": SAFETENSORS_DTYPES[t.dtype], "shape": list(t.shape),
+                        "data_offsets": [offset, offset + nbytes]}  # fmt: skip
+        offset += nbytes
+    raw = json.dumps(header, separators=(",", ":")).encode()
+    raw += b" " * (-len(raw) % 8)  # the data starts 8-byte aligned
+    with open(path, "wb") as fh:
+        fh.write(len(raw).to_bytes(8, "little") + raw)
+        for name in sorted(tensors):
+            t = tensors[name].detach().contiguous().cpu()
+            if t.numel():
+                fh.write(t.reshape(-1).view(torch.uint8).numpy().data)
 
 
 def save_tensors(
@@ -173,12 +188,12 @@ def save_tensors(
         size += nbytes
         total += nbytes
     if len(shards) == 1:
-        save_file(shards[0], out_dir / WEIGHTS, metadata={"format": "pt"})
+        write_safetensors(out_dir / WEIGHTS, shards[0])
         return
     weight_map = {}
     for i, shard in enumerate(shards, 1):
         file = f"model-{i:05d}-of-{len(shards):05d}.safetensors"
-        save_file(shard, out_dir / file, metadata={"format": "pt"})
+        write_safetensors(out_dir / file, shard)
         weight_map |= dict.fromkeys(shard, file)
     index = {"metadata": {"total_size": total}, "weight_map": weight_map}
     (out_dir / INDEX).write_text(json.dumps(index, indent=2) + "\n")
@@ -219,7 +234,7 @@ def write_quantized(
         tensors |= {f"{name}.{suffix}": t for suffix, t in p.tensors.items()}
     out_dir = Path(out_dir)
     out_dir.mkdir(parents=True, exist_ok=True)
-    save_tensors(out_dir, _unshared(tensors), shard_bytes)
+    save_tensors(out_dir, tensors, shard_bytes)
     config = {**config, "quantization_config": quant}
     (out_dir / "config.json").write_text(json.dumps(config, indent=2, sort_keys=True) + "\n")
 
