@@ -15,6 +15,7 @@ import torch
 
 from tasks.errors import StageError
 from tasks.quant.layerwise import Layer
+from tasks.quant.memory import release_freed_memory
 from tasks.quant.primitives import QuantizedLinear, QuantSpec, rtn_quantize
 
 QP, KP, VP, OP = (f"self_attn.{p}_proj" for p in "qkvo")
@@ -129,6 +130,7 @@ class Gptq(Identity):
                 except ValueError as err:
                     raise StageError(f"layer {layer.index} {name}: {err}") from None
                 out[name] = _set(linears[name], q)
+                release_freed_memory()  # the Hessian and its factors: up to 127 MB each
         return out
 
 

@@ -18,6 +18,7 @@ from typing import Any, Protocol
 import torch
 
 from tasks.errors import StageError
+from tasks.quant.memory import release_freed_memory
 from tasks.quant.primitives import QuantizedLinear
 
 LAYERS = "model.layers."
@@ -182,6 +183,7 @@ def quantize_layerwise(
             hidden = layer.forward_all()
         _keep_floats(module, index, quantized, reader, floats)
         layers[index] = torch.nn.Identity()  # free the layer's weights
+        release_freed_memory()
         report.seconds_per_layer.append(round(time.perf_counter() - started, 3))
     return floats, quantized, config.to_dict() | config_updates, report
 
