@@ -161,16 +161,14 @@ def quantize_layerwise(
     floats: dict[str, torch.Tensor] = {}
     quantized: dict[str, QuantizedLinear] = {}
 
-    head = reader.get("lm_head.weight") if reader.has("lm_head.weight") else None
-    ends, config_updates = handler.transform_ends(
-        reader.get("model.embed_tokens.weight"), reader.get("model.norm.weight"), head
-    )
-    floats |= ends
-    embed = ends["model.embed_tokens.weight"]
+    ends, config_updates = _ends(reader, handler)
     hidden, run = None, None
     if handler.needs_data and calibration is not None:
-        hidden = torch.nn.functional.embedding(calibration.to(device), embed.to(device).float())
+        embed = ends["model.embed_tokens.weight"].to(device).float()
+        hidden = torch.nn.functional.embedding(calibration.to(device), embed)
         run = _layer_runner(skeleton, config, calibration.shape[1], device)
+        del embed
+    del ends  # read again at the end: not held while the layers are quantized
     layers = skeleton.model.layers
     for index in progress(range(len(layers)), "layers", len(layers)):
         started = time.perf_counter()
@@ -185,7 +183,15 @@ def quantize_layerwise(
         layers[index] = torch.nn.Identity()  # free the layer's weights
         release_freed_memory()
         report.seconds_per_layer.append(round(time.perf_counter() - started, 3))
+    floats |= _ends(reader, handler)[0]
     return floats, quantized, config.to_dict() | config_updates, report
+
+
+def _ends(reader: WeightReader, handler: Handler) -> tuple[dict[str, torch.Tensor], dict[str, Any]]:
+    """The embedding, final norm and LM head as the handler transforms them (deterministic)."""
+    head = reader.get("lm_head.weight") if reader.has("lm_head.weight") else None
+    embed, norm = reader.get("model.embed_tokens.weight"), reader.get("model.norm.weight")
+    return handler.transform_ends(embed, norm, head)
 
 
 def _load_layer(meta_layer: torch.nn.Module, index: int, reader: WeightReader, handler: Handler,
