@@ -21,6 +21,17 @@ ONNX_EXTRA = "pip install 'modelkiln[onnx]'"
 # What every step that writes an ONNX folder needs (genai: to prove the folder runs there).
 ONNX_NEEDS = {m: ONNX_EXTRA for m in ("onnxruntime", "onnx", "onnxruntime_genai")}
 
+
+def onnx_quantizer_spec(algorithm: str, config: type, run: Any, doc: str) -> Any:
+    """The StageSpec every ONNX -> ONNX quantizer shares."""
+    from tasks.stages import ONNX, StageSpec
+
+    return StageSpec(
+        stage="quantize", algorithm=algorithm, version="1", config=config, run=run, doc=doc,
+        inputs=(ONNX,), output=ONNX, libraries=("onnxruntime", "onnx"), needs=ONNX_NEEDS,
+    )  # fmt: skip
+
+
 if TYPE_CHECKING:
     import numpy as np
     import onnxruntime as ort

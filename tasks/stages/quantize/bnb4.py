@@ -14,12 +14,12 @@ from dataclasses import dataclass
 from typing import Any, Literal
 
 from tasks.config import ConfigValueError, option
-from tasks.stages import ONNX, StageSpec, StepContext
+from tasks.stages import StepContext
 from tasks.stages.onnx_folder import model_file
 from tasks.stages.onnx_run import (
-    ONNX_NEEDS,
     finish_quantized,
     match_nodes,
+    onnx_quantizer_spec,
     require_provider,
     target_provider,
 )
@@ -68,15 +68,4 @@ def run(config: Config, ctx: StepContext) -> dict[str, Any]:
     return finish_quantized(ctx, "MatMulBnb4")
 
 
-SPEC = StageSpec(
-    stage="quantize",
-    algorithm="bnb4",
-    version="1",
-    config=Config,
-    run=run,
-    doc="ONNX Runtime 4-bit NF4/FP4 weights (MatMulBnb4)",
-    inputs=(ONNX,),
-    output=ONNX,
-    libraries=("onnxruntime", "onnx"),
-    needs=ONNX_NEEDS,
-)
+SPEC = onnx_quantizer_spec("bnb4", Config, run, "ONNX Runtime 4-bit NF4/FP4 weights (MatMulBnb4)")

@@ -15,13 +15,13 @@ from typing import Any, Literal
 
 from tasks.config import ConfigValueError, option
 from tasks.errors import StageError
-from tasks.stages import ONNX, StageSpec, StepContext
+from tasks.stages import StepContext
 from tasks.stages.onnx_folder import model_file
 from tasks.stages.onnx_run import (
-    ONNX_NEEDS,
     activation_type,
     finish_quantized,
     match_nodes,
+    onnx_quantizer_spec,
     require_provider,
     target_provider,
 )
@@ -79,15 +79,4 @@ def run(config: Config, ctx: StepContext) -> dict[str, Any]:
     return finish_quantized(ctx, "MatMulInteger")
 
 
-SPEC = StageSpec(
-    stage="quantize",
-    algorithm="ort-dynamic",
-    version="1",
-    config=Config,
-    run=run,
-    doc="ONNX Runtime dynamic int8 quantization",
-    inputs=(ONNX,),
-    output=ONNX,
-    libraries=("onnxruntime", "onnx"),
-    needs=ONNX_NEEDS,
-)
+SPEC = onnx_quantizer_spec("ort-dynamic", Config, run, "ONNX Runtime dynamic int8 quantization")
