@@ -166,14 +166,28 @@ def test_quantized_input_converts_exactly_unless_told_otherwise():
     gptq = {"quant_method": "gptq", "bits": 4, "group_size": 32}
     int4 = Config(precision="int4")
     assert extra(int4, gptq) == [
+        "shared_embeddings=false",
         "nodes_to_exclude=/lm_head/MatMul",
         "block_size=32",
         "accuracy_level=1",
     ]
     assert extra(int4, None) == ["block_size=32", "accuracy_level=4"]
-    assert extra(int4, gptq | {"lm_head": True}) == ["block_size=32", "accuracy_level=1"]
-    own = Config(precision="int4", int4_accuracy_level=4, extra_options=("nodes_to_exclude=/x",))
-    assert extra(own, gptq) == ["nodes_to_exclude=/x", "block_size=32", "accuracy_level=4"]
+    assert extra(int4, gptq | {"lm_head": True}) == [
+        "shared_embeddings=false",
+        "block_size=32",
+        "accuracy_level=1",
+    ]
+    own = Config(
+        precision="int4",
+        int4_accuracy_level=4,
+        extra_options=("nodes_to_exclude=/x", "shared_embeddings=true"),
+    )
+    assert extra(own, gptq) == [
+        "nodes_to_exclude=/x",
+        "shared_embeddings=true",
+        "block_size=32",
+        "accuracy_level=4",
+    ]
 
 
 def test_cuda_without_a_gpu_is_refused_before_building(tiny_model, tmp_path):
