@@ -228,7 +228,3 @@ def _layer_runner(skeleton: Any, config: Any, tokens: int, device: torch.device)
         return out[0] if isinstance(out, tuple) else out
 
     return run
-
-
-def read_config(src: Path) -> dict[str, Any]:
-    return json.loads((src / "config.json").read_text())
