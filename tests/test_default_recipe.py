@@ -17,7 +17,7 @@ pytestmark = pytest.mark.slow
 def default_build(tmp_path_factory):
     ws = Workspace(tmp_path_factory.mktemp("default"))
     ws.write((ROOT / "recipes" / "default.toml").read_text())
-    first = ws.doit()
+    first = ws.doit(timeout=3600)  # the whole recipe: about 20-25 minutes on 2 cores
     return ws, first
 
 

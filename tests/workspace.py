@@ -74,8 +74,10 @@ class Workspace:
             f"artifacts={self.artifacts}",
         ]
 
-    def doit(self, *args: str, check: bool = True) -> subprocess.CompletedProcess:
-        proc = subprocess.run(self.argv(*args), capture_output=True, text=True, timeout=600)
+    def doit(
+        self, *args: str, check: bool = True, timeout: int = 600
+    ) -> subprocess.CompletedProcess:
+        proc = subprocess.run(self.argv(*args), capture_output=True, text=True, timeout=timeout)
         if check and proc.returncode != 0:
             raise AssertionError(f"doit {' '.join(args)} failed:\n{proc.stdout}\n{proc.stderr}")
         return proc
