@@ -3,6 +3,7 @@
     doit                          build everything in recipes/default.toml
     doit recipe=recipes/x.toml    another recipe
     doit quantize:int8            one step (and what it needs)
+    doit finetune adapter         every fine-tune and ONNX adapter
     doit list                     every step, with what it does
     doit explain quantize:int8    why a step would run
     doit gc [--dry-run]           remove store entries no recipe points at
@@ -31,7 +32,9 @@ except KilnError as err:
 
 ARTIFACTS.mkdir(parents=True, exist_ok=True)  # doit opens its database here before any task runs
 DOIT_CONFIG = {
-    "default_tasks": ["model", "data", "capture", "quantize", "evaluate", "report"],
+    "default_tasks": [
+        "model", "data", "capture", "quantize", "finetune", "adapter", "evaluate", "report"
+    ],
     "dep_file": str(ARTIFACTS / ".doit.db"),
     "backend": "sqlite3",  # safe when two doit processes share one workspace
     "verbosity": 2,
@@ -58,6 +61,16 @@ def task_capture():
 def task_quantize():
     """quantize a model with one algorithm per step"""
     yield from stage_tasks(GRAPH, "quantize", task_quantize.__doc__)
+
+
+def task_finetune():
+    """train a LoRA adapter (lora, qlora) on a float or quantized Hugging Face model"""
+    yield from stage_tasks(GRAPH, "finetune", task_finetune.__doc__)
+
+
+def task_adapter():
+    """LoRA adapter -> onnxruntime adapter file for a shared ONNX base with LoRA inputs"""
+    yield from stage_tasks(GRAPH, "adapter", task_adapter.__doc__)
 
 
 def task_evaluate():

@@ -23,9 +23,12 @@ class ConfigValueError(ValueError):
         super().__init__(f"{key}: {problem}")
 
 
-def option(default: Any, doc: str) -> Any:
-    """A config field with its default and the one-line doc shown in docs and errors."""
-    return dataclasses.field(default=default, metadata={"doc": doc})
+def option(default: Any, doc: str, added: bool = False) -> Any:
+    """A config field with its default and the one-line doc shown in docs and errors.
+
+    added=True marks an option added after its stage first shipped: at its default it stays
+    out of the key, so a new option does not rebuild every step built before it existed."""
+    return dataclasses.field(default=default, metadata={"doc": doc, "added": added})
 
 
 def describe_type(hint: Any) -> str:
@@ -108,6 +111,10 @@ def field_docs(cls: type) -> list[tuple[str, str, Any, str]]:
 
 def as_params(config: Any) -> dict[str, Any]:
     """The config as plain JSON-able data, defaults filled in: what goes into a key."""
-    return {
-        k: list(v) if isinstance(v, tuple) else v for k, v in dataclasses.asdict(config).items()
-    }
+    params = {}
+    for f in dataclasses.fields(config):
+        value = getattr(config, f.name)
+        if f.metadata.get("added") and value == f.default:
+            continue
+        params[f.name] = list(value) if isinstance(value, tuple) else value
+    return params

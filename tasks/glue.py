@@ -19,7 +19,7 @@ from tasks.digest import dir_size
 from tasks.errors import KilnError, StoreError
 from tasks.graph import Graph
 from tasks.keys import canonical_json, diff_identities
-from tasks.recipe import Step
+from tasks.recipe import Step, inputs_of
 from tasks.report import REPORT_STEP
 from tasks.runner import run_step
 from tasks.store import Store
@@ -65,7 +65,7 @@ def _task(graph: Graph, ref: str, doc: str, deps: list[str]) -> dict[str, Any]:
 
 
 def step_task(graph: Graph, step: Step) -> dict[str, Any]:
-    deps = [graph.step(r).task for r in ([step.source] if step.source else []) + list(step.data)]
+    deps = [graph.step(r).task for r in inputs_of(step)]
     task = _task(graph, step.ref, _doc(step), deps)
     if step.name:
         task["name"] = step.name
@@ -117,7 +117,7 @@ def _why(graph: Graph, ref: str, task_of_key: dict[str, str]) -> str:
 
 def _describe(change: tuple[str, Any, Any], task_of_key: dict[str, str]) -> str:
     path, old, new = change
-    if isinstance(new, str) and (path == "inputs.from" or path.endswith(".data")):
+    if isinstance(new, str) and (path == "inputs.from" or path.endswith((".data", ".step"))):
         return f"input {task_of_key.get(new, '?')} changed"
     if path.endswith(".content"):
         return f"the files named by {path.split('.')[1]} changed"

@@ -63,7 +63,10 @@ def load_graph(recipe_path: Path, artifacts: Path) -> Graph:
             keys[ref] = key_of(identities[ref])
     finally:
         cache.close()
-    rows = {s.task: {"key": keys[s.ref], "from": s.source} for s in recipe.of_stage("evaluate")}
+    rows = {
+        s.task: {"key": keys[s.ref], "from": s.source, "data_set": s.config.data}
+        for s in recipe.of_stage("evaluate")
+    }
     identities[REPORT_STEP] = report_identity(recipe.name, rows)
     keys[REPORT_STEP] = key_of(identities[REPORT_STEP])
     return Graph(recipe, store, identities, keys)
@@ -81,6 +84,8 @@ def step_identity(
     for field in spec.data_fields:
         if params[field]:
             params[field] = {"data": keys[f"data.{params[field]}"]}
+    for field, ref in step.extra:
+        params[field] = {"step": keys[ref]}
     return {
         "stage": step.stage,
         "algorithm": spec.algorithm,

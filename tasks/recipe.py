@@ -39,6 +39,7 @@ class Step:
     config: Any
     source: str | None  # ref of the input step ("model", "capture.fp32"), None for model/data
     data: tuple[str, ...]  # refs of the data sets it reads ("data.botchan")
+    extra: tuple[tuple[str, str], ...] = ()  # (config field, ref) of other steps it reads
 
     @property
     def ref(self) -> str:
@@ -111,6 +112,12 @@ def _parse_steps(raw: dict[str, Any], file: str) -> dict[str, Step]:
                 )  # fmt: skip
             step = _step(file, stage, name, table)
             steps[step.ref] = step
+    for step in list(steps.values()):
+        if step.spec.implies:
+            completed, added = step.spec.implies(step, steps, file)
+            steps[step.ref] = completed
+            for new in added:
+                steps.setdefault(new.ref, new)
     for step in steps.values():
         _check_refs(file, step, steps)
     return steps
@@ -150,7 +157,13 @@ def _step(file: str, stage: str, name: str, table: dict[str, Any]) -> Step:
         raise RecipeError(file, where, f"{stage} takes no 'from'", "remove it")
     config = parse_config(spec.config, table, file, where)
     data = tuple(f"data.{getattr(config, f)}" for f in spec.data_fields if getattr(config, f))
-    return Step(stage, name, spec, config, source, data)
+    extra = tuple((f, getattr(config, f)) for f in spec.step_fields if getattr(config, f))
+    return Step(stage, name, spec, config, source, data, extra)
+
+
+def inputs_of(step: Step) -> list[str]:
+    """Refs of every step this one reads: its `from`, its data sets, its other step fields."""
+    return ([step.source] if step.source else []) + list(step.data) + [r for _, r in step.extra]
 
 
 def _check_refs(file: str, step: Step, steps: dict[str, Step]) -> None:
@@ -161,6 +174,18 @@ def _check_refs(file: str, step: Step, steps: dict[str, Step]) -> None:
             raise RecipeError(
                 file, step.ref, f"from = {step.source!r} names no step{did_you_mean(step.source, known)}",
                 f"name one of: {', '.join(known)}",
+            )  # fmt: skip
+    for field, ref in step.extra:
+        target = steps.get(ref)
+        wants = step.spec.step_fields[field]
+        if target is None or target.spec.output not in wants:
+            known = [r for r, s in steps.items() if s.spec.output in wants]
+            problem = "names no step" if target is None else "gives " + FORMAT_NAMES.get(
+                target.spec.output, target.spec.output)  # fmt: skip
+            raise RecipeError(
+                file, step.ref, f"{field} = {ref!r} {problem}{did_you_mean(ref, known)}",
+                f"name a step that gives {' or '.join(FORMAT_NAMES.get(w, w) for w in wants)}: "
+                f"{', '.join(known) or '(none in this recipe)'}",
             )  # fmt: skip
     for ref in step.data:
         target = steps.get(ref)
@@ -212,7 +237,7 @@ def _order(steps: dict[str, Step], file: str) -> dict[str, Step]:
             )
         visiting.append(ref)
         step = steps[ref]
-        for dep in ([step.source] if step.source else []) + list(step.data):
+        for dep in inputs_of(step):
             visit(dep)
         visiting.pop()
         done[ref] = step

@@ -11,7 +11,7 @@ from pathlib import Path
 from typing import Any
 
 REPORT_STEP = "report"
-REPORT_VERSION = "1"
+REPORT_VERSION = "2"  # 2: a data column, Δ ppl per data set, answer accuracy
 
 COLUMNS = [  # (metric, header, format)
     ("size_bytes", "size MB", lambda v: f"{v / 1e6:.1f}"),
@@ -20,7 +20,11 @@ COLUMNS = [  # (metric, header, format)
     ("load_s", "load s", lambda v: f"{v:.2f}"),
     ("first_token_ms", "1st token ms", lambda v: f"{v:.0f}"),
     ("decode_tokens_per_s", "decode tok/s", lambda v: f"{v:.1f}"),
+    ("answer_accuracy", "answers", lambda v: f"{v:.1%}"),
 ]
+
+
+TEXT_COLUMNS = 4  # step, model, format, data: left-aligned; the metrics right-aligned
 
 
 def report_identity(title: str, rows: dict[str, dict[str, Any]]) -> dict[str, Any]:
@@ -29,24 +33,28 @@ def report_identity(title: str, rows: dict[str, dict[str, Any]]) -> dict[str, An
     return {"stage": REPORT_STEP, "version": REPORT_VERSION, "title": title, "rows": rows}
 
 
-def make_rows(evaluations: list[tuple[str, str, dict[str, Any]]]) -> list[dict[str, Any]]:
-    """(task, from, metrics) per evaluate step -> rows, with the change in perplexity
-    relative to the first row evaluated on the base model (or the first row)."""
-    rows = [{"step": task, "model": source, **metrics} for task, source, metrics in evaluations]
-    base = next((r for r in rows if r["model"] == "model"), rows[0] if rows else None)
+def make_rows(evaluations: list[tuple[str, str, str, dict[str, Any]]]) -> list[dict[str, Any]]:
+    """(task, from, data set, metrics) per evaluate step -> rows, with the change in perplexity
+    relative to the base model's row on the same data set (else that data set's first row)."""
+    rows = [
+        {"step": task, "model": source, "data": data, **metrics}
+        for task, source, data, metrics in evaluations
+    ]
     for row in rows:
-        if base and row.get("perplexity") and base.get("perplexity"):
+        same = [r for r in rows if r["data"] == row["data"] and r.get("perplexity")]
+        base = next((r for r in same if r["model"] == "model"), same[0] if same else None)
+        if base and row.get("perplexity"):
             row["ppl_change"] = row["perplexity"] / base["perplexity"] - 1
     return rows
 
 
 def _cells(row: dict[str, Any]) -> list[str]:
-    cells = [row["step"], row["model"], str(row.get("format", ""))]
+    cells = [row["step"], row["model"], str(row.get("format", "")), row.get("data") or "-"]
     return cells + [fmt(row[m]) if row.get(m) is not None else "-" for m, _, fmt in COLUMNS]
 
 
 def headers() -> list[str]:
-    return ["step", "model", "format"] + [h for _, h, _ in COLUMNS]
+    return ["step", "model", "format", "data"] + [h for _, h, _ in COLUMNS]
 
 
 def text_table(rows: list[dict[str, Any]]) -> str:
@@ -54,7 +62,7 @@ def text_table(rows: list[dict[str, Any]]) -> str:
     widths = [max(len(line[i]) for line in table) for i in range(len(table[0]))]
     lines = [
         "  ".join(
-            c.ljust(w) if i < 3 else c.rjust(w)
+            c.ljust(w) if i < TEXT_COLUMNS else c.rjust(w)
             for i, (c, w) in enumerate(zip(line, widths, strict=True))
         )
         for line in table
@@ -67,7 +75,7 @@ def markdown_table(rows: list[dict[str, Any]]) -> str:
     head = headers()
     out = [
         "| " + " | ".join(head) + " |",
-        "|" + "|".join(["---"] * 3 + ["---:"] * (len(head) - 3)) + "|",
+        "|" + "|".join(["---"] * TEXT_COLUMNS + ["---:"] * (len(head) - TEXT_COLUMNS)) + "|",
     ]
     out += ["| " + " | ".join(_cells(r)) + " |" for r in rows]
     return "\n".join(out)
@@ -108,6 +116,11 @@ def html_report(rows: list[dict[str, Any]], title: str) -> str:
             ("perplexity", "Perplexity on held-out text (lower is better)", lambda v: f"{v:.2f}"),
             ("size_bytes", "Size on disk (MB)", lambda v: f"{v / 1e6:.1f}"),
             (
+                "answer_accuracy",
+                "Answer accuracy on held-out prompts (higher is better)",
+                lambda v: f"{v:.1%}",
+            ),
+            (
                 "decode_tokens_per_s",
                 "Decode speed (tokens/s, higher is better)",
                 lambda v: f"{v:.1f}",
@@ -117,7 +130,7 @@ def html_report(rows: list[dict[str, Any]], title: str) -> str:
     style = (
         "body{font-family:system-ui,sans-serif;margin:2em;max-width:70em}"
         "table{border-collapse:collapse}td,th{padding:.3em .8em;border-bottom:1px solid #ddd}"
-        "td:nth-child(n+4){text-align:right;font-variant-numeric:tabular-nums}"
+        "td:nth-child(n+5){text-align:right;font-variant-numeric:tabular-nums}"
         "svg text{font-size:13px}"
     )
     return (

@@ -79,6 +79,8 @@ def _run(graph: Graph, ref: str, task: str, tmp: Any) -> dict[str, Any]:
         ctx.input = graph.entry(step.source)
     for data_ref in step.data:
         ctx.data[data_ref.split(".", 1)[1]] = graph.entry(data_ref)
+    for field, ref in step.extra:
+        ctx.steps[field] = graph.entry(ref)
     return step.spec.run(step.config, ctx) or {}
 
 
@@ -87,7 +89,7 @@ def _run_report(graph: Graph, out: Any) -> dict[str, Any]:
     for ref in graph.evaluate_refs():
         step = graph.step(ref)
         metrics = graph.store.manifest(graph.keys[ref])["metrics"]
-        evaluations.append((step.task, step.source or "", metrics))
+        evaluations.append((step.task, step.source or "", step.config.data, metrics))
     rows = make_rows(evaluations)
     write_report(out, rows, f"modelkiln report: {graph.recipe.name}")
     print(f"\n{text_table(rows)}\n", flush=True)

@@ -17,7 +17,7 @@ pytestmark = pytest.mark.slow
 def default_build(tmp_path_factory):
     ws = Workspace(tmp_path_factory.mktemp("default"))
     ws.write((ROOT / "recipes" / "default.toml").read_text())
-    first = ws.doit(timeout=3600)  # the whole recipe: about 20-25 minutes on 2 cores
+    first = ws.doit(timeout=3600)  # the whole recipe: about 30 minutes on 2 cores
     return ws, first
 
 
@@ -73,3 +73,19 @@ def test_awq_through_onnxruntime_genai_matches_the_checkpoint(default_build):
     onnx, torch_awq = metrics(ws, "awq-onnx"), metrics(ws, "awq")
     assert abs(onnx["perplexity"] / torch_awq["perplexity"] - 1) < 0.01
     assert onnx["genai_sample"].strip()  # onnxruntime-genai generated text from it
+
+
+def test_the_tone_adapter_answers_and_matches_its_peft_model(default_build):
+    """The seed's quantize -> finetune -> adapter chain: the issue's bar is 70% held-out tone
+    accuracy after at most 100 steps, measured in onnxruntime-genai with the adapter."""
+    ws, _ = default_build
+    before, after = metrics(ws, "awq-tone-before"), metrics(ws, "awq-tone")
+    assert after["answer_accuracy"] >= 0.7, after["answer_accuracy"]
+    assert after["answer_accuracy"] > before["answer_accuracy"] + 0.3
+    assert after["answer_accuracy"] > after["answer_majority_share"]
+    adapter = json.loads(
+        (ws.artifacts / "recipe" / "adapter" / "awq-tone" / "MANIFEST.json").read_text()
+    )["metrics"]
+    # int4 kernels set the floor: the adapter adds no more error than the base alone has.
+    floor = adapter["base_vs_torch"]["max_abs_logit_diff"]
+    assert adapter["vs_peft"]["max_abs_logit_diff"] <= max(2 * floor, 1e-3)

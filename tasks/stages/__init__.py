@@ -19,7 +19,14 @@ from tasks.errors import PreflightError
 
 # Formats a step's output can have; a stage lists which ones it accepts as input.
 HF, ONNX, DATA, METRICS = "hf", "onnx", "data", "metrics"
-FORMAT_NAMES = {HF: "a Hugging Face model", ONNX: "an ONNX model", DATA: "a data set"}
+PEFT, ONNX_ADAPTER = "peft", "onnx-adapter"
+FORMAT_NAMES = {
+    HF: "a Hugging Face model",
+    ONNX: "an ONNX model",
+    DATA: "a data set",
+    PEFT: "a LoRA adapter (a finetune step)",
+    ONNX_ADAPTER: "an ONNX adapter (an adapter step)",
+}
 
 # (stage, algorithm) -> module. Algorithm None: the stage has one implementation.
 REGISTRY: dict[str, dict[str | None, str]] = {
@@ -34,11 +41,13 @@ REGISTRY: dict[str, dict[str | None, str]] = {
         "awq": "tasks.stages.quantize.awq",
         "quarot": "tasks.stages.quantize.quarot",
     },
+    "finetune": {None: "tasks.stages.finetune"},
+    "adapter": {None: "tasks.stages.adapter"},
     "evaluate": {None: "tasks.stages.evaluate"},
 }
 
 # Stages whose recipe tables are build steps `[<stage>.<name>]`, in the order tasks are listed.
-STEP_STAGES = ("capture", "quantize", "evaluate")
+STEP_STAGES = ("capture", "quantize", "finetune", "adapter", "evaluate")
 
 
 @dataclass(frozen=True)
@@ -54,6 +63,11 @@ class StageSpec:
     libraries: tuple[str, ...] = ()  # distributions whose versions enter the key
     needs: dict[str, str] = field(default_factory=dict)  # import name -> pip install fix
     data_fields: tuple[str, ...] = ()  # config fields that name a [data.<name>] table
+    # Config fields that name another step ("capture.awq-lora") -> the formats they accept.
+    step_fields: dict[str, tuple[str, ...]] = field(default_factory=dict)
+    # Steps the recipe implies for one of this stage's steps: (the step, as completed, and the
+    # steps to add). Called with the step, every step parsed so far and the recipe file.
+    implies: Callable[..., tuple[Any, list[Any]]] | None = None
     # Config fields naming local files or directories -> their paths. In the key, each such
     # field holds the content digest instead of the path (cached by stat, so unchanged big files
     # are never re-read, and moving a file does not rebuild). A missing one fails at load.
@@ -75,6 +89,7 @@ class StepContext:
     artifacts: Path  # the artifacts root, for download caches
     input: Path | None = None  # the upstream step's store entry
     data: dict[str, Path] = field(default_factory=dict)  # data set name -> store entry
+    steps: dict[str, Path] = field(default_factory=dict)  # step field -> that step's entry
 
     def log(self, message: str) -> None:
         print(f"  {self.task}: {message}", file=sys.stderr, flush=True)

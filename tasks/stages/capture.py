@@ -79,7 +79,16 @@ class Config:
         "embedding stay float) unless set here",
     )
 
+    lora_slots: bool = option(
+        False, "add an empty LoRA input beside every decoder projection, for adapter steps "
+        "(builder); the adapter stage adds such a capture by itself", added=True,
+    )  # fmt: skip
+
     def __post_init__(self) -> None:
+        if self.lora_slots and not self.ort_genai:
+            raise ConfigValueError(
+                "lora_slots", "needs the builder's graph names", "set ort_genai = true"
+            )
         self._check_int4()
         self._check_extra_options()
         if not self.ort_genai and (self.precision, self.execution_provider) != ("fp32", "cpu"):
@@ -332,6 +341,12 @@ def run(config: Config, ctx: StepContext) -> dict[str, Any]:
         # accepts it, whereas it refuses tokenizer classes it does not know, so putting back
         # the input's file could break the folder; the genai check below proves it loads.
         run_builder(config, ctx, ctx.input, quant)
+        if config.lora_slots:
+            from tasks.stages.onnx_folder import model_file
+            from tasks.tune.onnx_lora import add_lora_slots
+
+            slots = add_lora_slots(model_file(ctx.out))
+            ctx.log(f"{len(slots)} empty LoRA slots added (adapter inputs)")
     else:
         ctx.log("torch.onnx export (dynamo)")
         export_decoder(ctx.input, ctx.out)

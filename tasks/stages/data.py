@@ -14,12 +14,17 @@ end_marker = "*** END OF THIS PROJECT GUTENBERG"
 path = "data/tweets_GroundTruth.txt"
 format = "tsv"
 columns = ["id", "score", "phrase"]
-text_template = "{phrase} ({score})"
+bin_field = "score"               # a number field, cut into named buckets: a new field "tone"
+bin_edges = [-0.5, 0.5]
+bin_names = ["negative", "neutral", "positive"]
+bin_into = "tone"
+text_template = "{phrase} -> {tone}"
 ```
 """
 
 from __future__ import annotations
 
+import bisect
 import csv
 import dataclasses
 import json
@@ -60,6 +65,12 @@ class Config:
     start_marker: str = option("", "text: keep only what follows the line containing this")
     end_marker: str = option("", "text: and only what precedes the line containing this")
     record_chars: int = option(2000, "text: join paragraphs into records of up to this many chars")
+    bin_field: str = option("", "a numeric field to cut into named buckets (a label)", added=True)
+    bin_edges: tuple[float, ...] = option(
+        (), "bin_field: ascending cut points; a value on an edge goes to the bucket above", True
+    )
+    bin_names: tuple[str, ...] = option((), "bin_field: a name per bucket (edges + 1)", True)
+    bin_into: str = option("label", "bin_field: the new field holding the bucket's name", True)
     text_field: str = option("text", "the field holding each record's text")
     text_template: str = option("", "build the text from fields instead: '{phrase} -> {tone}'")
     heldout_fraction: float = option(0.1, "fraction of the records held out (the last ones)")
@@ -84,6 +95,7 @@ class Config:
             raise ConfigValueError(
                 "text_template", str(err), "write {phrase}; {{ for a brace"
             ) from None
+        self._check_bins()
         for key, ok, rule in (
             ("heldout_fraction", 0 <= self.heldout_fraction < 1, "at least 0 and below 1"),
             ("record_chars", self.record_chars > 0, "positive"),
@@ -105,6 +117,20 @@ class Config:
                     f"only applies to {where}: here it would change the step's key, not the output",
                     f"remove {key}",
                 )
+
+    def _check_bins(self) -> None:
+        if not self.bin_field:
+            return
+        edges = list(self.bin_edges)
+        if not edges or edges != sorted(set(edges)):
+            raise ConfigValueError(
+                "bin_edges", f"{edges} is not a list of ascending numbers", "e.g. [-0.5, 0.5]"
+            )
+        if len(self.bin_names) != len(edges) + 1:
+            raise ConfigValueError(
+                "bin_names", f"{len(edges)} edges make {len(edges) + 1} buckets, but "
+                f"{len(self.bin_names)} names are given", f"give {len(edges) + 1} names",
+            )  # fmt: skip
 
 
 def _pypi(c: Config) -> bool:
@@ -138,6 +164,9 @@ NARROW_SETTINGS: tuple[tuple[str, Callable[[Config], bool], str], ...] = (
     ("end_marker", _prose_file, 'a prose file (format = "text")'),
     ("record_chars", _prose_file, 'a prose file (format = "text")'),
     ("seed", lambda c: bool(c.shuffle), "a shuffled data set (shuffle = true)"),
+    ("bin_edges", lambda c: bool(c.bin_field), "a binned field (bin_field)"),
+    ("bin_names", lambda c: bool(c.bin_field), "a binned field (bin_field)"),
+    ("bin_into", lambda c: bool(c.bin_field), "a binned field (bin_field)"),
 )
 
 
@@ -151,7 +180,7 @@ def template_fields(template: str) -> list[str]:
 
 
 def run(config: Config, ctx: StepContext) -> dict[str, Any]:
-    records, skipped = _with_text(_records(config, ctx), config)
+    records, skipped = _with_text(_binned(_records(config, ctx), config), config)
     if config.shuffle:
         random.Random(config.seed).shuffle(records)
     if config.max_records:
@@ -169,6 +198,10 @@ def run(config: Config, ctx: StepContext) -> dict[str, Any]:
         "heldout_chars": sum(len(r["text"]) for r in heldout),
         "skipped_empty": skipped,
     }
+    if config.bin_field:
+        counts = {n: sum(r[config.bin_into] == n for r in records) for n in config.bin_names}
+        info["buckets"] = counts
+        ctx.log(f"{config.bin_into}: " + ", ".join(f"{n} {c}" for n, c in counts.items()))
     (ctx.out / "info.json").write_text(json.dumps(info, indent=2) + "\n", encoding="utf-8")
     ctx.log(f"{len(train)} train and {len(heldout)} held-out records")
     return info
@@ -311,6 +344,30 @@ def _hf_records(config: Config) -> list[Record]:
             "on huggingface.co, and that the hub is reachable"
         ) from None
     return [dict(record) for record in data]
+
+
+def _binned(records: list[Record], config: Config) -> list[Record]:
+    """Add bin_into = the name of the bucket bin_field's number falls in."""
+    if not config.bin_field or not records:
+        return records
+    fields = list(dict.fromkeys(key for record in records for key in record))
+    if config.bin_field not in fields:
+        raise StageError(
+            f"bin_field names {config.bin_field!r}{did_you_mean(config.bin_field, fields)}, but "
+            f"the records have the fields {fields}\n  fix: use one of those names in bin_field"
+        )
+    out = []
+    for number, record in enumerate(records, start=1):
+        try:
+            value = float(record[config.bin_field])
+        except (KeyError, TypeError, ValueError):
+            raise StageError(
+                f"record {number}: {config.bin_field} = {record.get(config.bin_field)!r} is not "
+                "a number\n  fix: point bin_field at a numeric field"
+            ) from None
+        name = config.bin_names[bisect.bisect_right(config.bin_edges, value)]
+        out.append({**record, config.bin_into: name})
+    return out
 
 
 def _with_text(records: list[Record], config: Config) -> tuple[list[Record], int]:

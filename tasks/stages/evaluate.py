@@ -17,6 +17,7 @@ an ONNX folder with a genai_config.json is also timed in onnxruntime-genai, the 
 
 from __future__ import annotations
 
+import dataclasses
 import importlib.util
 import json
 import math
@@ -30,7 +31,7 @@ from typing import TYPE_CHECKING, Any, Literal
 from tasks.config import ConfigValueError, option
 from tasks.digest import dir_size
 from tasks.errors import PreflightError, StageError
-from tasks.stages import HF, METRICS, ONNX, StageSpec, StepContext
+from tasks.stages import HF, METRICS, ONNX, ONNX_ADAPTER, PEFT, StageSpec, StepContext
 from tasks.stages.onnx_folder import GENAI_CONFIG
 
 if TYPE_CHECKING:
@@ -56,9 +57,19 @@ class Config:
     new_tokens: int = option(32, "greedy tokens generated per latency run")
     repeats: int = option(3, "timed latency runs; the median is reported")
     threads: int = option(1, "CPU threads (torch and onnxruntime); 1 is steadiest on shared CPUs")
+    answers: int = option(
+        200, "held-out records whose answer is scored, when the model is a fine-tune with an "
+        "answer_field (or prompts_from is set); 0: none", added=True,
+    )  # fmt: skip
+    answer_tokens: int = option(8, "greedy tokens generated per answer", added=True)
+    prompts_from: str = option(
+        "", "a finetune step: score this (base) model on its prompts and answers, for a "
+        "before-training figure", added=True,
+    )  # fmt: skip
 
     def __post_init__(self) -> None:
         minimums = {"seq_len": 2, "max_tokens": 1, "new_tokens": 2, "repeats": 1, "threads": 1}
+        minimums |= {"answers": 0, "answer_tokens": 1}
         for key, least in minimums.items():
             if getattr(self, key) < least:
                 fix = "decode speed needs a second token" if key == "new_tokens" else ""
@@ -197,30 +208,37 @@ def time_generation(
     }
 
 
-def load_runner(folder: Path, fmt: str, threads: int) -> Runner:
+def load_runner(folder: Path, fmt: str, threads: int, adapter: Path | None = None) -> Runner:
     from tasks.stages.evaluate_runners import HfRunner, OrtRunner
 
-    return OrtRunner(folder, threads) if fmt == ONNX else HfRunner(folder)
+    return OrtRunner(folder, threads, adapter) if fmt == ONNX else HfRunner(folder, adapter)
 
 
 def measure(
-    config: Config, ctx: StepContext, fmt: str, tokenizer: Any, prompt: list[int]
+    config: Config, ctx: StepContext, model: Model, tokenizer: Any, prompt: list[int]
 ) -> dict[str, Any]:
     """Load the model, score the data set if any, time generation. The model is freed on
     return, before onnxruntime-genai loads its own copy."""
-    assert ctx.input is not None
+    from tasks.stages.evaluate_runners import greedy
+
     started = time.perf_counter()
-    runner = load_runner(ctx.input, fmt, config.threads)
+    runner = load_runner(model.folder, model.fmt, config.threads, model.adapter)
     metrics: dict[str, Any] = {"load_s": time.perf_counter() - started}
     if config.data:
         if config.split != "heldout":
             ctx.log(f"scoring the {config.split} split: for debugging; report held-out perplexity")
         text = read_text(ctx.data[config.data], config.split)
         metrics |= text_perplexity(runner, tokenizer, text, config.seq_len, config.max_tokens, ctx)
-    eos = eos_ids(ctx.input, tokenizer)
+    eos = eos_ids(model.folder, tokenizer)
     sample, timings = time_generation(runner, prompt, config, eos)
     metrics |= timings
     metrics["sample"] = tokenizer.decode(sample, skip_special_tokens=True)
+    if model.answers and model.fmt == HF:  # ONNX models answer in onnxruntime-genai, below
+
+        def generate(ids: list[int]) -> list[int]:
+            return greedy(runner, ids, config.answer_tokens, eos)[0]
+
+        metrics |= score_answers(generate, tokenizer, model, config, ctx)
     return metrics
 
 
@@ -244,27 +262,90 @@ def require_onnx_runtimes(folder: Path) -> None:
             )
 
 
+@dataclass(frozen=True)
+class Model:
+    """What an evaluate step runs: a model folder, maybe a LoRA adapter on it, and the
+    fine-tune's prompt format when there are answers to score."""
+
+    folder: Path
+    fmt: str  # HF or ONNX
+    adapter: Path | None = None  # a PEFT folder (HF) or an .onnx_adapter file (ONNX)
+    answers: Any = None  # tasks.tune.examples.Format with an answer_field, or None
+
+    def size_bytes(self) -> int:
+        extra = 0
+        if self.adapter is not None:
+            extra = size_bytes(self.adapter) if self.adapter.is_dir() else self.adapter.stat().st_size
+        return size_bytes(self.folder) + extra
+
+
+def resolve_model(ctx: StepContext) -> Model:
+    """The input as a runnable model: a finetune step's PEFT adapter runs on its base model,
+    an adapter step's .onnx_adapter on its shared ONNX base (both found in the store)."""
+    from tasks.stages.adapter import ADAPTER_INFO, entry_beside
+    from tasks.stages.finetune import FINETUNE_INFO
+    from tasks.tune.examples import Format
+
+    assert ctx.input is not None
+    source = ctx.steps.get("prompts_from", ctx.input)
+    fmt_file = source / FINETUNE_INFO
+    answers = None
+    if fmt_file.is_file():
+        answers = Format(**json.loads(fmt_file.read_text(encoding="utf-8"))["format"])
+        answers = answers if answers.answer_field else None
+    if (ctx.input / ADAPTER_INFO).is_file():
+        info = json.loads((ctx.input / ADAPTER_INFO).read_text())
+        base = entry_beside(ctx.input, info["base_key"])
+        return Model(base, ONNX, ctx.input / info["adapter"], answers)
+    if (ctx.input / FINETUNE_INFO).is_file():
+        info = json.loads((ctx.input / FINETUNE_INFO).read_text())
+        return Model(entry_beside(ctx.input, info["base_key"]), HF, ctx.input, answers)
+    fmt = ONNX if any(ctx.input.glob("*.onnx")) else HF
+    return Model(ctx.input, fmt, None, answers)
+
+
+def score_answers(
+    generate: Any, tokenizer: Any, model: Model, config: Config, ctx: StepContext
+) -> dict[str, Any]:
+    """Accuracy of the answers read from the first generated tokens on held-out records."""
+    from tasks.tune.examples import answer_accuracy, read_records
+
+    if not config.data:
+        raise StageError("scoring answers needs data\n  fix: set data = the fine-tune's data set")
+    records = read_records(ctx.data[config.data], "heldout")[: config.answers]
+    return answer_accuracy(
+        generate, tokenizer, records, model.answers, ctx.progress(records, "answers")
+    )
+
+
 def run(config: Config, ctx: StepContext) -> dict[str, Any]:
     from transformers import AutoTokenizer
 
-    from tasks.stages.evaluate_runners import genai_metrics, torch_threads
+    from tasks.stages.evaluate_runners import genai_answers, genai_metrics, torch_threads
 
-    assert ctx.input is not None
-    folder = ctx.input
-    fmt = ONNX if any(folder.glob("*.onnx")) else HF
-    if fmt == ONNX:
+    model = resolve_model(ctx)
+    if not config.answers:
+        model = dataclasses.replace(model, answers=None)
+    folder = model.folder
+    if model.fmt == ONNX:
         require_onnx_runtimes(folder)
     limit = context_length(folder)
     if config.data and limit and config.seq_len > limit:
         raise StageError(f"seq_len {config.seq_len} is longer than the model's context {limit}")
     tokenizer = AutoTokenizer.from_pretrained(folder)
-    metrics: dict[str, Any] = {"format": fmt, "size_bytes": size_bytes(folder)}
+    metrics: dict[str, Any] = {"format": model.fmt, "size_bytes": model.size_bytes()}
+    if model.adapter is not None:
+        metrics["adapter"] = True
     prompt = prompt_ids(tokenizer, config)
     with torch_threads(config.threads):
-        metrics |= measure(config, ctx, fmt, tokenizer, prompt)
-    if fmt == ONNX:
-        args = (config.new_tokens, config.repeats, config.threads, eos_ids(folder, tokenizer))
-        metrics |= genai_metrics(folder, prompt, *args)
+        metrics |= measure(config, ctx, model, tokenizer, prompt)
+    if model.fmt == ONNX:
+        eos = eos_ids(folder, tokenizer)
+        args = (config.new_tokens, config.repeats, config.threads, eos)
+        metrics |= genai_metrics(folder, prompt, *args, adapter=model.adapter)
+        if model.answers and (folder / GENAI_CONFIG).is_file():
+            with genai_answers(folder, config.threads, model.adapter, config.answer_tokens) as gen:
+                metrics |= score_answers(gen, tokenizer, model, config, ctx)
     ctx.log(summary(metrics))
     return metrics
 
@@ -277,6 +358,8 @@ def summary(metrics: dict[str, Any]) -> str:
     parts.append(f"{metrics['decode_tokens_per_s']:.1f} tok/s")
     if "genai_decode_tokens_per_s" in metrics:
         parts.append(f"genai {metrics['genai_decode_tokens_per_s']:.1f} tok/s")
+    if "answer_accuracy" in metrics:
+        parts.append(f"answers {metrics['answer_accuracy']:.1%} of {metrics['answers_scored']}")
     return ", ".join(parts)
 
 
@@ -287,9 +370,10 @@ SPEC = StageSpec(
     config=Config,
     run=run,
     doc="perplexity on held-out text, size on disk, load time, latency and tokens/s",
-    inputs=(HF, ONNX),
+    inputs=(HF, ONNX, PEFT, ONNX_ADAPTER),
     output=METRICS,
     libraries=("transformers", "torch", "onnxruntime", "onnxruntime-genai", "tokenizers"),
     needs={"transformers": "pip install modelkiln", "torch": "pip install modelkiln"},
     data_fields=("data",),
+    step_fields={"prompts_from": (PEFT,)},
 )

@@ -60,16 +60,20 @@ def torch_threads(threads: int) -> Iterator[None]:
 
 
 class HfRunner:
-    """A transformers causal LM in float32 on the CPU (a GPTQ/AWQ checkpoint dequantized)."""
+    """A transformers causal LM in float32 on the CPU (a GPTQ/AWQ checkpoint dequantized),
+    with a fine-tune's LoRA adapter when one is given."""
 
-    def __init__(self, folder: Path) -> None:
+    def __init__(self, folder: Path, adapter: Path | None = None) -> None:
         import torch
 
+        from tasks.tune.peft_model import load_peft_model
+
         self.torch = torch
-        self.model = load_causal_lm(folder)
+        self.model = load_peft_model(folder, adapter) if adapter else load_causal_lm(folder)
         self.past: Any = None
         # transformers 5.2x renames forward's past_key_values to cache (the old name warns).
-        params = inspect.signature(self.model.forward).parameters
+        inner = self.model.get_base_model() if adapter else self.model  # PEFT takes **kwargs
+        params = inspect.signature(inner.forward).parameters
         self.cache_arg = "cache" if "cache" in params else "past_key_values"
 
     def logits(self, ids: list[int]) -> np.ndarray:
@@ -94,14 +98,23 @@ class HfRunner:
 class OrtRunner:
     """The decoder of an ONNX folder in onnxruntime (CPU provider), its cache fed back by hand:
     inputs past_key_values.{i}.key/value, outputs present.{i}.key/value (the genai builder's
-    names), shape [batch, kv_heads, past_len, head_size]."""
+    names), shape [batch, kv_heads, past_len, head_size]. With an adapter file, every run has
+    that LoRA adapter active."""
 
-    def __init__(self, folder: Path, threads: int) -> None:
+    def __init__(self, folder: Path, threads: int, adapter: Path | None = None) -> None:
         import onnxruntime as ort
 
+        self.run_options = ort.RunOptions()
+        if adapter is not None:
+            # Kept on self: the run options only point at it, and a freed adapter is silently
+            # no adapter at all.
+            self.lora = ort.LoraAdapter()
+            self.lora.Load(str(adapter))
+            self.run_options.add_active_adapter(self.lora)
         options = ort.SessionOptions()
         options.intra_op_num_threads = threads
         options.inter_op_num_threads = 1
+        options.log_severity_level = 3  # see ort_session
         self.session = ort_session(model_file(folder), ["CPUExecutionProvider"], options)
         self.dims = decoder_dims(folder)
         self.inputs = {arg.name: arg for arg in self.session.get_inputs()}
@@ -110,11 +123,13 @@ class OrtRunner:
         self.length = 0  # tokens in the cache
 
     def logits(self, ids: list[int]) -> np.ndarray:
-        (logits,) = self.session.run(["logits"], empty_past_feed(self.session, ids, self.dims))
+        feed = empty_past_feed(self.session, ids, self.dims)
+        (logits,) = self.session.run(["logits"], feed, self.run_options)
         return logits[0]
 
     def _run(self, feed: dict[str, np.ndarray], new: int) -> int:
-        results = dict(zip(self.outputs, self.session.run(self.outputs, feed), strict=True))
+        outputs = self.session.run(self.outputs, feed, self.run_options)
+        results = dict(zip(self.outputs, outputs, strict=True))
         self.past = {
             name: results[name.replace("past_key_values.", "present.", 1)]
             for name in self.inputs
@@ -165,6 +180,17 @@ def genai_model(folder: Path, threads: int) -> Any:
     return og.Model(config)
 
 
+def genai_with_adapter(model: Any, adapter: Path | None) -> tuple[Any, str] | None:
+    """(onnxruntime-genai Adapters holding the file, its name), or None without one."""
+    if adapter is None:
+        return None
+    import onnxruntime_genai as og
+
+    adapters = og.Adapters(model)
+    adapters.load(str(adapter), adapter.stem)
+    return adapters, adapter.stem
+
+
 def genai_metrics(
     folder: Path,
     prompt: list[int],
@@ -172,6 +198,7 @@ def genai_metrics(
     repeats: int,
     threads: int,
     eos: frozenset[int],
+    adapter: Path | None = None,
 ) -> dict[str, Any]:
     """Load time, first-token latency, decode speed and greedy text in onnxruntime-genai."""
     import onnxruntime_genai as og
@@ -181,9 +208,13 @@ def genai_metrics(
     started = time.perf_counter()
     with genai_errors(folder):
         model = genai_model(folder, threads)
+        active = genai_with_adapter(model, adapter)
         load_s = time.perf_counter() - started
-        sample, _, _ = genai_greedy(model, prompt, new_tokens)  # also a warm-up
-        runs = [genai_greedy(model, prompt, new_tokens, fixed=True) for _ in range(repeats)]
+        sample, _, _ = genai_greedy(model, prompt, new_tokens, adapter=active)  # also a warm-up
+        runs = [
+            genai_greedy(model, prompt, new_tokens, fixed=True, adapter=active)
+            for _ in range(repeats)
+        ]
         text = og.Tokenizer(model).decode([t for t in sample if t not in eos])
     return {
         "genai_load_s": load_s,
@@ -191,3 +222,14 @@ def genai_metrics(
         "genai_decode_tokens_per_s": statistics.median((len(r[0]) - 1) / r[2] for r in runs),
         "genai_sample": text,
     }
+
+
+@contextmanager
+def genai_answers(
+    folder: Path, threads: int, adapter: Path | None, new_tokens: int
+) -> Iterator[Any]:
+    """A generate(prompt ids) -> new ids function in onnxruntime-genai, adapter active."""
+    with genai_errors(folder):
+        model = genai_model(folder, threads)
+        active = genai_with_adapter(model, adapter)
+        yield lambda ids: genai_greedy(model, ids, new_tokens, adapter=active)[0]

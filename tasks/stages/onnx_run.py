@@ -120,6 +120,10 @@ def ort_session(
     """An onnxruntime session of the model file, or a StageError saying it does not load."""
     import onnxruntime as ort
 
+    if options is None:
+        options = ort.SessionOptions()
+        # Errors only: a LoRA-ready model's empty default adapter inputs warn once per input.
+        options.log_severity_level = 3
     try:
         return ort.InferenceSession(str(path), options, providers=providers)
     except Exception as err:  # onnxruntime's Fail, InvalidGraph, ... derive from Exception only
@@ -190,17 +194,24 @@ def genai_errors(folder: Path) -> Iterator[None]:
 
 
 def genai_greedy(
-    model: Any, prompt: Sequence[int], new_tokens: int, fixed: bool = False
+    model: Any,
+    prompt: Sequence[int],
+    new_tokens: int,
+    fixed: bool = False,
+    adapter: tuple[Any, str] | None = None,
 ) -> tuple[list[int], float, float]:
     """(new tokens, seconds to the first, seconds for the rest) of greedy decoding in
     onnxruntime-genai. `fixed` forbids stopping at EOS (genai's min_length), so timed runs
-    decode exactly new_tokens. Call it inside `genai_errors`."""
+    decode exactly new_tokens; `adapter`: (og.Adapters, name) to activate for this request.
+    Call it inside `genai_errors`."""
     import onnxruntime_genai as og
 
     params = og.GeneratorParams(model)
     length = len(prompt) + new_tokens
     params.set_search_options(max_length=length, min_length=length if fixed else 0, do_sample=False)
     generator = og.Generator(model, params)
+    if adapter is not None:
+        generator.set_active_adapter(*adapter)
     started = time.perf_counter()
     generator.append_tokens(prompt)  # runs the prompt; the next call only picks the token
     generator.generate_next_token()

@@ -310,3 +310,57 @@ def test_writing_the_default_shuffle_gives_the_same_params():
     assert as_params(Config(path="a.tsv", format="tsv")) == as_params(
         Config(path="a.tsv", format="tsv", shuffle=True)
     )
+
+
+def test_a_score_is_binned_into_a_named_tone(tmp_path):
+    tsv = tmp_path / "tweets.tsv"
+    tsv.write_bytes((TWEETS + "5\t-0.5\tMeh\r\n6\t0.5\tFine\r\n").encode())
+    config = Config(
+        path=str(tsv), format="tsv", columns=("id", "score", "phrase"), bin_field="score",
+        bin_edges=(-0.5, 0.5), bin_names=("negative", "neutral", "positive"), bin_into="tone",
+        text_template="{phrase} -> {tone}", heldout_fraction=0.0,
+    )  # fmt: skip
+    info = run(config, context(tmp_path))
+    tones = {r["id"]: r["tone"] for r in read_jsonl(tmp_path / "out" / "train.jsonl")}
+    # An edge value goes to the bucket above it.
+    assert tones == {"1": "positive", "2": "positive", "3": "negative", "4": "neutral",
+                     "5": "neutral", "6": "positive"}  # fmt: skip
+    assert info["buckets"] == {"negative": 1, "neutral": 2, "positive": 3}
+
+
+@pytest.mark.parametrize(
+    "fields, key, message",
+    [
+        ({"bin_field": "score", "bin_edges": (0.5, -0.5), "bin_names": ("a", "b", "c")},
+         "bin_edges", "ascending"),
+        ({"bin_field": "score", "bin_edges": (0.0,), "bin_names": ("a", "b", "c")},
+         "bin_names", "give 2 names"),
+        ({"bin_edges": (0.0,)}, "bin_edges", "only applies to a binned field"),
+    ],
+)  # fmt: skip
+def test_bad_bins_are_refused_with_the_fix(tmp_path, fields, key, message):
+    with pytest.raises(ConfigValueError) as err:
+        Config(path="x.tsv", format="tsv", columns=("id", "score", "phrase"), **fields)
+    assert err.value.key == key and message in f"{err.value.problem} {err.value.fix}"
+
+
+def test_a_bin_field_that_is_missing_or_not_a_number_is_one_error(tmp_path):
+    tsv = tmp_path / "tweets.tsv"
+    tsv.write_bytes(TWEETS.encode())
+    common = {"path": str(tsv), "format": "tsv", "columns": ("id", "score", "phrase"),
+              "bin_edges": (0.0,), "bin_names": ("low", "high"), "text_field": "phrase"}  # fmt: skip
+    with pytest.raises(StageError, match=r"did you mean score\?\).*the fields"):
+        run(Config(bin_field="scor", **common), context(tmp_path))
+    with pytest.raises(StageError, match="phrase = 'Somehow.*is not a number"):
+        run(Config(bin_field="phrase", **common), context(tmp_path, "out2"))
+
+
+def test_new_options_at_their_defaults_leave_the_key_unchanged():
+    """Options added after a stage shipped stay out of the key at their defaults, so existing
+    steps are not rebuilt when one is added."""
+    from tasks.config import as_params
+
+    params = as_params(Config(path="x.txt"))
+    assert "bin_field" not in params and "bin_names" not in params and "path" in params
+    assert as_params(Config(path="x.tsv", format="tsv", bin_field="s", bin_edges=(0.0,),
+                            bin_names=("a", "b")))["bin_field"] == "s"  # fmt: skip

@@ -1,0 +1,1 @@
+"""Fine-tuning: training examples, the LoRA loop, and LoRA in ONNX graphs."""
