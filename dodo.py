@@ -33,7 +33,14 @@ except KilnError as err:
 ARTIFACTS.mkdir(parents=True, exist_ok=True)  # doit opens its database here before any task runs
 DOIT_CONFIG = {
     "default_tasks": [
-        "model", "data", "capture", "quantize", "finetune", "adapter", "evaluate", "report"
+        "model",
+        "data",
+        "capture",
+        "quantize",
+        "finetune",
+        "adapter",
+        "evaluate",
+        "report",
     ],
     "dep_file": str(ARTIFACTS / ".doit.db"),
     "backend": "sqlite3",  # safe when two doit processes share one workspace

@@ -41,8 +41,10 @@ def pct(value: float | None) -> str:
 
 
 def training_table(links: Path) -> None:
-    print("| fine-tune | base | device | steps | steps/s | loss first -> last | held-out loss |"
-          " answers before | after, genai + adapter | after, PyTorch + PEFT | majority answer |")
+    print(
+        "| fine-tune | base | device | steps | steps/s | loss first -> last | held-out loss |"
+        " answers before | after, genai + adapter | after, PyTorch + PEFT | majority answer |"
+    )
     print("|---|---|---|---:|---:|---|---:|---:|---:|---:|---:|")
     for name, base in (("awq-tone", "quantize.awq (int4)"), ("float-tone", "model (fp32)"),
                        ("awq-words", "quantize.awq (int4)")):  # fmt: skip
@@ -62,8 +64,10 @@ def training_table(links: Path) -> None:
 
 
 def parity_table(links: Path) -> None:
-    print("\n| adapter | ONNX base + adapter vs PEFT: max abs Δlogit | top-1 agreement |"
-          " base alone vs PyTorch: max abs Δlogit |")
+    print(
+        "\n| adapter | ONNX base + adapter vs PEFT: max abs Δlogit | top-1 agreement |"
+        " base alone vs PyTorch: max abs Δlogit |"
+    )
     print("|---|---:|---:|---:|")
     for name in ("awq-tone", "awq-words", "float-tone"):
         m = metrics(links / "adapter" / name)
@@ -95,7 +99,7 @@ def switching(links: Path, count: int) -> None:
         tasks[name] = (fmt, records, sorted({r["tone"] for r in records}))
     scores = {name: [0, 0, 0] for name in tasks}  # correct, in own labels, asked
     for i in range(count):
-        for name in (tasks if i % 2 == 0 else reversed(tasks)):  # alternate the order too
+        for name in tasks if i % 2 == 0 else reversed(tasks):  # alternate the order too
             fmt, records, labels = tasks[name]
             record = records[i]
             ids = prompt_ids(tokenizer, make_example(fmt, record, tokenizer).prompt)

@@ -97,7 +97,12 @@ class StepContext:
     def progress(self, items: Iterable[Any], desc: str, total: int | None = None) -> Iterable[Any]:
         from tqdm import tqdm
 
-        return tqdm(items, desc=f"  {self.task}: {desc}", total=total, file=sys.stderr, leave=False)
+        # Into a log file or CI (not a terminal) a redraw is a line each: one every 30 s.
+        interval = 0.1 if sys.stderr.isatty() else 30.0
+        return tqdm(
+            items, desc=f"  {self.task}: {desc}", total=total, file=sys.stderr, leave=False,
+            mininterval=interval,
+        )  # fmt: skip
 
 
 def algorithms(stage: str) -> list[str]:

@@ -49,7 +49,11 @@ def implied_base(step: Any, steps: dict[str, Any], file: str) -> tuple[Any, list
 
     finetune = steps.get(step.source)
     if finetune is None or finetune.stage != "finetune":
-        what = f"{step.source!r} is a {finetune.stage} step" if finetune else f"{step.source!r} names no step"
+        what = (
+            f"{step.source!r} is a {finetune.stage} step"
+            if finetune
+            else f"{step.source!r} names no step"
+        )
         tunes = [r for r, s in steps.items() if s.stage == "finetune"]
         raise RecipeError(
             file, step.ref, f"an adapter is made from a fine-tune, but from = {what}",
@@ -91,9 +95,7 @@ def implied_base(step: Any, steps: dict[str, Any], file: str) -> tuple[Any, list
     return completed, [base_step]
 
 
-def onnx_logits_with_adapter(
-    folder: Path, ids: list[int], adapter: Path | None
-) -> Any:
+def onnx_logits_with_adapter(folder: Path, ids: list[int], adapter: Path | None) -> Any:
     """Logits [seq, vocab] of the ONNX base, with the adapter file active when given."""
     import numpy as np
     import onnxruntime as ort

@@ -275,7 +275,9 @@ class Model:
     def size_bytes(self) -> int:
         extra = 0
         if self.adapter is not None:
-            extra = size_bytes(self.adapter) if self.adapter.is_dir() else self.adapter.stat().st_size
+            extra = (
+                size_bytes(self.adapter) if self.adapter.is_dir() else self.adapter.stat().st_size
+            )
         return size_bytes(self.folder) + extra
 
 

@@ -89,7 +89,9 @@ class Config:
             )
         for key in ("r", "alpha", "max_steps", "batch_size", "grad_accum", "seq_len"):
             if getattr(self, key) < 1:
-                raise ConfigValueError(key, f"{getattr(self, key)} is not allowed", "make it 1 or more")
+                raise ConfigValueError(
+                    key, f"{getattr(self, key)} is not allowed", "make it 1 or more"
+                )
         for key, ok in (
             ("eval_every", self.eval_every >= 1),
             ("eval_samples", self.eval_samples >= 0),

@@ -70,7 +70,9 @@ def prompt_part(template: str, record: dict[str, Any], answer_field: str) -> str
     marker = "\x00answer\x00"
     with_marker = template.format_map({**record, answer_field: marker})
     if marker not in with_marker:
-        raise StageError(f"text_template has no {{{answer_field}}}\n  fix: add it, or unset answer_field")
+        raise StageError(
+            f"text_template has no {{{answer_field}}}\n  fix: add it, or unset answer_field"
+        )
     return with_marker[: with_marker.index(marker)]
 
 

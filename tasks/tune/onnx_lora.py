@@ -71,7 +71,7 @@ def add_lora_slots(model_path: Path) -> list[Slot]:
     """Rewrite the model file with an empty LoRA slot beside every decoder projection. Weights
     in external data stay where they are: only the graph is rewritten."""
     import onnx
-    from onnx import TensorProto, helper
+    from onnx import helper
 
     model = onnx.load(str(model_path), load_external_data=False)
     graph = model.graph
@@ -92,7 +92,9 @@ def add_lora_slots(model_path: Path) -> list[Slot]:
         root = f"/model/layers.{slot.layer}/{slot.block}/{slot.proj}"
         a_out, b_out = f"{root}/lora_A/MatMul/output_0", f"{root}/lora_B/MatMul/output_0"
         nodes += [
-            helper.make_node("MatMul", [node.input[0], slot.a_name], [a_out], f"{root}/lora_A/MatMul"),
+            helper.make_node(
+                "MatMul", [node.input[0], slot.a_name], [a_out], f"{root}/lora_A/MatMul"
+            ),
             helper.make_node("MatMul", [a_out, slot.b_name], [b_out], f"{root}/lora_B/MatMul"),
             helper.make_node("Add", [base_out, b_out], [y], f"{root}/lora/Add"),
         ]
@@ -109,7 +111,6 @@ def add_lora_slots(model_path: Path) -> list[Slot]:
         )
     del graph.node[:]
     graph.node.extend(nodes)
-    del TensorProto  # only the element type of logits is used
     onnx.save(model, str(model_path))
     return slots
 
@@ -125,7 +126,9 @@ def read_slots(model_path: Path) -> list[Slot]:
         shapes[value.name] = [d.dim_value or d.dim_param for d in dims]
     slots = []
     for name, shape in shapes.items():
-        match = re.match(r"^model\.layers\.(\d+)\.(attn|mlp)\.(\w+_proj)\.lora_A\.MatMul\.weight$", name)
+        match = re.match(
+            r"^model\.layers\.(\d+)\.(attn|mlp)\.(\w+_proj)\.lora_A\.MatMul\.weight$", name
+        )
         if match:
             b_shape = shapes[name.replace("lora_A", "lora_B")]
             slots.append(Slot(int(match[1]), match[2], match[3], int(shape[0]), int(b_shape[1])))

@@ -174,11 +174,11 @@ def test_two_adapters_switch_per_request_in_one_genai_process(tmp_path, tiny_mod
         gen.append_tokens(prompt)
         while not gen.is_done():
             gen.generate_next_token()
-        return list(gen.get_sequence(0)[len(prompt):])
+        return list(gen.get_sequence(0)[len(prompt) :])
 
     def torch_greedy(peft_model) -> list[int]:
         out = peft_model.generate(torch.tensor([prompt]), max_new_tokens=6, do_sample=False)
-        return out[0, len(prompt):].tolist()
+        return out[0, len(prompt) :].tolist()
 
     # Interleaved requests: each gets its own adapter's answer, then none, then the first again.
     first, second, none, again = genai("first"), genai("second"), genai(None), genai("first")

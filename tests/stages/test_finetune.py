@@ -93,7 +93,9 @@ def test_training_only_moves_lora_parameters(tiny_model, tone_data):
         opt.step()
         opt.zero_grad()
     assert all(torch.equal(p, frozen[n]) for n, p in model.named_parameters() if n in frozen)
-    assert set(lora_layers(model)) and all("q_proj" in n or "v_proj" in n for n in lora_layers(model))
+    assert set(lora_layers(model)) and all(
+        "q_proj" in n or "v_proj" in n for n in lora_layers(model)
+    )
 
 
 def _qlora_model(tiny_model: Path, fix: bool) -> Any:
@@ -124,7 +126,10 @@ def _grads_after_eval_pass(model: Any) -> list[str]:
 def test_qlora_gradients_reach_every_lora_layer_after_an_eval_pass(tiny_model):
     pytest.importorskip("bitsandbytes")
     model = _qlora_model(tiny_model, fix=True)
-    assert type(model.base_model.model.model.layers[0].self_attn.q_proj.base_layer).__name__ == "Linear4bit"
+    assert (
+        type(model.base_model.model.model.layers[0].self_attn.q_proj.base_layer).__name__
+        == "Linear4bit"
+    )
     assert _grads_after_eval_pass(model) == []
     assert len(lora_layers(model)) == 14
 
