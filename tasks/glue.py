@@ -15,6 +15,7 @@ from typing import Any
 
 from doit.exceptions import TaskFailed
 
+from tasks import envs
 from tasks.digest import dir_size
 from tasks.errors import KilnError, StoreError
 from tasks.graph import Graph
@@ -142,6 +143,7 @@ def gc(graph: Graph, dry_run: bool) -> None:
             if not dry_run:
                 store.remove(key)
             freed, removed = freed + size, removed + 1
+    freed += _gc_environments(graph, live, verb, dry_run)
     stale = store.stale_tmps()
     for tmp in stale:
         freed += dir_size(tmp)
@@ -150,6 +152,25 @@ def gc(graph: Graph, dry_run: bool) -> None:
             shutil.rmtree(tmp, ignore_errors=True)
     print(f"{removed} entries, {len(stale)} unfinished builds: "
           f"{'would free' if dry_run else 'freed'} {freed / 1e6:.1f} MB")  # fmt: skip
+
+
+def _gc_environments(graph: Graph, live: set[str], verb: str, dry_run: bool) -> int:
+    """Remove the stage environments that no step of this recipe and no kept entry uses."""
+    used = {s.spec.environment.key for s in graph.recipe.steps.values() if s.spec.environment}
+    for key in live:
+        with contextlib.suppress(StoreError):
+            if graph.store.is_complete(key):
+                used.add(graph.store.manifest(key)["identity"].get("environment"))
+    freed = 0
+    for key, folder in envs.managed_envs(graph.store.root).items():
+        if key in used:
+            continue
+        size = dir_size(folder)
+        print(f"{verb} environment {folder.name} {size / 1e6:9.1f} MB")
+        if not dry_run:
+            shutil.rmtree(folder)
+        freed += size
+    return freed
 
 
 def _built_as(store: Store, key: str) -> str:

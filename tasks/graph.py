@@ -86,7 +86,7 @@ def step_identity(
             params[field] = {"data": keys[f"data.{params[field]}"]}
     for field, ref in step.extra:
         params[field] = {"step": keys[ref]}
-    return {
+    identity = {
         "stage": step.stage,
         "algorithm": spec.algorithm,
         "version": spec.version,
@@ -94,6 +94,9 @@ def step_identity(
         "inputs": {"from": keys[step.source]} if step.source else {},
         "libraries": library_versions(spec.libraries),
     }
+    if spec.environment is not None:  # its pins stand for the libraries it runs with
+        identity["environment"] = spec.environment.key
+    return identity
 
 
 def _local_digest(step: Step, local: str, cache: DigestCache, file: str) -> str:

@@ -40,6 +40,8 @@ REGISTRY: dict[str, dict[str | None, str]] = {
         "gptq": "tasks.stages.quantize.gptq",
         "awq": "tasks.stages.quantize.awq",
         "quarot": "tasks.stages.quantize.quarot",
+        "inc-dynamic": "tasks.stages.quantize.inc_dynamic",
+        "inc-weight-only": "tasks.stages.quantize.inc_weight_only",
     },
     "finetune": {None: "tasks.stages.finetune"},
     "adapter": {None: "tasks.stages.adapter"},
@@ -68,6 +70,9 @@ class StageSpec:
     # Steps the recipe implies for one of this stage's steps: (the step, as completed, and the
     # steps to add). Called with the step, every step parsed so far and the recipe file.
     implies: Callable[..., tuple[Any, list[Any]]] | None = None
+    # Packages that clash with the main environment: the step runs (partly) in its own
+    # virtual environment, whose key enters the step's key (tasks/envs.py).
+    environment: Any = None
     # Config fields naming local files or directories -> their paths. In the key, each such
     # field holds the content digest instead of the path (cached by stat, so unchanged big files
     # are never re-read, and moving a file does not rebuild). A missing one fails at load.

@@ -1,0 +1,226 @@
+"""Isolated environments for stages whose packages clash with the main one.
+
+A stage declares an `Environment` (pinned requirements). The first step that needs it builds a
+virtual environment under `artifacts/envs/<name>-<key[:16]>/`, keyed by the Python version, the
+platform and the exact requirement set, and published like a store entry: built in
+`envs/.tmp/<key>.<pid>/`, `ENV.json` written and synced last, then renamed into place, under a
+per-key lock. Every later step reuses it without running pip. A failed build is removed and
+named (which package, why); a killed one never has ENV.json, so it is never trusted.
+
+The step itself runs in a child process with that environment's Python (`tasks.envrun`): the
+child imports only the stage module, so the main environment's packages stay out of it. Its
+progress goes straight to the terminal, and a KilnError it raises comes back as one message.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import fcntl
+import json
+import os
+import platform
+import re
+import shutil
+import subprocess
+import sys
+import sysconfig
+import tempfile
+from collections.abc import Callable, Iterator
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+from tasks.errors import StageError
+from tasks.keys import key_of
+
+ENV_VERSION = "1"  # bump when the way environments are built changes
+MARKER = "ENV.json"
+ROOT = Path(__file__).resolve().parents[1]  # the project: put on the child's PYTHONPATH
+PIP_TAIL_LINES = 25
+
+
+@dataclass(frozen=True)
+class Environment:
+    name: str  # a readable prefix of the folder name: "inc", "modelopt"
+    requirements: tuple[str, ...]  # exact pins, "pkg==1.2.3"
+    why: str  # one line for docs: why this stage cannot live in the main environment
+
+    def identity(self) -> dict[str, Any]:
+        return {
+            "environment": self.name,
+            "version": ENV_VERSION,
+            "requirements": sorted(self.requirements),
+            "python": platform.python_version(),
+            "platform": sysconfig.get_platform(),
+        }
+
+    @property
+    def key(self) -> str:
+        return key_of(self.identity())
+
+
+def envs_dir(artifacts: Path) -> Path:
+    return artifacts / "envs"
+
+
+def env_path(artifacts: Path, env: Environment) -> Path:
+    return envs_dir(artifacts) / f"{env.name}-{env.key[:16]}"
+
+
+def python_of(folder: Path) -> Path:
+    return folder / "bin" / "python"
+
+
+def is_ready(folder: Path) -> bool:
+    return (folder / MARKER).is_file() and python_of(folder).exists()
+
+
+@contextlib.contextmanager
+def _lock(artifacts: Path, key: str) -> Iterator[None]:
+    path = envs_dir(artifacts) / ".locks" / f"{key}.lock"
+    path.parent.mkdir(parents=True, exist_ok=True)
+    with open(path, "a") as fh:
+        fcntl.flock(fh, fcntl.LOCK_EX)
+        try:
+            yield
+        finally:
+            fcntl.flock(fh, fcntl.LOCK_UN)
+
+
+def ensure(artifacts: Path, env: Environment, log: Callable[[str], None]) -> Path:
+    """The environment's folder, built first if it is not there."""
+    folder = env_path(artifacts, env)
+    if is_ready(folder):
+        return folder
+    with _lock(artifacts, env.key):
+        if is_ready(folder):  # another process built it while we waited
+            return folder
+        _remove_stale_tmps(artifacts)
+        log(f"building the {env.name} environment (once): {' '.join(env.requirements)}")
+        tmp = envs_dir(artifacts) / ".tmp" / f"{env.key}.{os.getpid()}"
+        shutil.rmtree(tmp, ignore_errors=True)
+        tmp.parent.mkdir(parents=True, exist_ok=True)
+        try:
+            _build(tmp, env)
+        except BaseException:
+            shutil.rmtree(tmp, ignore_errors=True)  # nothing half-made stays behind
+            raise
+        if folder.exists():  # a folder without a marker: never complete, safe to replace
+            shutil.rmtree(folder)
+        os.rename(tmp, folder)
+        log(f"{env.name} environment ready: {folder}")
+    return folder
+
+
+def _build(tmp: Path, env: Environment) -> None:
+    subprocess.run([sys.executable, "-m", "venv", str(tmp)], check=True, capture_output=True)
+    log_path = tmp / "pip.log"
+    cmd = [str(python_of(tmp)), "-m", "pip", "install", "--disable-pip-version-check",
+           "--no-input", *env.requirements]  # fmt: skip
+    with log_path.open("w") as out:
+        done = subprocess.run(cmd, stdout=out, stderr=subprocess.STDOUT, check=False)
+    if done.returncode != 0:
+        raise StageError(pip_failure(env, log_path.read_text(errors="replace")))
+    frozen = subprocess.run(
+        [str(python_of(tmp)), "-m", "pip", "freeze"], capture_output=True, text=True, check=True
+    ).stdout.split()
+    marker = {**env.identity(), "key": env.key, "installed": frozen}
+    with open(tmp / MARKER, "w") as fh:
+        json.dump(marker, fh, indent=1)
+        fh.flush()
+        os.fsync(fh.fileno())
+
+
+def pip_failure(env: Environment, output: str) -> str:
+    """One message saying which requirement failed and why, from pip's output."""
+    patterns = (
+        r"No matching distribution found for (\S+)",
+        r"Could not find a version that satisfies the requirement (\S+)",
+        r"Failed to build (\S+)",
+        r"Failed building wheel for (\S+)",
+        r"Cannot install (.+?) because",
+    )
+    package = next((m[1] for p in patterns if (m := re.search(p, output))), None)
+    errors = [line for line in output.splitlines() if line.startswith("ERROR:")]
+    tail = errors or output.splitlines()[-PIP_TAIL_LINES:]
+    what = f"package {package!r} failed" if package else "pip failed"
+    return (
+        f"cannot build the {env.name} environment: {what}\n" + "\n".join(tail) + "\n  fix: "
+        "check the pins in the stage's environment (and that the package index is reachable); "
+        "nothing was kept, so the next run starts over"
+    )
+
+
+def _remove_stale_tmps(artifacts: Path) -> None:
+    """Builds whose process is gone (killed): they never got their marker."""
+    tmp_root = envs_dir(artifacts) / ".tmp"
+    if not tmp_root.is_dir():
+        return
+    for path in tmp_root.iterdir():
+        pid = path.name.rsplit(".", 1)[-1]
+        if pid.isdigit() and not _alive(int(pid)):
+            shutil.rmtree(path, ignore_errors=True)
+
+
+def _alive(pid: int) -> bool:
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:
+        return True
+    return True
+
+
+def managed_envs(artifacts: Path) -> dict[str, Path]:
+    """Key -> folder of every complete environment this tool built (others are left alone)."""
+    found = {}
+    root = envs_dir(artifacts)
+    if root.is_dir():
+        for folder in root.iterdir():
+            if folder.name.startswith("."):
+                continue
+            try:
+                found[json.loads((folder / MARKER).read_text())["key"]] = folder
+            except (OSError, ValueError, KeyError):
+                continue
+    return found
+
+
+def call(
+    env: Environment, function: str, config: Any, ctx: Any, extra: dict[str, Any] | None = None
+) -> dict[str, Any]:
+    """Run `module:function(config, ctx, **extra)` in the environment, in a child process;
+    its JSON-able return value comes back."""
+    import dataclasses
+
+    folder = ensure(ctx.artifacts, env, ctx.log)
+    with tempfile.TemporaryDirectory(prefix="envrun-") as tmp:
+        request, result = Path(tmp) / "request.json", Path(tmp) / "result.json"
+        request.write_text(json.dumps({
+            "function": function,
+            "config_class": f"{type(config).__module__}:{type(config).__qualname__}",
+            "config": dataclasses.asdict(config),
+            "ctx": {"task": ctx.task, "out": str(ctx.out), "artifacts": str(ctx.artifacts),
+                    "input": str(ctx.input) if ctx.input else None,
+                    "data": {k: str(v) for k, v in ctx.data.items()},
+                    "steps": {k: str(v) for k, v in ctx.steps.items()}},
+            "extra": extra or {},
+            "result": str(result),
+        }))  # fmt: skip
+        child_env = {**os.environ, "PYTHONPATH": str(ROOT), "PYTHONNOUSERSITE": "1"}
+        child_env["TRANSFORMERS_VERBOSITY"] = "error"  # e.g. "PyTorch was not found"
+        child_env.pop("VIRTUAL_ENV", None)
+        done = subprocess.run(
+            [str(python_of(folder)), "-m", "tasks.envrun", str(request)], env=child_env,
+            check=False,
+        )  # fmt: skip
+        answer = json.loads(result.read_text()) if result.is_file() else None
+    if answer and "error" in answer:
+        raise StageError(answer["error"])
+    if done.returncode != 0 or answer is None:
+        raise StageError(
+            f"{function} failed in the {env.name} environment ({folder}) with exit status "
+            f"{done.returncode}; its output is above"
+        )
+    return answer["value"]

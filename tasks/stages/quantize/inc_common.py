@@ -1,0 +1,53 @@
+"""What Intel's ONNX quantizers share: their environment and the checks around them.
+
+`neural-compressor` lost its ONNX support in 3.8; Intel's ONNX quantizer is now the separate
+`onnx-neural-compressor` 1.0, which requires numpy < 2 (the main environment's torch and
+onnxruntime use numpy 2) and imports prettytable and scipy without declaring them. So it runs
+in its own environment, pinned here; the main environment only checks its output.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Any
+
+from tasks.envs import Environment
+from tasks.errors import StageError
+from tasks.stages import StepContext
+
+INC = Environment(
+    name="inc",
+    requirements=(
+        "onnx-neural-compressor==1.0",
+        "numpy==1.26.4",
+        "onnx==1.23.2",
+        "onnxruntime==1.32.0",
+        "prettytable==3.18.0",  # imported, not declared
+        "scipy==1.17.1",  # imported, not declared
+    ),
+    why="onnx-neural-compressor needs numpy < 2 and undeclared packages",
+)
+
+
+def fp32_source(ctx: StepContext) -> Path:
+    """The input's model file, refused (before the environment is built) unless it is fp32."""
+    from tasks.stages.onnx_folder import model_file
+    from tasks.stages.onnx_run import activation_type, require_provider, target_provider
+
+    assert ctx.input is not None
+    src = model_file(ctx.input)
+    require_provider(target_provider(ctx.input))
+    if (dtype := activation_type(src)) != "float32":
+        raise StageError(
+            f"{src} computes in {dtype}; Intel's ONNX quantizers take an fp32 model: "
+            'quantize a capture with precision = "fp32"'
+        )
+    return src
+
+
+def save_model(model: Any, path: Path) -> None:
+    """Save a ModelProto with its weights in one external data file beside it."""
+    import onnx
+
+    onnx.save(model, str(path), save_as_external_data=True, all_tensors_to_one_file=True,
+              location=f"{path.name}.data", size_threshold=1024)  # fmt: skip

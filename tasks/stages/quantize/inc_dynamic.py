@@ -1,0 +1,72 @@
+"""Intel Neural Compressor's dynamic int8 quantization of an ONNX model (onnx-neural-compressor,
+in its own environment).
+
+```toml
+[quantize.inc-int8]
+algorithm = "inc-dynamic"
+from = "capture.fp32"
+per_channel = true
+```
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Any, Literal
+
+from tasks.config import option
+from tasks.stages import StepContext
+from tasks.stages.onnx_run import finish_quantized, match_nodes, onnx_quantizer_spec
+from tasks.stages.quantize.inc_common import INC, fp32_source
+
+
+@dataclass(frozen=True, kw_only=True)
+class Config:
+    """Dynamic int8 quantization of MatMul weights with Intel's quantizer."""
+
+    weight_type: Literal["int8", "uint8"] = option("int8", "integer type of the weights")
+    per_channel: bool = option(False, "one scale per output channel instead of per tensor")
+    reduce_range: bool = option(False, "7-bit weights, for older x86 CPUs without VNNI")
+    nodes_to_exclude: tuple[str, ...] = option(
+        (), "nodes to keep in float, by name or glob: '/lm_head/MatMul', '*/mlp/down_proj/*'"
+    )
+
+    def __post_init__(self) -> None:
+        object.__setattr__(self, "nodes_to_exclude", tuple(sorted(set(self.nodes_to_exclude))))
+
+
+def run(config: Config, ctx: StepContext) -> dict[str, Any]:
+    from tasks.envs import call
+
+    src = fp32_source(ctx)
+    exclude = match_nodes(src, config.nodes_to_exclude)
+    ctx.log(f"quantizing {src.name} to dynamic {config.weight_type} (Intel Neural Compressor)")
+    call(INC, f"{__name__}:quantize_in_env", config, ctx, {"exclude": exclude})
+    return finish_quantized(ctx, "MatMulInteger")
+
+
+def quantize_in_env(config: Config, ctx: StepContext, exclude: list[str]) -> dict[str, Any]:
+    """Runs inside the inc environment."""
+    from onnx_neural_compressor.quantization import config as inc_config
+    from onnx_neural_compressor.quantization.quantize import quantize
+    from onnxruntime.quantization import QuantType
+
+    from tasks.stages.onnx_folder import model_file
+
+    assert ctx.input is not None
+    src = model_file(ctx.input)
+    settings = inc_config.DynamicQuantConfig(
+        weight_type=QuantType.QInt8 if config.weight_type == "int8" else QuantType.QUInt8,
+        per_channel=config.per_channel,
+        reduce_range=config.reduce_range,
+        nodes_to_exclude=exclude,
+        use_external_data_format=True,
+        execution_provider="CPUExecutionProvider",
+    )
+    quantize(str(src), str(ctx.out / src.name), settings)
+    return {}
+
+
+SPEC = onnx_quantizer_spec(
+    "inc-dynamic", Config, run, "Intel Neural Compressor dynamic int8 quantization", INC
+)
