@@ -25,6 +25,7 @@ import subprocess
 import sys
 import sysconfig
 import tempfile
+import time
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass
 from pathlib import Path
@@ -100,8 +101,9 @@ def ensure(artifacts: Path, env: Environment, log: Callable[[str], None]) -> Pat
         tmp = envs_dir(artifacts) / ".tmp" / f"{env.key}.{os.getpid()}"
         shutil.rmtree(tmp, ignore_errors=True)
         tmp.parent.mkdir(parents=True, exist_ok=True)
+        started = time.time()
         try:
-            _build(tmp, env)
+            _build(tmp, env, started)
         except BaseException:
             shutil.rmtree(tmp, ignore_errors=True)  # nothing half-made stays behind
             raise
@@ -112,7 +114,7 @@ def ensure(artifacts: Path, env: Environment, log: Callable[[str], None]) -> Pat
     return folder
 
 
-def _build(tmp: Path, env: Environment) -> None:
+def _build(tmp: Path, env: Environment, started: float) -> None:
     subprocess.run([sys.executable, "-m", "venv", str(tmp)], check=True, capture_output=True)
     log_path = tmp / "pip.log"
     cmd = [str(python_of(tmp)), "-m", "pip", "install", "--disable-pip-version-check",
@@ -124,7 +126,8 @@ def _build(tmp: Path, env: Environment) -> None:
     frozen = subprocess.run(
         [str(python_of(tmp)), "-m", "pip", "freeze"], capture_output=True, text=True, check=True
     ).stdout.split()
-    marker = {**env.identity(), "key": env.key, "installed": frozen}
+    marker = {**env.identity(), "key": env.key, "installed": frozen,
+              "build_seconds": round(time.time() - started, 1)}  # fmt: skip
     with open(tmp / MARKER, "w") as fh:
         json.dump(marker, fh, indent=1)
         fh.flush()
