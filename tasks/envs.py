@@ -214,10 +214,13 @@ def call(
         child_env = {**os.environ, "PYTHONPATH": str(ROOT), "PYTHONNOUSERSITE": "1"}
         child_env["TRANSFORMERS_VERBOSITY"] = "error"  # e.g. "PyTorch was not found"
         child_env.pop("VIRTUAL_ENV", None)
+        # The child's stdout goes to stderr: doit's stdout lists the tasks it runs, and a
+        # library's progress bar left there without a newline would swallow the next line.
         done = subprocess.run(
             [str(python_of(folder)), "-m", "tasks.envrun", str(request)], env=child_env,
-            check=False,
+            stdout=sys.stderr.fileno(), check=False,
         )  # fmt: skip
+        print(file=sys.stderr, flush=True)  # end a progress bar the child left open
         answer = json.loads(result.read_text()) if result.is_file() else None
     if answer and "error" in answer:
         raise StageError(answer["error"])

@@ -12,6 +12,7 @@ def where(config: Any, ctx: Any, value: int) -> dict[str, Any]:
     import six  # only in the test environment, not in the main one
 
     print(f"  {ctx.task}: working in {sys.prefix}", file=sys.stderr)
+    print("Progress: [####] 100%", end="", flush=True)  # to stdout, unterminated, as INC does
     return {"prefix": sys.prefix, "six": six.__version__, "value": value * 2}
 
 

@@ -10,12 +10,11 @@ generation does: the prompt's ids, then the tokens the model is to produce.
 
 from __future__ import annotations
 
-import json
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-from tasks.errors import StageError, did_you_mean
+from tasks.errors import PreflightError, StageError, did_you_mean
 from tasks.stages.data import template_fields
 
 IGNORE = -100  # the label of a token that carries no loss (PyTorch's cross-entropy default)
@@ -47,11 +46,25 @@ class Example:
 
 
 def read_records(data_dir: Path, split: str) -> list[dict[str, Any]]:
+    """A data step's split, read through `datasets` (its JSON loader, in memory: no cache
+    written outside the store)."""
+    import tempfile
+
+    try:
+        import datasets
+    except ImportError:
+        raise PreflightError(
+            "fine-tuning reads data through datasets: pip install 'modelkiln[finetune]'"
+        ) from None
     path = data_dir / f"{split}.jsonl"
     if not path.is_file():
         raise StageError(f"data set {data_dir} has no {path.name}: rebuild its data step")
-    lines = path.read_text(encoding="utf-8").splitlines()
-    return [json.loads(line) for line in lines if line.strip()]
+    datasets.disable_progress_bars()
+    with tempfile.TemporaryDirectory(prefix="datasets-") as cache:
+        table = datasets.load_dataset(
+            "json", data_files=str(path), split="train", keep_in_memory=True, cache_dir=cache
+        )
+    return [dict(record) for record in table]
 
 
 def check_fields(fmt: Format, records: list[dict[str, Any]], data_name: str, key: str) -> None:
