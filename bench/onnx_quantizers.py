@@ -37,8 +37,10 @@ def main() -> None:
 
     links = args.artifacts / RECIPE.stem
     recipe = load_recipe(RECIPE)
-    print("| step | quantizer | size MB | perplexity | Δ ppl vs fp32 | max abs Δlogit vs fp32 |"
-          " 1st token ms | decode tok/s (ort) | decode tok/s (genai) | quantize s |")
+    print(
+        "| step | quantizer | size MB | perplexity | Δ ppl vs fp32 | max abs Δlogit vs fp32 |"
+        " 1st token ms | decode tok/s (ort) | decode tok/s (genai) | quantize s |"
+    )
     print("|---|---|---:|---:|---:|---:|---:|---:|---:|---:|")
     base = None
     for step in recipe.of_stage("evaluate"):

@@ -321,6 +321,20 @@ def require_provider(provider: str) -> None:
         )
 
 
+def fp32_source(ctx: StepContext, quantizer: str) -> Path:
+    """The input's model file, refused before any work unless this machine can run it and it
+    computes in fp32 (what dynamic and weight-only quantizers take)."""
+    assert ctx.input is not None
+    src = model_file(ctx.input)
+    require_provider(target_provider(ctx.input))
+    if (dtype := activation_type(src)) != "float32":
+        raise StageError(
+            f"{src} computes in {dtype}; {quantizer} needs an fp32 model: "
+            'quantize a capture with precision = "fp32"'
+        )
+    return src
+
+
 def finish_quantized(ctx: StepContext, quantized_op: str) -> dict[str, Any]:
     """The common end of an ONNX quantizer: copy the sidecars, then prove the output."""
     assert ctx.input is not None

@@ -12,8 +12,6 @@ from pathlib import Path
 from typing import Any
 
 from tasks.envs import Environment
-from tasks.errors import StageError
-from tasks.stages import StepContext
 
 INC = Environment(
     name="inc",
@@ -27,22 +25,6 @@ INC = Environment(
     ),
     why="onnx-neural-compressor needs numpy < 2 and undeclared packages",
 )
-
-
-def fp32_source(ctx: StepContext) -> Path:
-    """The input's model file, refused (before the environment is built) unless it is fp32."""
-    from tasks.stages.onnx_folder import model_file
-    from tasks.stages.onnx_run import activation_type, require_provider, target_provider
-
-    assert ctx.input is not None
-    src = model_file(ctx.input)
-    require_provider(target_provider(ctx.input))
-    if (dtype := activation_type(src)) != "float32":
-        raise StageError(
-            f"{src} computes in {dtype}; Intel's ONNX quantizers take an fp32 model: "
-            'quantize a capture with precision = "fp32"'
-        )
-    return src
 
 
 def save_model(model: Any, path: Path) -> None:

@@ -16,8 +16,8 @@ from typing import Any, Literal
 
 from tasks.config import option
 from tasks.stages import StepContext
-from tasks.stages.onnx_run import finish_quantized, match_nodes, onnx_quantizer_spec
-from tasks.stages.quantize.inc_common import INC, fp32_source
+from tasks.stages.onnx_run import finish_quantized, fp32_source, match_nodes, onnx_quantizer_spec
+from tasks.stages.quantize.inc_common import INC
 
 
 @dataclass(frozen=True, kw_only=True)
@@ -38,7 +38,7 @@ class Config:
 def run(config: Config, ctx: StepContext) -> dict[str, Any]:
     from tasks.envs import call
 
-    src = fp32_source(ctx)
+    src = fp32_source(ctx, "Intel's ONNX quantizer")
     exclude = match_nodes(src, config.nodes_to_exclude)
     ctx.log(f"quantizing {src.name} to dynamic {config.weight_type} (Intel Neural Compressor)")
     call(INC, f"{__name__}:quantize_in_env", config, ctx, {"exclude": exclude})

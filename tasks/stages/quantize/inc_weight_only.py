@@ -20,8 +20,8 @@ from typing import Any, Literal
 
 from tasks.config import ConfigValueError, option
 from tasks.stages import StepContext
-from tasks.stages.onnx_run import finish_quantized, onnx_quantizer_spec
-from tasks.stages.quantize.inc_common import INC, fp32_source, save_model
+from tasks.stages.onnx_run import finish_quantized, fp32_source, onnx_quantizer_spec
+from tasks.stages.quantize.inc_common import INC, save_model
 
 BLOCK_SIZES = (16, 32, 64, 128, 256)  # what MatMulNBits takes
 
@@ -70,7 +70,7 @@ class Config:
 def run(config: Config, ctx: StepContext) -> dict[str, Any]:
     from tasks.envs import call
 
-    src = fp32_source(ctx)
+    src = fp32_source(ctx, "Intel's ONNX quantizer")
     ctx.log(
         f"{config.method} {config.bits}-bit, block {config.block_size} (Intel Neural Compressor)"
     )

@@ -14,17 +14,8 @@ from dataclasses import dataclass
 from typing import Any, Literal
 
 from tasks.config import ConfigValueError, option
-from tasks.errors import StageError
 from tasks.stages import StepContext
-from tasks.stages.onnx_folder import model_file
-from tasks.stages.onnx_run import (
-    activation_type,
-    finish_quantized,
-    match_nodes,
-    onnx_quantizer_spec,
-    require_provider,
-    target_provider,
-)
+from tasks.stages.onnx_run import finish_quantized, fp32_source, match_nodes, onnx_quantizer_spec
 
 
 @dataclass(frozen=True, kw_only=True)
@@ -54,15 +45,8 @@ class Config:
 def run(config: Config, ctx: StepContext) -> dict[str, Any]:
     from onnxruntime.quantization import QuantType, quantize_dynamic
 
-    assert ctx.input is not None
-    src = model_file(ctx.input)
-    require_provider(target_provider(ctx.input))
-    if (dtype := activation_type(src)) != "float32":
-        # DynamicQuantizeLinear takes float32 only: the output would not load.
-        raise StageError(
-            f"{src} computes in {dtype}; ort-dynamic needs an fp32 model: "
-            'quantize a capture with precision = "fp32"'
-        )
+    # DynamicQuantizeLinear takes float32 only: another input's output would not load.
+    src = fp32_source(ctx, "ort-dynamic")
     dst = ctx.out / src.name
     ctx.log(f"quantizing {src.name} to dynamic {config.weight_type}")
     quantize_dynamic(
