@@ -12,27 +12,17 @@ per_channel = true
 from __future__ import annotations
 
 from dataclasses import dataclass
-from typing import Any, Literal
+from typing import Any
 
-from tasks.config import option
 from tasks.stages import StepContext
 from tasks.stages.onnx_run import finish_quantized, fp32_source, match_nodes, onnx_quantizer_spec
 from tasks.stages.quantize.inc_common import INC
+from tasks.stages.quantize.ort_dynamic import Int8Settings
 
 
 @dataclass(frozen=True, kw_only=True)
-class Config:
+class Config(Int8Settings):
     """Dynamic int8 quantization of MatMul weights with Intel's quantizer."""
-
-    weight_type: Literal["int8", "uint8"] = option("int8", "integer type of the weights")
-    per_channel: bool = option(False, "one scale per output channel instead of per tensor")
-    reduce_range: bool = option(False, "7-bit weights, for older x86 CPUs without VNNI")
-    nodes_to_exclude: tuple[str, ...] = option(
-        (), "nodes to keep in float, by name or glob: '/lm_head/MatMul', '*/mlp/down_proj/*'"
-    )
-
-    def __post_init__(self) -> None:
-        object.__setattr__(self, "nodes_to_exclude", tuple(sorted(set(self.nodes_to_exclude))))
 
 
 def run(config: Config, ctx: StepContext) -> dict[str, Any]:

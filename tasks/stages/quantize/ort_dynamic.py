@@ -19,23 +19,32 @@ from tasks.stages.onnx_run import finish_quantized, fp32_source, match_nodes, on
 
 
 @dataclass(frozen=True, kw_only=True)
-class Config:
-    """Dynamic int8 quantization of MatMul weights (QOperator: MatMulInteger)."""
+class Int8Settings:
+    """What every dynamic int8 quantizer takes (onnxruntime's, Intel's)."""
 
     weight_type: Literal["int8", "uint8"] = option("int8", "integer type of the weights")
     per_channel: bool = option(False, "one scale per output channel instead of per tensor")
     reduce_range: bool = option(False, "7-bit weights, for older x86 CPUs without VNNI")
-    op_types: tuple[Literal["MatMul", "Gather"], ...] = option(
-        ("MatMul",), "ONNX op types to quantize (Gather: the embedding table)"
-    )
     nodes_to_exclude: tuple[str, ...] = option(
         (), "nodes to keep in float, by name or glob: '/lm_head/MatMul', '*/mlp/down_proj/*'"
     )
 
     def __post_init__(self) -> None:
-        # Sets in effect: reordering or repeating them must not change the step's key.
-        for key in ("op_types", "nodes_to_exclude"):
-            object.__setattr__(self, key, tuple(sorted(set(getattr(self, key)))))
+        # A set in effect: reordering or repeating it must not change the step's key.
+        object.__setattr__(self, "nodes_to_exclude", tuple(sorted(set(self.nodes_to_exclude))))
+
+
+@dataclass(frozen=True, kw_only=True)
+class Config(Int8Settings):
+    """Dynamic int8 quantization of MatMul weights (QOperator: MatMulInteger)."""
+
+    op_types: tuple[Literal["MatMul", "Gather"], ...] = option(
+        ("MatMul",), "ONNX op types to quantize (Gather: the embedding table)"
+    )
+
+    def __post_init__(self) -> None:
+        super().__post_init__()
+        object.__setattr__(self, "op_types", tuple(sorted(set(self.op_types))))
         if "MatMul" not in self.op_types:  # the step exists to quantize the MatMuls
             raise ConfigValueError(
                 "op_types", f"{list(self.op_types)} leaves out MatMul", 'use ["MatMul", "Gather"]'
