@@ -101,11 +101,19 @@ def parse_config(cls: type, table: dict[str, Any], file: str, where: str) -> Any
 
 
 def field_docs(cls: type) -> list[tuple[str, str, Any, str]]:
-    """(name, type, default, doc) for every field: the source of docs/recipes.md's tables."""
+    """(name, type, default, doc) for every field: the source of docs/recipes.md's tables.
+    Fields of a base class marked `SETTINGS_LAST = True` (shared settings such as calibration
+    data) come after the stage's own."""
     hints = typing.get_type_hints(cls)
+    last = {
+        name
+        for klass in cls.__mro__
+        if vars(klass).get("SETTINGS_LAST")
+        for name in vars(klass).get("__annotations__", {})
+    }
+    fields = sorted(dataclasses.fields(cls), key=lambda f: f.name in last)
     return [
-        (f.name, describe_type(hints[f.name]), f.default, f.metadata.get("doc", ""))
-        for f in dataclasses.fields(cls)
+        (f.name, describe_type(hints[f.name]), f.default, f.metadata.get("doc", "")) for f in fields
     ]
 
 

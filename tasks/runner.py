@@ -9,12 +9,15 @@ from __future__ import annotations
 import platform
 import sys
 import time
+from pathlib import Path
 from typing import Any
 
 from doit.exceptions import TaskFailed
 
-from tasks.errors import KilnError
+from tasks.digest import list_files
+from tasks.errors import KilnError, StageError
 from tasks.graph import Graph
+from tasks.recipe import inputs_of
 from tasks.report import REPORT_STEP, make_rows, text_table, write_report
 from tasks.stages import StepContext
 
@@ -81,7 +84,44 @@ def _run(graph: Graph, ref: str, task: str, tmp: Any) -> dict[str, Any]:
         ctx.data[data_ref.split(".", 1)[1]] = graph.entry(data_ref)
     for field, ref in step.extra:
         ctx.steps[field] = graph.entry(ref)
-    return step.spec.run(step.config, ctx) or {}
+    inputs = {graph.keys[r]: graph.entry(r) for r in inputs_of(step)}
+    before = {key: entry_state(entry) for key, entry in inputs.items()}
+    metrics = step.spec.run(step.config, ctx) or {}
+    _refuse_changed_inputs(graph, task, inputs, before)
+    return metrics
+
+
+def entry_state(entry: Path) -> dict[str, tuple[int, int]]:
+    """Each file's (size, mtime): enough to notice a write, without reading anything."""
+    state = {}
+    for rel in list_files(entry):
+        stat = (entry / rel).stat()
+        state[rel.as_posix()] = (stat.st_size, stat.st_mtime_ns)
+    return state
+
+
+def _refuse_changed_inputs(
+    graph: Graph, task: str, inputs: dict[str, Path], before: dict[str, dict[str, Any]]
+) -> None:
+    """Some tools write beside the model they read (onnx-neural-compressor's `_augment.onnx`,
+    ModelOpt re-saving its input, onnxruntime's `-inferred.onnx`), and a published entry must
+    never change: the step fails. Files it added are removed (the entry is intact again); an
+    entry whose own files changed is removed, and the next `doit` rebuilds it."""
+    for key, entry in inputs.items():
+        recorded = {f["path"] for f in graph.store.manifest(key)["files"]}
+        after = entry_state(entry)
+        changed = sorted(p for p in recorded if before[key].get(p) != after.get(p))
+        added = sorted(set(after) - set(before[key]) - recorded)
+        for rel in added:
+            (entry / rel).unlink(missing_ok=True)
+        if changed:
+            graph.store.remove(key)
+        if changed or added:
+            fate = "it is removed and `doit` rebuilds it" if changed else "they are removed"
+            raise StageError(
+                f"{task} wrote into its input {entry} ({', '.join(changed + added)}): a bug in "
+                f"the stage or the library it calls; {fate}"
+            )
 
 
 def _run_report(graph: Graph, out: Any) -> dict[str, Any]:

@@ -82,3 +82,15 @@ def prose_file(tmp_path_factory) -> Path:
     path = tmp_path_factory.mktemp("prose") / "prose.txt"
     path.write_text(tiny_text(), encoding="utf-8")
     return path
+
+
+@pytest.fixture(scope="session")
+def fp32(tiny_model: Path, tmp_path_factory) -> Path:
+    """The tiny model captured by the genai builder, fp32 on the CPU; read-only."""
+    from tasks.stages import StepContext
+    from tasks.stages.capture import Config, run
+
+    out = tmp_path_factory.mktemp("quantize") / "fp32"
+    out.mkdir()
+    run(Config(), StepContext(task="capture:fp32", out=out, artifacts=out.parent, input=tiny_model))
+    return out

@@ -148,3 +148,41 @@ def test_two_processes_on_one_workspace(tmp_path, tiny_model, prose_file):
     assert sorted(builds) == sorted(ALL)
     assert ws.doit("verify").returncode == 0
     assert executed(ws.doit().stdout) == []
+
+
+@pytest.mark.parametrize(
+    ("writes", "input_survives"),
+    [("model.onnx_augment.onnx", True), ("model.onnx", False)],  # a new file; one of its own
+)
+def test_a_step_that_writes_into_its_input_fails_and_the_input_is_made_whole(
+    tmp_path, tiny_model, prose_file, writes, input_survives
+):
+    """Some tools write beside the model they read (INC's `_augment.onnx`, ModelOpt re-saving
+    it): a published entry must never change, so the step fails; a file it added goes, and an
+    input whose own files changed is removed and rebuilt."""
+    import dataclasses
+
+    from tasks.graph import load_graph
+    from tasks.runner import run_step
+
+    ws = Workspace(tmp_path)
+    ws.write(tiny_recipe(tiny_model, prose_file))
+    ws.doit("capture:fp32")
+    graph = load_graph(ws.recipe, ws.artifacts)
+    step = graph.recipe.steps["quantize.int8"]
+
+    def careless(config, ctx):
+        (ctx.input / writes).write_bytes(b"written by a tool")
+
+    graph.recipe.steps["quantize.int8"] = dataclasses.replace(
+        step, spec=dataclasses.replace(step.spec, run=careless)
+    )
+    failed = run_step(graph, "quantize.int8")
+    assert failed is not None and "wrote into its input" in str(failed) and writes in str(failed)
+    assert not graph.store.is_complete(graph.keys["quantize.int8"])  # nothing published
+    capture = graph.keys["capture.fp32"]
+    assert graph.store.is_complete(capture) == input_survives
+    if input_survives:
+        assert graph.store.verify(capture) == []  # the added file is gone
+    rebuilt = {"quantize:int8"} | (set() if input_survives else {"capture:fp32"})
+    assert set(executed(ws.doit("quantize:int8").stdout)) == rebuilt

@@ -6,9 +6,11 @@ import json
 import math
 
 import pytest
-from workspace import ROOT, Workspace, executed
+from workspace import ROOT, Workspace, executed, tiny_recipe
 
 from tasks.recipe import load_recipe
+from tasks.stages.onnx_folder import model_file
+from tasks.stages.onnx_run import op_counts
 
 pytestmark = pytest.mark.slow
 
@@ -52,6 +54,63 @@ def test_onnx_fp32_matches_pytorch_and_quantized_variants_are_close(default_buil
         assert metrics(ws, name)["size_bytes"] < fp32["size_bytes"] / smaller
     # Keeping the outlier-carrying projections in float is what makes int8 usable here.
     assert metrics(ws, "int8-keep-down")["perplexity"] < 1.15 * torch_ppl
+
+
+def test_intel_and_nvidia_quantizers_hold_up_and_agree(default_build):
+    """Both run in their own environments; Intel's and ModelOpt's int4 RTN (block 32, LM head
+    in float) are two implementations of one method, so their perplexities agree."""
+    ws, _ = default_build
+    torch_ppl, fp32 = metrics(ws, "torch")["perplexity"], metrics(ws, "fp32")
+    for name, bound, smaller in (
+        ("inc-int8", 1.7, 2.5),
+        ("inc-rtn", 1.3, 2.5),
+        ("nvmo-rtn", 1.3, 2.5),
+    ):
+        m = metrics(ws, name)
+        assert torch_ppl < m["perplexity"] < bound * torch_ppl, (name, m["perplexity"])
+        assert m["size_bytes"] < fp32["size_bytes"] / smaller, (name, m["size_bytes"])
+        assert m["genai_sample"].strip(), name  # onnxruntime-genai runs each of them
+    inc, nvidia = metrics(ws, "inc-rtn")["perplexity"], metrics(ws, "nvmo-rtn")["perplexity"]
+    assert abs(inc / nvidia - 1) < 0.02, (inc, nvidia)
+    built = {p.name.split("-")[0] for p in (ws.artifacts / "envs").iterdir() if p.name[0] != "."}
+    assert built == {"inc", "modelopt"}
+
+
+def test_modelopt_calibrated_int4_and_int8_on_the_tiny_model(default_build, tiny_model, prose_file):
+    """awq_clip and int8 calibrate through the decoder's feeds; in the default build's store, so
+    the modelopt environment it built is reused (no pip)."""
+    ws, _ = default_build
+    tiny = Workspace(ws.root, name="tiny")
+    tiny.write(tiny_recipe(tiny_model, prose_file, extra=NVMO_TINY))
+    run = tiny.doit("quantize:nv-awq", "quantize:nv-int8")
+    assert "building the modelopt environment" not in run.stderr
+    for name, op in (("nv-awq", "DequantizeLinear"), ("nv-int8", "QuantizeLinear")):
+        folder = ws.artifacts / "tiny" / "quantize" / name
+        assert op_counts(model_file(folder)).get(op, 0) > 0, name
+        built = json.loads((folder / "MANIFEST.json").read_text())["metrics"]
+        assert built["top1_agreement"] > 0.5, (name, built)
+    assert tiny.doit("verify").returncode == 0  # the capture they read is unchanged
+
+
+NVMO_TINY = """
+[quantize.nv-awq]
+algorithm = "nvmo"
+from = "capture.fp32"
+method = "awq_clip"
+block_size = 32
+data = "prose"
+num_samples = 4
+seq_len = 64
+
+[quantize.nv-int8]
+algorithm = "nvmo"
+from = "capture.fp32"
+mode = "int8"
+method = "entropy"
+data = "prose"
+num_samples = 4
+seq_len = 64
+"""
 
 
 def test_store_verifies(default_build):

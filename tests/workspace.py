@@ -52,10 +52,11 @@ repeats = 1
 @dataclass
 class Workspace:
     root: Path
+    name: str = "recipe"  # another name: a second recipe sharing the store and environments
 
     @property
     def recipe(self) -> Path:
-        return self.root / "recipe.toml"
+        return self.root / f"{self.name}.toml"
 
     @property
     def artifacts(self) -> Path:

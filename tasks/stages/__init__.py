@@ -42,6 +42,7 @@ REGISTRY: dict[str, dict[str | None, str]] = {
         "quarot": "tasks.stages.quantize.quarot",
         "inc-dynamic": "tasks.stages.quantize.inc_dynamic",
         "inc-weight-only": "tasks.stages.quantize.inc_weight_only",
+        "nvmo": "tasks.stages.quantize.nvmo",
     },
     "finetune": {None: "tasks.stages.finetune"},
     "adapter": {None: "tasks.stages.adapter"},

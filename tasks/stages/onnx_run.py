@@ -11,9 +11,11 @@ import json
 import time
 from collections.abc import Iterator, Sequence
 from contextlib import contextmanager
+from dataclasses import dataclass
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
+from tasks.config import option
 from tasks.errors import PreflightError, StageError
 from tasks.stages.onnx_folder import GENAI_CONFIG, copy_sidecars, model_file
 
@@ -249,6 +251,21 @@ def check_onnx_against(
     return metrics
 
 
+@dataclass(frozen=True, kw_only=True)
+class NodeExclusion:
+    """The setting every ONNX quantizer takes: nodes kept in float."""
+
+    SETTINGS_LAST = True  # in the docs, after the stage's own settings
+
+    nodes_to_exclude: tuple[str, ...] = option(
+        (), "nodes to keep in float, by name or glob: '/lm_head/MatMul', '*/mlp/down_proj/*'"
+    )
+
+    def __post_init__(self) -> None:
+        # A set in effect: reordering or repeating it must not change the step's key.
+        object.__setattr__(self, "nodes_to_exclude", tuple(sorted(set(self.nodes_to_exclude))))
+
+
 def match_nodes(model_path: Path, patterns: Sequence[str]) -> list[str]:
     """Names of the nodes matching glob patterns ('*/mlp/down_proj/*'); a pattern that matches
     nothing is an error, so a typo cannot silently quantize what it meant to keep."""
@@ -333,6 +350,35 @@ def fp32_source(ctx: StepContext, quantizer: str) -> Path:
             'quantize a capture with precision = "fp32"'
         )
     return src
+
+
+BLOCK_SIZES = (16, 32, 64, 128, 256)  # what MatMulNBits and blocked DequantizeLinear take here
+
+
+def check_block_size(block_size: int) -> None:
+    from tasks.config import ConfigValueError
+
+    if block_size not in BLOCK_SIZES:
+        raise ConfigValueError(
+            "block_size", f"{block_size} is not a block size MatMulNBits takes",
+            f"use one of {', '.join(map(str, BLOCK_SIZES))}",
+        )  # fmt: skip
+
+
+@contextmanager
+def work_copy(ctx: StepContext) -> Iterator[Path]:
+    """A private copy of the input's model for a tool that writes beside what it reads; removed
+    afterwards (it lives in the step's temporary output, so a killed step leaves no stray)."""
+    import shutil
+
+    from tasks.stages.onnx_folder import private_copy
+
+    assert ctx.input is not None
+    work = ctx.out / ".work"
+    try:
+        yield private_copy(ctx.input, work)
+    finally:
+        shutil.rmtree(work, ignore_errors=True)
 
 
 def finish_quantized(ctx: StepContext, quantized_op: str) -> dict[str, Any]:

@@ -11,8 +11,6 @@ import pytest
 from tasks.config import ConfigValueError, parse_config
 from tasks.errors import RecipeError, StageError
 from tasks.stages import StepContext, spec_for
-from tasks.stages.capture import Config as CaptureConfig
-from tasks.stages.capture import run as run_capture
 from tasks.stages.onnx_run import genai_generate, onnx_logits, op_counts, prompt_ids
 from tasks.stages.quantize import bnb4
 
@@ -22,16 +20,6 @@ def step(stage: str, algorithm: str | None, src: Path, out: Path, **table: Any) 
     out.mkdir(parents=True)
     ctx = StepContext(task=f"{stage}:test", out=out, artifacts=out.parent, input=src)
     return spec.run(parse_config(spec.config, table, "recipe.toml", stage), ctx)
-
-
-@pytest.fixture(scope="module")
-def fp32(tiny_model: Path, tmp_path_factory) -> Path:
-    """The tiny model captured by the genai builder, fp32 on the CPU."""
-    out = tmp_path_factory.mktemp("quantize") / "fp32"
-    out.mkdir()
-    ctx = StepContext(task="capture:fp32", out=out, artifacts=out.parent, input=tiny_model)
-    run_capture(CaptureConfig(), ctx)
-    return out
 
 
 @pytest.fixture(scope="module")

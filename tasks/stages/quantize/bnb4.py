@@ -17,6 +17,7 @@ from tasks.config import ConfigValueError, option
 from tasks.stages import StepContext
 from tasks.stages.onnx_folder import model_file
 from tasks.stages.onnx_run import (
+    NodeExclusion,
     finish_quantized,
     match_nodes,
     onnx_quantizer_spec,
@@ -26,18 +27,14 @@ from tasks.stages.onnx_run import (
 
 
 @dataclass(frozen=True, kw_only=True)
-class Config:
+class Config(NodeExclusion):
     """4-bit block-wise quantization of constant MatMul weights (MatMulBnb4)."""
 
     quant_type: Literal["nf4", "fp4"] = option("nf4", "4-bit NormalFloat or 4-bit float")
     block_size: int = option(64, "weights per scale: a power of two, at least 16")
-    nodes_to_exclude: tuple[str, ...] = option(
-        (), "nodes to keep in float, by name or glob: '/lm_head/MatMul', '*/mlp/down_proj/*'"
-    )
 
     def __post_init__(self) -> None:
-        # A set in effect: reordering or repeating it must not change the step's key.
-        object.__setattr__(self, "nodes_to_exclude", tuple(sorted(set(self.nodes_to_exclude))))
+        super().__post_init__()
         # The kernels take power-of-two blocks of 16 or more (bitsandbytes uses 64).
         if self.block_size < 16 or self.block_size & (self.block_size - 1):
             raise ConfigValueError(

@@ -8,9 +8,6 @@ in its own environment, pinned here; the main environment only checks its output
 
 from __future__ import annotations
 
-from pathlib import Path
-from typing import Any
-
 from tasks.envs import Environment
 
 INC = Environment(
@@ -25,11 +22,3 @@ INC = Environment(
     ),
     why="onnx-neural-compressor needs numpy < 2 and undeclared packages",
 )
-
-
-def save_model(model: Any, path: Path) -> None:
-    """Save a ModelProto with its weights in one external data file beside it."""
-    import onnx
-
-    onnx.save(model, str(path), save_as_external_data=True, all_tensors_to_one_file=True,
-              location=f"{path.name}.data", size_threshold=1024)  # fmt: skip

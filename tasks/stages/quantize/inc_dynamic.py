@@ -12,10 +12,17 @@ per_channel = true
 from __future__ import annotations
 
 from dataclasses import dataclass
+from pathlib import Path
 from typing import Any
 
 from tasks.stages import StepContext
-from tasks.stages.onnx_run import finish_quantized, fp32_source, match_nodes, onnx_quantizer_spec
+from tasks.stages.onnx_run import (
+    finish_quantized,
+    fp32_source,
+    match_nodes,
+    onnx_quantizer_spec,
+    work_copy,
+)
 from tasks.stages.quantize.inc_common import INC
 from tasks.stages.quantize.ort_dynamic import Int8Settings
 
@@ -31,20 +38,20 @@ def run(config: Config, ctx: StepContext) -> dict[str, Any]:
     src = fp32_source(ctx, "Intel's ONNX quantizer")
     exclude = match_nodes(src, config.nodes_to_exclude)
     ctx.log(f"quantizing {src.name} to dynamic {config.weight_type} (Intel Neural Compressor)")
-    call(INC, f"{__name__}:quantize_in_env", config, ctx, {"exclude": exclude})
+    with work_copy(ctx) as model:
+        call(INC, f"{__name__}:quantize_in_env", config, ctx,
+             {"model": str(model), "exclude": exclude})  # fmt: skip
     return finish_quantized(ctx, "MatMulInteger")
 
 
-def quantize_in_env(config: Config, ctx: StepContext, exclude: list[str]) -> dict[str, Any]:
+def quantize_in_env(
+    config: Config, ctx: StepContext, model: str, exclude: list[str]
+) -> dict[str, Any]:
     """Runs inside the inc environment."""
     from onnx_neural_compressor.quantization import config as inc_config
     from onnx_neural_compressor.quantization.quantize import quantize
     from onnxruntime.quantization import QuantType
 
-    from tasks.stages.onnx_folder import model_file
-
-    assert ctx.input is not None
-    src = model_file(ctx.input)
     settings = inc_config.DynamicQuantConfig(
         weight_type=QuantType.QInt8 if config.weight_type == "int8" else QuantType.QUInt8,
         per_channel=config.per_channel,
@@ -53,7 +60,7 @@ def quantize_in_env(config: Config, ctx: StepContext, exclude: list[str]) -> dic
         use_external_data_format=True,
         execution_provider="CPUExecutionProvider",
     )
-    quantize(str(src), str(ctx.out / src.name), settings)
+    quantize(model, str(ctx.out / Path(model).name), settings)
     return {}
 
 

@@ -14,20 +14,26 @@ data = "botchan"           # calibration text (awq and gptq)
 
 from __future__ import annotations
 
-import json
 from dataclasses import dataclass
+from pathlib import Path
 from typing import Any, Literal
 
 from tasks.config import ConfigValueError, option
 from tasks.stages import StepContext
-from tasks.stages.onnx_run import finish_quantized, fp32_source, onnx_quantizer_spec
-from tasks.stages.quantize.inc_common import INC, save_model
-
-BLOCK_SIZES = (16, 32, 64, 128, 256)  # what MatMulNBits takes
+from tasks.stages.onnx_folder import save_with_external_data
+from tasks.stages.onnx_run import (
+    check_block_size,
+    finish_quantized,
+    fp32_source,
+    onnx_quantizer_spec,
+    work_copy,
+)
+from tasks.stages.quantize.inc_common import INC
+from tasks.stages.quantize.onnx_calibration import TextCalibration, reader, token_windows
 
 
 @dataclass(frozen=True, kw_only=True)
-class Config:
+class Config(TextCalibration):
     """Weight-only quantization of MatMul weights into MatMulNBits with Intel's quantizer."""
 
     method: Literal["rtn", "awq", "gptq"] = option(
@@ -38,33 +44,16 @@ class Config:
     sym: bool = option(True, "symmetric (no zero points)")
     accuracy_level: int = option(0, "MatMulNBits compute type: 0 default, 1 fp32, 4 int8")
     quantize_lm_head: bool = option(False, "quantize the last MatMul (the LM head) too")
-    data: str = option("", "awq/gptq: the [data.<name>] set whose train split calibrates")
-    num_samples: int = option(8, "awq/gptq: calibration sequences")
-    seq_len: int = option(256, "awq/gptq: tokens per calibration sequence")
 
     def __post_init__(self) -> None:
-        if self.block_size not in BLOCK_SIZES:
-            raise ConfigValueError(
-                "block_size", f"{self.block_size} is not a block size MatMulNBits takes",
-                f"use one of {', '.join(map(str, BLOCK_SIZES))}",
-            )  # fmt: skip
+        check_block_size(self.block_size)
         if self.accuracy_level not in range(5):
             raise ConfigValueError(
                 "accuracy_level", f"{self.accuracy_level} is not 0 to 4", "use 0"
             )
-        if self.method == "rtn" and self.data:
-            raise ConfigValueError(
-                "data", "rtn uses no calibration data", 'remove data, or set method = "awq"'
-            )
-        if self.method != "rtn" and not self.data:
-            raise ConfigValueError(
-                "data", f"{self.method} calibrates on data", 'set data = "<a [data.<name>] set>"'
-            )
-        for key in ("num_samples", "seq_len"):
-            if getattr(self, key) < 1:
-                raise ConfigValueError(
-                    key, f"{getattr(self, key)} is not allowed", "make it 1 or more"
-                )
+        self.check_calibration(
+            self.method != "rtn", self.method, 'remove data, or set method = "awq"'
+        )
 
 
 def run(config: Config, ctx: StepContext) -> dict[str, Any]:
@@ -74,52 +63,22 @@ def run(config: Config, ctx: StepContext) -> dict[str, Any]:
     ctx.log(
         f"{config.method} {config.bits}-bit, block {config.block_size} (Intel Neural Compressor)"
     )
-    call(INC, f"{__name__}:quantize_in_env", config, ctx)
+    windows = token_windows(config, ctx) if config.data else []
+    with work_copy(ctx) as model:  # its calibration writes <model>_augment.onnx beside it
+        call(INC, f"{__name__}:quantize_in_env", config, ctx,
+             {"model": str(model), "windows": windows})  # fmt: skip
     return finish_quantized(ctx, "MatMulNBits") | {"source": src.name}
 
 
-class _Windows:
-    """Calibration feeds for the decoder: windows of the train split, with an empty cache."""
-
-    def __init__(self, config: Config, ctx: StepContext) -> None:
-        from tokenizers import Tokenizer
-
-        from tasks.stages.onnx_folder import model_file
-        from tasks.stages.onnx_run import decoder_dims, empty_past_feed, ort_session
-
-        assert ctx.input is not None
-        lines = (ctx.data[config.data] / "train.jsonl").read_text(encoding="utf-8").splitlines()
-        text = "\n\n".join(json.loads(line)["text"] for line in lines if line.strip())
-        tokenizer = Tokenizer.from_file(str(ctx.input / "tokenizer.json"))
-        ids = tokenizer.encode(text, add_special_tokens=False).ids
-        step = max(config.seq_len, len(ids) // config.num_samples)
-        windows = [ids[i : i + config.seq_len] for i in range(0, len(ids), step)]
-        windows = [w for w in windows if len(w) == config.seq_len][: config.num_samples]
-        session = ort_session(model_file(ctx.input), ["CPUExecutionProvider"])
-        dims = decoder_dims(ctx.input)
-        self.feeds = [empty_past_feed(session, w, dims) for w in windows]
-        self.position = 0
-
-    def get_next(self) -> dict | None:
-        if self.position >= len(self.feeds):
-            return None
-        self.position += 1
-        return self.feeds[self.position - 1]
-
-    def rewind(self) -> None:
-        self.position = 0
-
-
-def quantize_in_env(config: Config, ctx: StepContext) -> dict[str, Any]:
+def quantize_in_env(
+    config: Config, ctx: StepContext, model: str, windows: list[list[int]]
+) -> dict[str, Any]:
     """Runs inside the inc environment."""
     from onnx_neural_compressor import data_reader
     from onnx_neural_compressor.quantization import algorithm_entry as algos
     from onnx_neural_compressor.quantization import config as inc_config
 
-    from tasks.stages.onnx_folder import model_file
-
     assert ctx.input is not None
-    src = model_file(ctx.input)
     common = {
         "weight_bits": config.bits,
         "weight_group_size": config.block_size,
@@ -128,15 +87,14 @@ def quantize_in_env(config: Config, ctx: StepContext) -> dict[str, Any]:
         "quant_last_matmul": config.quantize_lm_head,
     }
     if config.method == "rtn":
-        model = algos.rtn_quantize_entry(str(src), inc_config.RTNConfig(**common))
+        result = algos.rtn_quantize_entry(model, inc_config.RTNConfig(**common))
     else:
-        reader_class = type("Reader", (_Windows, data_reader.CalibrationDataReader), {})
-        reader = reader_class(config, ctx)
+        feeds = reader(data_reader.CalibrationDataReader, Path(model), ctx.input, windows)
         if config.method == "awq":
-            model = algos.awq_quantize_entry(str(src), inc_config.AWQConfig(**common), reader)
+            result = algos.awq_quantize_entry(model, inc_config.AWQConfig(**common), feeds)
         else:
-            model = algos.gptq_quantize_entry(str(src), inc_config.GPTQConfig(**common), reader)
-    save_model(getattr(model, "model", model), ctx.out / src.name)
+            result = algos.gptq_quantize_entry(model, inc_config.GPTQConfig(**common), feeds)
+    save_with_external_data(getattr(result, "model", result), ctx.out / Path(model).name)
     return {}
 
 

@@ -15,23 +15,23 @@ from typing import Any, Literal
 
 from tasks.config import ConfigValueError, option
 from tasks.stages import StepContext
-from tasks.stages.onnx_run import finish_quantized, fp32_source, match_nodes, onnx_quantizer_spec
+from tasks.stages.onnx_run import (
+    NodeExclusion,
+    finish_quantized,
+    fp32_source,
+    match_nodes,
+    onnx_quantizer_spec,
+    work_copy,
+)
 
 
 @dataclass(frozen=True, kw_only=True)
-class Int8Settings:
+class Int8Settings(NodeExclusion):
     """What every dynamic int8 quantizer takes (onnxruntime's, Intel's)."""
 
     weight_type: Literal["int8", "uint8"] = option("int8", "integer type of the weights")
     per_channel: bool = option(False, "one scale per output channel instead of per tensor")
     reduce_range: bool = option(False, "7-bit weights, for older x86 CPUs without VNNI")
-    nodes_to_exclude: tuple[str, ...] = option(
-        (), "nodes to keep in float, by name or glob: '/lm_head/MatMul', '*/mlp/down_proj/*'"
-    )
-
-    def __post_init__(self) -> None:
-        # A set in effect: reordering or repeating it must not change the step's key.
-        object.__setattr__(self, "nodes_to_exclude", tuple(sorted(set(self.nodes_to_exclude))))
 
 
 @dataclass(frozen=True, kw_only=True)
@@ -58,17 +58,18 @@ def run(config: Config, ctx: StepContext) -> dict[str, Any]:
     src = fp32_source(ctx, "ort-dynamic")
     dst = ctx.out / src.name
     ctx.log(f"quantizing {src.name} to dynamic {config.weight_type}")
-    quantize_dynamic(
-        src,
-        dst,
-        weight_type=QuantType.QInt8 if config.weight_type == "int8" else QuantType.QUInt8,
-        per_channel=config.per_channel,
-        reduce_range=config.reduce_range,
-        op_types_to_quantize=list(config.op_types),
-        nodes_to_exclude=match_nodes(src, config.nodes_to_exclude),
-        use_external_data_format=True,
-        extra_options={"MatMulConstBOnly": True},
-    )
+    with work_copy(ctx) as model:  # it writes a shape-inferred copy beside the model it reads
+        quantize_dynamic(
+            model,
+            dst,
+            weight_type=QuantType.QInt8 if config.weight_type == "int8" else QuantType.QUInt8,
+            per_channel=config.per_channel,
+            reduce_range=config.reduce_range,
+            op_types_to_quantize=list(config.op_types),
+            nodes_to_exclude=match_nodes(src, config.nodes_to_exclude),
+            use_external_data_format=True,
+            extra_options={"MatMulConstBOnly": True},
+        )
     return finish_quantized(ctx, "MatMulInteger")
 
 

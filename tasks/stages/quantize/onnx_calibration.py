@@ -1,0 +1,85 @@
+"""Calibration text for the ONNX quantizers that run in their own environment.
+
+The main environment tokenizes the data set's train split into windows (its `tokenizers` is
+there); the stage's environment gets the token ids as JSON and turns them into the decoder's
+input feeds (an empty key/value cache) with its own onnxruntime.
+"""
+
+from __future__ import annotations
+
+import json
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+from tasks.config import ConfigValueError, option
+from tasks.stages import StepContext
+
+
+@dataclass(frozen=True, kw_only=True)
+class TextCalibration:
+    """The settings of a quantizer that calibrates on windows of a data set's train split."""
+
+    SETTINGS_LAST = True  # in the docs, after the stage's own settings
+
+    data: str = option("", "the [data.<name>] set whose train split calibrates")
+    num_samples: int = option(8, "calibration sequences")
+    seq_len: int = option(256, "tokens per calibration sequence")
+
+    def check_calibration(self, calibrates: bool, what: str, fix_without: str) -> None:
+        """`what` calibrates or not; refuse a missing or a pointless `data`."""
+        if not calibrates and self.data:
+            raise ConfigValueError("data", f"{what} uses no calibration data", fix_without)
+        if calibrates and not self.data:
+            raise ConfigValueError(
+                "data", f"{what} calibrates on data", 'set data = "<a [data.<name>] set>"'
+            )
+        for key in ("num_samples", "seq_len"):
+            if getattr(self, key) < 1:
+                raise ConfigValueError(
+                    key, f"{getattr(self, key)} is not allowed", "make it 1 or more"
+                )
+
+
+def token_windows(config: TextCalibration, ctx: StepContext) -> list[list[int]]:
+    """num_samples windows of seq_len tokens, spread evenly over the train split."""
+    from tokenizers import Tokenizer
+
+    assert ctx.input is not None
+    lines = (ctx.data[config.data] / "train.jsonl").read_text(encoding="utf-8").splitlines()
+    text = "\n\n".join(json.loads(line)["text"] for line in lines if line.strip())
+    tokenizer = Tokenizer.from_file(str(ctx.input / "tokenizer.json"))
+    ids = tokenizer.encode(text, add_special_tokens=False).ids
+    step = max(config.seq_len, len(ids) // config.num_samples)
+    windows = [ids[i : i + config.seq_len] for i in range(0, len(ids), step)]
+    return [w for w in windows if len(w) == config.seq_len][: config.num_samples]
+
+
+class DecoderFeeds:
+    """The calibration reader protocol (get_next, rewind) over decoder feeds, one per window.
+    Mixed into each library's own reader base class inside its environment."""
+
+    def __init__(self, model: Path, folder: Path, windows: list[list[int]]) -> None:
+        from tasks.stages.onnx_run import decoder_dims, empty_past_feed, ort_session
+
+        session = ort_session(model, ["CPUExecutionProvider"])
+        dims = decoder_dims(folder)
+        self.feeds = [empty_past_feed(session, w, dims) for w in windows]
+        self.position = 0
+
+    def get_next(self) -> dict[str, Any] | None:
+        if self.position >= len(self.feeds):
+            return None
+        self.position += 1
+        return self.feeds[self.position - 1]
+
+    def rewind(self) -> None:
+        self.position = 0
+
+    def get_first(self) -> dict[str, Any]:  # ModelOpt's int8 path peeks at the first feed
+        return self.feeds[0]
+
+
+def reader(base: type, model: Path, folder: Path, windows: list[list[int]]) -> Any:
+    """A calibration reader deriving from the library's `base` class."""
+    return type("CalibrationReader", (DecoderFeeds, base), {})(model, folder, windows)

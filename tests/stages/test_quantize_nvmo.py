@@ -1,0 +1,119 @@
+"""NVIDIA ModelOpt's stage: what it refuses up front, and the pieces it runs around ModelOpt.
+The quantization itself runs in the modelopt environment: the slow suite builds it (the default
+recipe's nvmo-rtn, and awq_clip and int8 on the tiny model)."""
+
+from __future__ import annotations
+
+import pytest
+
+from tasks.config import ConfigValueError
+from tasks.errors import StageError
+from tasks.stages import StepContext
+from tasks.stages.onnx_folder import external_data_files, model_file
+from tasks.stages.onnx_run import work_copy
+from tasks.stages.quantize import nvmo
+from tasks.stages.quantize.nvmo import Config
+
+
+@pytest.mark.parametrize(
+    ("settings", "field", "says"),
+    [
+        ({"method": "awq_lite", "data": "d"}, "method", "awq_clip, rtn_dq"),
+        ({"method": "awq_full", "data": "d"}, "method", "awq_clip, rtn_dq"),
+        ({"method": "rtn"}, "method", "does not load in onnxruntime's CPU provider"),
+        ({"mode": "int8", "method": "awq_clip", "data": "d"}, "method", "entropy, max"),
+        ({"method": "rtn_dq", "data": "d"}, "data", "rtn_dq uses no calibration data"),
+        ({"method": "awq_clip"}, "data", "awq_clip calibrates on data"),
+        ({"mode": "int8", "method": "max"}, "data", "max calibrates on data"),
+        ({"method": "rtn_dq", "block_size": 48}, "block_size", "16, 32, 64, 128, 256"),
+        ({"method": "awq_clip", "data": "d", "num_samples": 0}, "num_samples", "1 or more"),
+    ],
+)
+def test_settings_it_cannot_run_are_refused_with_the_fix(settings, field, says):
+    with pytest.raises(ConfigValueError) as err:
+        Config(**settings)
+    assert err.value.key == field and says in f"{err.value.problem} {err.value.fix}"
+
+
+def test_excluded_nodes_are_a_set():
+    a = Config(method="rtn_dq", nodes_to_exclude=("b", "a", "b"))
+    assert (
+        a.nodes_to_exclude
+        == ("a", "b")
+        == Config(method="rtn_dq", nodes_to_exclude=("a", "b")).nodes_to_exclude
+    )
+
+
+def test_a_block_size_that_does_not_divide_a_layer_names_it_and_what_would(fp32):
+    src = model_file(fp32)
+    nvmo.check_blocks_divide(src, 32, set())  # the tiny model's sizes are multiples of 32
+    with pytest.raises(StageError) as err:
+        nvmo.check_blocks_divide(src, 256, set())
+    message = str(err.value)
+    assert "block_size 256 does not divide the input size" in message
+    assert "MatMul" in message and "fix: set block_size to one of [16, 32" in message
+
+
+def test_builder_graphs_pass_onnx_checker_once_their_norm_op_is_registered(tmp_path):
+    """ModelOpt checks its input with onnx.checker, which does not know onnxruntime's
+    SimplifiedLayerNormalization (in the ONNX domain in the builder's graphs)."""
+    import onnx
+    from onnx import TensorProto, helper
+
+    node = helper.make_node("SimplifiedLayerNormalization", ["x", "w"], ["y"], axis=-1,
+                            epsilon=1e-5, stash_type=1)  # fmt: skip
+    graph = helper.make_graph(
+        [node], "g",
+        [helper.make_tensor_value_info("x", TensorProto.FLOAT, [1, 4]),
+         helper.make_tensor_value_info("w", TensorProto.FLOAT, [4])],
+        [helper.make_tensor_value_info("y", TensorProto.FLOAT, [1, 4])],
+    )  # fmt: skip
+    model = helper.make_model(graph, opset_imports=[helper.make_opsetid("", 21)])
+    if not onnx.defs.has("SimplifiedLayerNormalization"):
+        with pytest.raises(onnx.checker.ValidationError, match="SimplifiedLayerNormalization"):
+            onnx.checker.check_model(model)
+    nvmo.register_builder_ops()
+    nvmo.register_builder_ops()  # twice is harmless
+    onnx.checker.check_model(model)
+
+
+def test_tools_get_a_private_copy_of_the_model_and_it_is_removed_after(fp32, tmp_path):
+    ctx = StepContext(task="quantize:x", out=tmp_path / "out", artifacts=tmp_path, input=fp32)
+    ctx.out.mkdir()
+    src = model_file(fp32)
+    before = {p.name: p.stat().st_mtime_ns for p in fp32.iterdir()}
+    with work_copy(ctx) as copy:
+        assert copy.parent != fp32 and copy.read_bytes() == src.read_bytes()
+        for name in external_data_files(copy):  # the weights travel with the graph
+            assert (copy.parent / name).stat().st_size == (fp32 / name).stat().st_size
+        copy.write_bytes(b"rewritten by a tool")  # what ModelOpt does to the model it reads
+        (copy.parent / "model.onnx_augment.onnx").write_bytes(b"")  # and INC beside it
+    assert not copy.parent.exists() and list(ctx.out.iterdir()) == []
+    assert {p.name: p.stat().st_mtime_ns for p in fp32.iterdir()} == before
+
+
+def test_copies_of_one_initializer_are_merged_and_the_model_computes_the_same():
+    """ModelOpt's export copies shared initializers per use (+170 MB on SmolLM2)."""
+    import numpy as np
+    import onnxruntime as ort
+    from onnx import TensorProto, helper, numpy_helper
+
+    w = np.arange(6, dtype=np.float32).reshape(2, 3)
+    inits = [numpy_helper.from_array(w, "w"), numpy_helper.from_array(w.copy(), "w_1"),
+             numpy_helper.from_array(w + 1, "other")]  # fmt: skip
+    nodes = [helper.make_node("Add", ["x", "w"], ["a"]), helper.make_node("Add", ["a", "w_1"], ["b"]),
+             helper.make_node("Add", ["b", "other"], ["y"])]  # fmt: skip
+    graph = helper.make_graph(
+        nodes, "g", [helper.make_tensor_value_info("x", TensorProto.FLOAT, [2, 3])],
+        [helper.make_tensor_value_info("y", TensorProto.FLOAT, [2, 3])], inits,
+    )  # fmt: skip
+    model = helper.make_model(graph, opset_imports=[helper.make_opsetid("", 21)])
+
+    def run(m):
+        session = ort.InferenceSession(m.SerializeToString(), providers=["CPUExecutionProvider"])
+        return session.run(None, {"x": np.ones((2, 3), np.float32)})[0]
+
+    before = run(model)
+    assert nvmo.merge_duplicate_initializers(model) == 1
+    assert [t.name for t in model.graph.initializer] == ["w", "other"]
+    assert np.array_equal(run(model), before)
