@@ -156,7 +156,8 @@ def gc(graph: Graph, dry_run: bool) -> None:
 
 def _gc_environments(graph: Graph, live: set[str], verb: str, dry_run: bool) -> int:
     """Remove the stage environments that no step of this recipe and no kept entry uses."""
-    used = {s.spec.environment.key for s in graph.recipe.steps.values() if s.spec.environment}
+    declared = [s.spec.environment_of(s.config) for s in graph.recipe.steps.values()]
+    used = {env.key for env in declared if env is not None}
     for key in live:
         with contextlib.suppress(StoreError):
             if graph.store.is_complete(key):

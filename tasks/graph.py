@@ -94,8 +94,8 @@ def step_identity(
         "inputs": {"from": keys[step.source]} if step.source else {},
         "libraries": library_versions(spec.libraries),
     }
-    if spec.environment is not None:  # its pins stand for the libraries it runs with
-        identity["environment"] = spec.environment.key
+    if (env := spec.environment_of(step.config)) is not None:  # its pins stand for the
+        identity["environment"] = env.key  # libraries it runs with
     return identity
 
 

@@ -72,12 +72,18 @@ class StageSpec:
     # steps to add). Called with the step, every step parsed so far and the recipe file.
     implies: Callable[..., tuple[Any, list[Any]]] | None = None
     # Packages that clash with the main environment: the step runs (partly) in its own
-    # virtual environment, whose key enters the step's key (tasks/envs.py).
+    # virtual environment, whose key enters the step's key (tasks/envs.py). An Environment,
+    # or a function of the step's config returning one (a GPU build needs other packages).
     environment: Any = None
     # Config fields naming local files or directories -> their paths. In the key, each such
     # field holds the content digest instead of the path (cached by stat, so unchanged big files
     # are never re-read, and moving a file does not rebuild). A missing one fails at load.
     local_inputs: Callable[[Any], dict[str, str]] = lambda config: {}
+
+    def environment_of(self, config: Any) -> Any:
+        """The Environment a step with this config runs in, or None."""
+        env = self.environment
+        return env(config) if callable(env) else env
 
     def preflight(self) -> None:
         """Fail before any model is loaded when a needed package is missing."""

@@ -4,10 +4,12 @@ recipe's nvmo-rtn, and awq_clip and int8 on the tiny model)."""
 
 from __future__ import annotations
 
+import shutil
+
 import pytest
 
-from tasks.config import ConfigValueError
-from tasks.errors import StageError
+from tasks.config import ConfigValueError, as_params
+from tasks.errors import PreflightError, StageError
 from tasks.stages import StepContext
 from tasks.stages.onnx_folder import external_data_files, model_file
 from tasks.stages.onnx_run import work_copy
@@ -18,7 +20,7 @@ from tasks.stages.quantize.nvmo import Config
 @pytest.mark.parametrize(
     ("settings", "field", "says"),
     [
-        ({"method": "awq_lite", "data": "d"}, "method", "awq_clip, rtn_dq"),
+        ({"method": "awq_lite", "data": "d"}, "method", 'set device = "cuda"'),
         ({"method": "awq_full", "data": "d"}, "method", "awq_clip, rtn_dq"),
         ({"method": "rtn"}, "method", "does not load in onnxruntime's CPU provider"),
         ({"mode": "int8", "method": "awq_clip", "data": "d"}, "method", "entropy, max"),
@@ -33,6 +35,51 @@ def test_settings_it_cannot_run_are_refused_with_the_fix(settings, field, says):
     with pytest.raises(ConfigValueError) as err:
         Config(**settings)
     assert err.value.key == field and says in f"{err.value.problem} {err.value.fix}"
+
+
+def test_gpu_calibration_has_its_own_environment_and_leaves_cpu_keys_alone():
+    spec = nvmo.SPEC
+    lite = Config(method="awq_lite", data="d", device="cuda")  # accepted with a GPU
+    assert spec.environment_of(lite) is nvmo.MODELOPT_CUDA
+    assert spec.environment_of(Config(method="rtn_dq")) is nvmo.MODELOPT
+    assert nvmo.MODELOPT_CUDA.key != nvmo.MODELOPT.key
+    assert "device" not in as_params(Config(method="rtn_dq"))  # added later: cpu keys unchanged
+    assert as_params(lite)["device"] == "cuda"
+
+
+@pytest.mark.skipif(shutil.which("nvidia-smi") is not None, reason="this machine has a GPU")
+def test_cuda_without_a_gpu_is_refused_before_any_environment_is_built(fp32, tmp_path):
+    ctx = StepContext(task="quantize:x", out=tmp_path / "out", artifacts=tmp_path, input=fp32)
+    with pytest.raises(PreflightError, match='set device = "cpu"'):
+        nvmo.run(Config(method="awq_lite", data="d", device="cuda"), ctx)
+    assert not (tmp_path / "envs").exists()
+
+
+@pytest.mark.gpu
+def test_awq_lite_calibrates_on_cuda(fp32, prose_file, tmp_path):
+    """Builds the modelopt-cuda environment (needs a package index) and runs awq_lite there."""
+    if shutil.which("nvidia-smi") is None:
+        pytest.skip("no NVIDIA GPU")
+    import time
+
+    from tasks.stages.data import Config as DataConfig
+    from tasks.stages.data import run as run_data
+
+    data = tmp_path / "data"
+    data.mkdir()
+    run_data(DataConfig(path=str(prose_file), format="text", heldout_fraction=0.25),
+             StepContext(task="data:prose", out=data, artifacts=tmp_path))  # fmt: skip
+    out = tmp_path / "out"
+    out.mkdir()
+    ctx = StepContext(task="quantize:lite", out=out, artifacts=tmp_path, input=fp32,
+                      data={"prose": data})  # fmt: skip
+    started = time.time()
+    metrics = nvmo.run(
+        Config(method="awq_lite", data="prose", device="cuda", block_size=32, num_samples=4,
+               seq_len=64), ctx,
+    )  # fmt: skip
+    print(f"awq_lite on cuda: {time.time() - started:.1f} s (environment build included)")
+    assert metrics["quantized_nodes"] > 0 and metrics["top1_agreement"] > 0.5
 
 
 def test_excluded_nodes_are_a_set():

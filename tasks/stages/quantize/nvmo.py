@@ -14,7 +14,9 @@ int4 writes blocked int4 weights with a DequantizeLinear before each MatMul: onn
 it on a CPU (and onnxruntime-genai, when the input was the builder's graph). int8 writes the
 Q/DQ graph TensorRT wants; it runs on a CPU too, but slower than fp32 there. Refused up front,
 with the method that would work: int4 `rtn` (its output does not load in onnxruntime's CPU
-provider), `awq_lite` and `awq_full` (ModelOpt 0.47's CPU path crashes in them: GPU only).
+provider), and on the CPU `awq_lite` and `awq_full` (ModelOpt 0.47's numpy path crashes in
+them). `device = "cuda"` calibrates on the GPU (onnxruntime-gpu, cupy) in an environment of its
+own, where `awq_lite` and `awq_full` run; the output is checked on the CPU as always.
 """
 
 from __future__ import annotations
@@ -26,7 +28,7 @@ from typing import Any, Literal
 
 from tasks.config import ConfigValueError, option
 from tasks.envs import Environment
-from tasks.errors import StageError
+from tasks.errors import PreflightError, StageError
 from tasks.stages import StepContext
 from tasks.stages.onnx_run import (
     NodeExclusion,
@@ -60,13 +62,27 @@ MODELOPT = Environment(
     ),
     why="nvidia-modelopt[onnx] pins onnx~=1.21 and pulls onnxruntime-gpu",
 )
+# device = "cuda": the [onnx] extra as ModelOpt pins it (onnxruntime-gpu, cupy), resolved here
+# with `pip install --dry-run --report`; torch==2.13.0 is the CUDA build on such machines.
+MODELOPT_CUDA = Environment(
+    name="modelopt-cuda",
+    requirements=(
+        "nvidia-modelopt[onnx]==0.47.0",
+        "torch==2.13.0",
+        "numpy==2.4.6",
+        "onnx==1.21.0",
+        "onnxruntime-gpu==1.24.4",
+        "cupy-cuda12x==14.2.0",
+    ),
+    why="ModelOpt's GPU calibration needs onnxruntime-gpu and cupy",
+)
 
 METHODS = {"int4": ("awq_clip", "rtn_dq"), "int8": ("entropy", "max")}
 GPU_ONLY = {
     "awq_lite": "ModelOpt 0.47's CPU (numpy) path crashes in it",
     "awq_full": "it runs awq_lite first, whose CPU (numpy) path crashes in ModelOpt 0.47",
-    "rtn": "its output does not load in onnxruntime's CPU provider",
 }
+NEVER = {"rtn": "its output does not load in onnxruntime's CPU provider"}
 
 
 @dataclass(frozen=True, kw_only=True)
@@ -79,15 +95,25 @@ class Config(TextCalibration, NodeExclusion):
     )
     block_size: int = option(128, "int4: weights per scale (16 to 256, dividing each MatMul's K)")
     use_zero_point: bool = option(False, "int4: asymmetric blocks with zero points")
+    device: Literal["cpu", "cuda"] = option(
+        "cpu", "where ModelOpt calibrates: cuda adds awq_lite and awq_full", added=True
+    )
 
     def __post_init__(self) -> None:
         super().__post_init__()
-        if self.method in GPU_ONLY:
+        if self.method in NEVER:
             raise ConfigValueError(
-                "method", f"{self.method!r} cannot run here: {GPU_ONLY[self.method]}",
+                "method", f"{self.method!r} cannot be used: {NEVER[self.method]}",
                 f"use one of {', '.join(METHODS['int4'])}",
             )  # fmt: skip
-        if self.method not in METHODS[self.mode]:
+        if self.method in GPU_ONLY and self.device == "cpu":
+            raise ConfigValueError(
+                "method", f"{self.method!r} cannot run on the CPU: {GPU_ONLY[self.method]}",
+                f"use one of {', '.join(METHODS['int4'])}, or set device = \"cuda\" on a "
+                "machine with an NVIDIA GPU",
+            )  # fmt: skip
+        methods = METHODS[self.mode] + (tuple(GPU_ONLY) if self.mode == "int4" else ())
+        if self.method not in methods:
             raise ConfigValueError(
                 "method", f"{self.method!r} is not a {self.mode} method",
                 f"use one of {', '.join(METHODS[self.mode])}",
@@ -99,9 +125,15 @@ class Config(TextCalibration, NodeExclusion):
         )
 
 
+def environment(config: Config) -> Environment:
+    return MODELOPT_CUDA if config.device == "cuda" else MODELOPT
+
+
 def run(config: Config, ctx: StepContext) -> dict[str, Any]:
     from tasks.envs import call
 
+    if config.device == "cuda":
+        require_cuda()
     src = fp32_source(ctx, "ModelOpt")
     exclude = match_nodes(src, config.nodes_to_exclude)
     if config.mode == "int4":
@@ -110,9 +142,20 @@ def run(config: Config, ctx: StepContext) -> dict[str, Any]:
     what = f"block {config.block_size}" if config.mode == "int4" else "Q/DQ for TensorRT"
     ctx.log(f"{config.mode} {config.method}, {what} (NVIDIA ModelOpt)")
     with work_copy(ctx) as model:  # ModelOpt re-saves and annotates the model it reads
-        done = call(MODELOPT, f"{__name__}:quantize_in_env", config, ctx,
+        done = call(environment(config), f"{__name__}:quantize_in_env", config, ctx,
                     {"model": str(model), "exclude": exclude, "windows": windows})  # fmt: skip
     return finish_quantized(ctx, "DequantizeLinear") | done | {"source": src.name}
+
+
+def require_cuda() -> None:
+    """Refuse before building a multi-GB environment on a machine without an NVIDIA GPU."""
+    import shutil
+
+    if shutil.which("nvidia-smi") is None:
+        raise PreflightError(
+            'device = "cuda" needs an NVIDIA GPU and its driver (no nvidia-smi here)\n'
+            '  fix: set device = "cpu" (method awq_clip or rtn_dq), or build on a GPU machine'
+        )
 
 
 def check_blocks_divide(model: Path, block_size: int, exclude: set[str]) -> None:
@@ -194,7 +237,8 @@ def quantize_in_env(
     feeds = reader(CalibrationDataReader, Path(model), ctx.input, windows) if windows else None
     quantize(
         model, quantize_mode=config.mode, calibration_method=config.method,
-        calibration_data_reader=feeds, calibration_eps=["cpu"], output_path=str(out),
+        calibration_data_reader=feeds, output_path=str(out),
+        calibration_eps=["cuda:0", "cpu"] if config.device == "cuda" else ["cpu"],
         use_external_data_format=True, block_size=config.block_size,
         use_zero_point=config.use_zero_point, high_precision_dtype="fp32",
         nodes_to_exclude=[f"^{re.escape(name)}$" for name in exclude] or None,
@@ -239,6 +283,6 @@ def merge_duplicate_initializers(model: Any) -> int:
 
 
 SPEC = onnx_quantizer_spec(
-    "nvmo", Config, run, "NVIDIA ModelOpt int4 (AWQ clip, RTN) or int8 Q/DQ", MODELOPT,
+    "nvmo", Config, run, "NVIDIA ModelOpt int4 (AWQ clip, RTN) or int8 Q/DQ", environment,
     data_fields=("data",),
 )  # fmt: skip
