@@ -31,8 +31,7 @@ def main() -> None:
     if subprocess.run(cmd, cwd=ROOT).returncode:
         raise SystemExit("the bench recipe did not build")
     sys.path.insert(0, str(ROOT))
-    from tasks.digest import dir_size
-    from tasks.envs import managed_envs
+    from tasks.envs import disk_usage, managed_envs
     from tasks.recipe import load_recipe
 
     links = args.artifacts / RECIPE.stem
@@ -61,7 +60,7 @@ def main() -> None:
     for key, folder in managed_envs(args.artifacts).items():
         marker = json.loads((folder / "ENV.json").read_text())
         print(f"| {folder.name} | {marker.get('build_seconds', '?')} | "
-              f"{dir_size(folder) / 1e6:.0f} | {key[:16]}... |")  # fmt: skip
+              f"{disk_usage(folder) / 1e6:.0f} | {key[:16]}... |")  # fmt: skip
 
 
 if __name__ == "__main__":

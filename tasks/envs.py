@@ -175,6 +175,18 @@ def _alive(pid: int) -> bool:
     return True
 
 
+def disk_usage(folder: Path) -> int:
+    """Bytes a folder takes, each file once: a venv's lib64 is a link to lib."""
+    seen, total = set(), 0
+    for dirpath, _, filenames in os.walk(folder):  # links to folders are not followed
+        for name in filenames:
+            stat = os.lstat(os.path.join(dirpath, name))
+            if (stat.st_dev, stat.st_ino) not in seen:
+                seen.add((stat.st_dev, stat.st_ino))
+                total += stat.st_size
+    return total
+
+
 def managed_envs(artifacts: Path) -> dict[str, Path]:
     """Key -> folder of every complete environment this tool built (others are left alone)."""
     found = {}

@@ -166,7 +166,7 @@ def _gc_environments(graph: Graph, live: set[str], verb: str, dry_run: bool) -> 
     for key, folder in envs.managed_envs(graph.store.root).items():
         if key in used:
             continue
-        size = dir_size(folder)
+        size = envs.disk_usage(folder)
         print(f"{verb} environment {folder.name} {size / 1e6:9.1f} MB")
         if not dry_run:
             shutil.rmtree(folder)
