@@ -1,9 +1,9 @@
 """The ONNX quantizers on SmolLM2-135M's fp32 capture: perplexity, size and latency of
 onnxruntime's (dynamic int8, NF4), Intel Neural Compressor's (dynamic int8, weight-only RTN and
-AWQ) in its own environment, and NVIDIA ModelOpt's where built; plus what each environment
-cost to build.
+AWQ) and NVIDIA ModelOpt's (int4 RTN and AWQ, int8 Q/DQ), the last two each in its own
+environment; plus what each environment cost to build and takes on disk.
 
-    python bench/onnx_quantizers.py [--artifacts artifacts]
+    OMP_NUM_THREADS=1 python bench/onnx_quantizers.py [--artifacts artifacts]
 
 Builds bench/onnx_quantizers.toml with doit (entries shared with the default recipe are reused),
 then prints one Markdown table from the manifests, and the environments under artifacts/envs/
