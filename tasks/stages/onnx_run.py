@@ -8,6 +8,7 @@ greedy tokens. Heavy libraries are imported inside the functions.
 from __future__ import annotations
 
 import json
+import math
 import time
 from collections.abc import Iterator, Sequence
 from contextlib import contextmanager
@@ -402,4 +403,10 @@ def check_quantized(src: Path, out: Path, quantized_op: str) -> dict[str, Any]:
     ids, provider = prompt_ids(src), target_provider(src)
     metrics = check_onnx_against(onnx_logits(src, ids, provider), out, ids, provider)
     metrics["quantized_nodes"] = count
+    if not math.isfinite(metrics["max_abs_logit_diff"]):  # a NaN or inf logit: never usable
+        raise StageError(
+            f"{model_file(out)} gives non-finite logits on a short prompt; its input does not: "
+            "the quantizer broke the model (try other settings, or keep the failing nodes in "
+            "float with nodes_to_exclude)"
+        )
     return metrics

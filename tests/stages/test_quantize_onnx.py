@@ -88,6 +88,31 @@ def test_nothing_left_to_quantize_is_an_error(nf4, tmp_path):
         step("quantize", "ort-dynamic", nf4[0], tmp_path / "again")
 
 
+def test_an_output_with_non_finite_logits_is_refused(fp32, tmp_path):
+    """What a broken quantizer looks like: the step fails instead of publishing it."""
+    import shutil
+
+    import numpy as np
+    import onnx
+    from onnx import numpy_helper
+
+    from tasks.stages.onnx_folder import model_file, save_with_external_data
+    from tasks.stages.onnx_run import check_quantized
+
+    out = tmp_path / "broken"
+    shutil.copytree(fp32, out)
+    model = onnx.load(str(model_file(fp32)))
+    weight = next(t for t in model.graph.initializer if "down_proj" in t.name)
+    broken = numpy_helper.to_array(weight).copy()
+    broken[0, 0] = np.nan
+    weight.CopyFrom(numpy_helper.from_array(broken, weight.name))
+    for f in out.glob("model.onnx*"):
+        f.unlink()
+    save_with_external_data(model, out / "model.onnx")
+    with pytest.raises(StageError, match="non-finite logits"):
+        check_quantized(fp32, out, "MatMul")
+
+
 @pytest.mark.parametrize("block_size", [8, 48, 0, -64])
 def test_bnb4_block_size_must_be_a_power_of_two_from_16(block_size):
     with pytest.raises(ConfigValueError, match="power of two"):
