@@ -95,6 +95,14 @@ def _index_reachable(package: str) -> bool:
         return False
 
 
+def test_each_mode_has_its_own_default_method_in_the_key():
+    assert Config(data="d").method == "awq_clip"
+    assert Config(mode="int8", data="d").method == "entropy"
+    assert as_params(Config(mode="int8", data="d")) == as_params(
+        Config(mode="int8", method="entropy", data="d")
+    )
+
+
 def test_excluded_nodes_are_a_set():
     a = Config(method="rtn_dq", nodes_to_exclude=("b", "a", "b"))
     assert (

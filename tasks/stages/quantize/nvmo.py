@@ -91,7 +91,7 @@ class Config(TextCalibration, NodeExclusion):
 
     mode: Literal["int4", "int8"] = option("int4", "int4 weights (DequantizeLinear) or int8 Q/DQ")
     method: str = option(
-        "awq_clip", "int4: awq_clip (calibrates) or rtn_dq; int8 calibration: entropy or max"
+        "", "int4: awq_clip (calibrates; the default) or rtn_dq; int8: entropy (default) or max"
     )
     block_size: int = option(128, "int4: weights per scale (16 to 256, dividing each MatMul's K)")
     use_zero_point: bool = option(False, "int4: asymmetric blocks with zero points")
@@ -101,6 +101,8 @@ class Config(TextCalibration, NodeExclusion):
 
     def __post_init__(self) -> None:
         super().__post_init__()
+        if not self.method:  # the mode's default, in the key as if written out
+            object.__setattr__(self, "method", METHODS[self.mode][0])
         if self.method in NEVER:
             raise ConfigValueError(
                 "method", f"{self.method!r} cannot be used: {NEVER[self.method]}",
@@ -115,7 +117,7 @@ class Config(TextCalibration, NodeExclusion):
         methods = METHODS[self.mode] + (tuple(GPU_ONLY) if self.mode == "int4" else ())
         if self.method not in methods:
             raise ConfigValueError(
-                "method", f"{self.method!r} is not a {self.mode} method",
+                "method", f"{self.method!r} is not a method of mode {self.mode!r}",
                 f"use one of {', '.join(METHODS[self.mode])}",
             )  # fmt: skip
         if self.mode == "int4":
