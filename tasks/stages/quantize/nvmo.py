@@ -31,6 +31,7 @@ from tasks.envs import Environment
 from tasks.errors import PreflightError, StageError
 from tasks.stages import StepContext
 from tasks.stages.onnx_run import (
+    BLOCK_SIZES,
     NodeExclusion,
     check_block_size,
     finish_quantized,
@@ -174,7 +175,7 @@ def check_blocks_divide(model: Path, block_size: int, exclude: set[str]) -> None
     bad = {name: k for name, k in sizes.items() if k % block_size}
     if bad:
         name, k = next(iter(bad.items()))
-        fits = [b for b in (16, 32, 64, 128, 256) if all(s % b == 0 for s in sizes.values())]
+        fits = [b for b in BLOCK_SIZES if all(s % b == 0 for s in sizes.values())]
         raise StageError(
             f"block_size {block_size} does not divide the input size {k} of {name} "
             f"({len(bad)} MatMuls like it)\n  fix: set block_size to one of {fits}"
@@ -206,15 +207,13 @@ def register_builder_ops() -> None:
     )  # fmt: skip
 
 
-class _KnownNoise:
-    """On a CPU, ModelOpt logs an ERROR that it finds no NVIDIA driver, and onnxruntime's Q/DQ
-    tools warn once per tensor of the builder's contrib ops: expected, and hundreds of lines."""
+# On a CPU, ModelOpt logs an ERROR that it finds no NVIDIA driver, and onnxruntime's Q/DQ tools
+# warn once per tensor of the builder's contrib ops: expected, and hundreds of lines.
+KNOWN_NOISE = ("Failed to get GPU count", "failed to infer the type of tensor")
 
-    NOISE = ("Failed to get GPU count", "failed to infer the type of tensor")
 
-    @staticmethod
-    def filter(record: Any) -> bool:
-        return not any(text in record.getMessage() for text in _KnownNoise.NOISE)
+def _not_known_noise(record: Any) -> bool:
+    return not any(text in record.getMessage() for text in KNOWN_NOISE)
 
 
 def quantize_in_env(
@@ -232,7 +231,7 @@ def quantize_in_env(
     assert ctx.input is not None
     register_builder_ops()
     for name in ("", "modelopt.onnx"):  # where those records are logged
-        logging.getLogger(name).addFilter(_KnownNoise.filter)
+        logging.getLogger(name).addFilter(_not_known_noise)
     work = Path(model).parent
     out = work / "quantized" / Path(model).name
     out.parent.mkdir()
