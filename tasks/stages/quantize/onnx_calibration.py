@@ -7,7 +7,6 @@ input feeds (an empty key/value cache) with its own onnxruntime.
 
 from __future__ import annotations
 
-import json
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -45,9 +44,10 @@ def token_windows(config: TextCalibration, ctx: StepContext) -> list[list[int]]:
     """num_samples windows of seq_len tokens, spread evenly over the train split."""
     from tokenizers import Tokenizer
 
+    from tasks.stages.evaluate import read_text
+
     assert ctx.input is not None
-    lines = (ctx.data[config.data] / "train.jsonl").read_text(encoding="utf-8").splitlines()
-    text = "\n\n".join(json.loads(line)["text"] for line in lines if line.strip())
+    text = read_text(ctx.data[config.data], "train")
     tokenizer = Tokenizer.from_file(str(ctx.input / "tokenizer.json"))
     ids = tokenizer.encode(text, add_special_tokens=False).ids
     step = max(config.seq_len, len(ids) // config.num_samples)
