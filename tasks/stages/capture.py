@@ -21,7 +21,6 @@ import re
 import shutil
 import subprocess
 import sys
-import tempfile
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Literal
@@ -234,14 +233,18 @@ def run_builder(
 ) -> None:
     """Run the builder in a subprocess: it prints freely and holds on to memory when imported."""
     log_path = ctx.out / "builder.log"
-    # The cache holds the builder's temporary external data: never in the output.
-    with tempfile.TemporaryDirectory(prefix="builder-cache-") as cache:
-        cmd = builder_command(config, hf_dir, ctx.out, Path(cache), quant)
+    # The cache holds the builder's temporary external data: never in the output. It lives in
+    # the step's temporary directory, so a killed build leaves no stray copy behind in /tmp.
+    cache = ctx.out / ".builder-cache"
+    try:
+        cmd = builder_command(config, hf_dir, ctx.out, cache, quant)
         ctx.log(f"model builder: {config.precision} for {config.execution_provider}")
         # Offline: the input is a local folder and only the model step touches the network.
         env = {**os.environ, "HF_HUB_OFFLINE": "1"}
         with log_path.open("w") as log:
             done = subprocess.run(cmd, stdout=log, stderr=subprocess.STDOUT, env=env, check=False)
+    finally:
+        shutil.rmtree(cache, ignore_errors=True)
     if done.returncode != 0:  # the log stays in the failed step's directory for inspection
         tail = log_path.read_text(errors="replace").splitlines()[-LOG_TAIL_LINES:]
         raise StageError(
@@ -359,6 +362,38 @@ def run(config: Config, ctx: StepContext) -> dict[str, Any]:
     return metrics
 
 
+def check_source(step: Any, source: Any, file: str) -> None:
+    """What check_quantization refuses at run time, refused when the recipe loads for a
+    quantize step of this recipe: no quantize step runs for minutes to be refused after."""
+    from tasks.errors import RecipeError
+
+    bits = getattr(source.config, "bits", None)
+    if source.stage != "quantize" or source.spec.output != HF or bits is None:
+        return
+    where, config = step.ref, step.config
+    if bits not in NBITS:
+        raise RecipeError(
+            file, where, f"from = {source.ref!r} is a {bits}-bit checkpoint; the builder's "
+            f"MatMulNBits takes {', '.join(map(str, NBITS))} bits",
+            f"set bits = 4 in [{source.ref}], or capture another step",
+        )  # fmt: skip
+    if not config.ort_genai or config.precision != "int4":
+        raise RecipeError(
+            file, where, f"from = {source.ref!r} is a quantized checkpoint, which only the "
+            'builder captures, with precision = "int4"',
+            ("" if config.ort_genai else "set ort_genai = true and ")
+            + ('precision = "int4"' if config.precision == "int4" else 'set precision = "int4"'),
+        )  # fmt: skip
+    floats = [m for m in getattr(source.config, "modules_to_not_convert", ()) if m != "lm_head"]
+    if floats:
+        raise RecipeError(
+            file, where, f"from = {source.ref!r} keeps decoder linears in float "
+            f"(modules_to_not_convert = {list(floats)}): the builder reads every decoder "
+            "projection of a quantized checkpoint as packed",
+            f'set modules_to_not_convert = ["lm_head"] in [{source.ref}]',
+        )  # fmt: skip
+
+
 SPEC = StageSpec(
     stage="capture",
     algorithm=None,
@@ -371,4 +406,5 @@ SPEC = StageSpec(
     libraries=LIBRARIES,
     # onnx_ir: the builder needs it without declaring it; onnxscript: torch.onnx's exporter.
     needs=ONNX_NEEDS | {"onnx_ir": ONNX_EXTRA, "onnxscript": ONNX_EXTRA},
+    check_source=check_source,
 )
