@@ -17,18 +17,22 @@ from pathlib import Path
 
 from doit import get_var
 
-from tasks.errors import KilnError
+from tasks.errors import KilnError, check_variables
 from tasks.glue import explain, gc, report_task, stage_tasks, step_task, verify
 from tasks.graph import load_graph
+from tasks.jobs import doit_jobs, share_cpus
 
 # get_var gives None outside a doit run (a plain import of this file), hence the `or`.
 RECIPE = Path(get_var("recipe") or "recipes/default.toml")
 ARTIFACTS = Path(get_var("artifacts") or "artifacts")
 
 try:
+    check_variables(sys.argv[1:], ("recipe", "artifacts"))  # `recipie=x.toml` must not build x
     GRAPH = load_graph(RECIPE, ARTIFACTS)
 except KilnError as err:
     sys.exit(f"modelkiln: {err}")
+
+share_cpus(doit_jobs(sys.argv[1:]))  # `doit -n 2`: each step gets half the cores
 
 ARTIFACTS.mkdir(parents=True, exist_ok=True)  # doit opens its database here before any task runs
 DOIT_CONFIG = {

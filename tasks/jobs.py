@@ -1,0 +1,41 @@
+"""`doit -n N` runs N steps at once: each gets its share of the CPU cores.
+
+Without this every step's torch (and the tools it starts) would use all cores, so N steps
+would fight over them: on a 2-core machine two steps with one thread each build the default
+recipe in ~21 minutes, two with two threads each take longer than one step at a time.
+"""
+
+from __future__ import annotations
+
+import os
+from collections.abc import MutableMapping, Sequence
+
+THREAD_VARIABLES = ("OMP_NUM_THREADS", "MKL_NUM_THREADS")
+
+
+def doit_jobs(argv: Sequence[str]) -> int:
+    """The N of doit's `-n N` / `--process N` on a command line (1 without it)."""
+    for i, arg in enumerate(argv):
+        value = None
+        if arg in ("-n", "--process") and i + 1 < len(argv):
+            value = argv[i + 1]
+        elif arg.startswith("--process="):
+            value = arg.split("=", 1)[1]
+        elif arg.startswith("-n") and arg[2:].isdigit():
+            value = arg[2:]
+        if value is not None and value.isdigit():
+            return max(1, int(value))
+    return 1
+
+
+def share_cpus(jobs: int, environ: MutableMapping[str, str] = os.environ,
+               cpus: int | None = None) -> int | None:  # fmt: skip
+    """Set the thread count steps inherit to cores / jobs, when running more than one step
+    at once and the user has not chosen a thread count; returns the count set, if any.
+    Called before doit starts its worker processes, so they and their children inherit it."""
+    if jobs <= 1 or any(v in environ for v in THREAD_VARIABLES):
+        return None
+    threads = max(1, (cpus or os.cpu_count() or 1) // jobs)
+    for variable in THREAD_VARIABLES:
+        environ[variable] = str(threads)
+    return threads
