@@ -26,14 +26,15 @@ ONNX_NEEDS = {m: ONNX_EXTRA for m in ("onnxruntime", "onnx", "onnxruntime_genai"
 
 
 def onnx_quantizer_spec(
-    algorithm: str, config: type, run: Any, doc: str, environment: Any = None, **extra: Any
-) -> Any:
+    algorithm: str, config: type, run: Any, doc: str, environment: Any = None,
+    version: str = "1", **extra: Any,
+) -> Any:  # fmt: skip
     """The StageSpec every ONNX -> ONNX quantizer shares. With an environment, the quantizer
     runs there, and the main environment's onnxruntime only checks its output."""
     from tasks.stages import ONNX, StageSpec
 
     return StageSpec(
-        stage="quantize", algorithm=algorithm, version="1", config=config, run=run, doc=doc,
+        stage="quantize", algorithm=algorithm, version=version, config=config, run=run, doc=doc,
         inputs=(ONNX,), output=ONNX, libraries=("onnxruntime", "onnx"), needs=ONNX_NEEDS,
         environment=environment, **extra,
     )  # fmt: skip

@@ -123,16 +123,11 @@ def calibration_ids(src: Path, data_dir: Path, config: HFQuantConfig) -> torch.T
     from transformers import AutoTokenizer
 
     from tasks.stages.evaluate import read_text
+    from tasks.stages.quantize.windows import calibration_windows
 
     tokenizer = AutoTokenizer.from_pretrained(src)
     ids = tokenizer(read_text(data_dir, "train"), add_special_tokens=False, verbose=False).input_ids
-    if len(ids) < config.num_samples * config.seq_len:
-        raise StageError(
-            f"calibration needs {config.num_samples} x {config.seq_len} tokens but the train split "
-            f"has {len(ids)}\n  fix: lower num_samples or seq_len, or use a larger data set"
-        )
-    starts = torch.linspace(0, len(ids) - config.seq_len, config.num_samples).long().tolist()
-    return torch.tensor([ids[s : s + config.seq_len] for s in starts])
+    return torch.tensor(calibration_windows(ids, config.num_samples, config.seq_len))
 
 
 def run_quantizer(config: HFQuantConfig, ctx: StepContext, handler: Handler, layout: str,

@@ -100,5 +100,5 @@ def quantize_in_env(
 
 SPEC = onnx_quantizer_spec(
     "inc-weight-only", Config, run, "Intel Neural Compressor weight-only RTN/AWQ/GPTQ (MatMulNBits)",
-    INC, data_fields=("data",),
+    INC, data_fields=("data",), version="2",  # 2: calibration windows as the HF quantizers pick them
 )  # fmt: skip

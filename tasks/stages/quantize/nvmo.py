@@ -285,5 +285,5 @@ def merge_duplicate_initializers(model: Any) -> int:
 
 SPEC = onnx_quantizer_spec(
     "nvmo", Config, run, "NVIDIA ModelOpt int4 (AWQ clip, RTN) or int8 Q/DQ", environment,
-    data_fields=("data",),
+    data_fields=("data",), version="2",  # 2: calibration windows as the HF quantizers pick them
 )  # fmt: skip

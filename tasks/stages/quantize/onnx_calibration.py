@@ -41,18 +41,18 @@ class TextCalibration:
 
 
 def token_windows(config: TextCalibration, ctx: StepContext) -> list[list[int]]:
-    """num_samples windows of seq_len tokens, spread evenly over the train split."""
+    """num_samples windows of seq_len tokens, spread evenly over the train split (the windows
+    the Hugging Face quantizers calibrate on)."""
     from tokenizers import Tokenizer
 
     from tasks.stages.evaluate import read_text
+    from tasks.stages.quantize.windows import calibration_windows
 
     assert ctx.input is not None
     text = read_text(ctx.data[config.data], "train")
     tokenizer = Tokenizer.from_file(str(ctx.input / "tokenizer.json"))
     ids = tokenizer.encode(text, add_special_tokens=False).ids
-    step = max(config.seq_len, len(ids) // config.num_samples)
-    windows = [ids[i : i + config.seq_len] for i in range(0, len(ids), step)]
-    return [w for w in windows if len(w) == config.seq_len][: config.num_samples]
+    return calibration_windows(ids, config.num_samples, config.seq_len)
 
 
 class DecoderFeeds:

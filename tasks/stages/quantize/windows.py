@@ -1,0 +1,20 @@
+"""Calibration windows: the token sequences every calibrating quantizer (Hugging Face or ONNX)
+reads from a data set's train split, chosen one way for all of them."""
+
+from __future__ import annotations
+
+from tasks.errors import StageError
+
+
+def calibration_windows(ids: list[int], num_samples: int, seq_len: int) -> list[list[int]]:
+    """num_samples windows of seq_len tokens, evenly spread over ids from its start to its end.
+    Too few tokens for that many disjoint windows is an error, never fewer windows."""
+    if len(ids) < num_samples * seq_len:
+        raise StageError(
+            f"calibration needs {num_samples} x {seq_len} tokens but the train split has "
+            f"{len(ids)}\n  fix: lower num_samples or seq_len, or use a larger data set"
+        )
+    last = len(ids) - seq_len
+    # Integer arithmetic: the same starts on every platform (a float linspace could differ by one).
+    starts = [i * last // max(1, num_samples - 1) for i in range(num_samples)]
+    return [ids[s : s + seq_len] for s in starts]
