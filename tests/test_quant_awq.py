@@ -6,6 +6,7 @@ import pytest
 import torch
 
 from tasks.quant.awq import (
+    _output_error,
     fake_quantize,
     scale_linear_inputs,
     scale_prev_linear_outputs,
@@ -63,6 +64,18 @@ def test_scales_subsample_tokens():
     x, ws = inputs(outliers=True), weights()
     s = search_scales(x, ws, spec, max_tokens=100)
     assert mse(x, ws, s, spec) < mse(x, ws, torch.ones(128), spec)
+
+
+def test_output_error_through_the_gram_matrix_is_the_direct_one():
+    """More tokens than input channels takes the Gram-matrix form: same loss, cheaper."""
+    spec = QuantSpec(4, 32, False)
+    x, w = inputs(outliers=True), torch.cat(weights())
+    s = torch.rand(128, generator=torch.Generator().manual_seed(3)) + 0.5
+    q = fake_quantize(w * s, spec)
+    gram = _output_error(x, w)  # 512 tokens > 128 channels
+    direct = _output_error(x[:100], w)  # 100 tokens < 128 channels: the direct form
+    assert gram(q, s).item() == pytest.approx(mse(x, ws=[w], s=s, spec=spec), rel=1e-4)
+    assert direct(q, s).item() == pytest.approx(mse(x[:100], ws=[w], s=s, spec=spec), rel=1e-4)
 
 
 def group_errors(w, x, spec, max_val=None) -> torch.Tensor:

@@ -76,21 +76,40 @@ def search_scales(
     w = torch.cat([wi.detach().to(x.device, torch.float32) for wi in weights])
     x_mean = x.abs().mean(dim=0)
     w_mean = _weight_mean(w, spec)
-    xs = _subsample(x, max_tokens)
-    ref = xs @ w.T
+    output_error = _output_error(_subsample(x, max_tokens), w)
     best_s = torch.ones_like(x_mean)
-    best = (ref - xs @ fake_quantize(w, spec).T).pow(2).mean()
+    best = output_error(fake_quantize(w, spec), best_s)
     for alpha in (i / grid for i in range(grid)):
         s = x_mean.pow(alpha)
         if duo_scaling:
             s = s / (w_mean.pow(1 - alpha) + 1e-4)
         s = s.clamp(min=1e-4)
         s = s / (s.max() * s.min()).sqrt()
-        # (x / s) Q(W diag(s))^T: the output the scaled, quantized layer will produce.
-        loss = (ref - (xs / s) @ fake_quantize(w * s, spec).T).pow(2).mean()
+        loss = output_error(fake_quantize(w * s, spec), s)
         if loss < best:
             best, best_s = loss, s
     return best_s
+
+
+def _output_error(xs: torch.Tensor, w: torch.Tensor):
+    """A function (q, s) -> mean((xs W^T - (xs / s) q^T)^2): the output MSE of the scaled,
+    quantized weight q = Q(W diag(s)) on the tokens xs [n, in].
+
+    With fewer input channels than tokens it goes through the Gram matrix G = xs^T xs: with
+    D = W^T - diag(1/s) q^T, the loss is sum(D * (G D)) / (n out), which costs in² out per
+    candidate instead of n in out (3.6x less for a 576-wide layer on 2,048 tokens)."""
+    n, in_features = xs.shape
+    if in_features >= n:
+        ref = xs @ w.T
+        return lambda q, s: (ref - (xs / s) @ q.T).pow(2).mean()
+    gram = xs.T @ xs
+    scale = 1.0 / (n * w.shape[0])
+
+    def error(q: torch.Tensor, s: torch.Tensor) -> torch.Tensor:
+        d = w.T - q.T / s[:, None]
+        return (d * (gram @ d)).sum() * scale
+
+    return error
 
 
 def search_clip(
@@ -106,23 +125,25 @@ def search_clip(
 
     For each (row, group), max_val = amax·(1 - i/grid) for i < max_shrink·grid; i = 0 (no
     clipping) is tried first and only beaten strictly. The error is the MSE over at most
-    n_tokens evenly spaced rows of x of the group's partial dot products. Rows are handled
-    row_batch at a time so memory stays at row_batch × n_tokens × groups floats.
+    n_tokens evenly spaced rows of x of the group's partial dot products, computed as
+    d^T G_g d / n with d the group's rounding error and G_g the group's Gram matrix of x (width²
+    per row and group instead of n_tokens × width). Rows are handled row_batch at a time.
     """
     out_features, in_features = w.shape
     width, groups = spec.width(in_features), spec.groups(in_features)
     w = w.detach().float()
     xg = _subsample(x.detach().to(w.device, torch.float32), n_tokens).reshape(-1, groups, width)
+    gram = torch.einsum("ngk,ngl->gkl", xg, xg) / xg.shape[0]  # [groups, width, width]
     best_all = []
     for r in range(0, out_features, row_batch):
         wb = w[r : r + row_batch].reshape(-1, groups, width)
         amax = wb.abs().amax(dim=-1)  # [rows, groups]
-        ref = torch.einsum("ngk,rgk->rng", xg, wb)
         best_val, best_err = amax.clone(), None
         for i in range(int(max_shrink * grid)):
             max_val = amax * (1 - i / grid)
             q = fake_quantize(wb.reshape(-1, in_features), spec, max_val).reshape(wb.shape)
-            err = (torch.einsum("ngk,rgk->rng", xg, q) - ref).pow(2).mean(dim=1)
+            d = q - wb
+            err = torch.einsum("rgk,gkl,rgl->rg", d, gram, d)
             if best_err is None:
                 best_err = err
                 continue
