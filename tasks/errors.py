@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 import difflib
-from collections.abc import Iterable
+from collections.abc import Iterable, Sequence
 
 
 class KilnError(Exception):
@@ -34,3 +34,15 @@ def did_you_mean(word: str, choices: Iterable[str]) -> str:
     """' (did you mean x?)' for the closest choice, or ''."""
     close = difflib.get_close_matches(word, list(choices), n=1, cutoff=0.6)
     return f" (did you mean {close[0]}?)" if close else ""
+
+
+def check_variables(argv: Sequence[str], known: Sequence[str]) -> None:
+    """doit takes every `name=value` argument as a variable and the build reads only the known
+    ones: a misspelt one would quietly build the default recipe instead."""
+    for arg in argv:
+        name = arg.split("=", 1)[0]
+        if not arg.startswith("-") and "=" in arg and name not in known:
+            raise KilnError(
+                f"unknown variable {name}={arg.split('=', 1)[1]!r}{did_you_mean(name, known)}\n"
+                f"  fix: the variables are {', '.join(f'{k}=...' for k in known)}"
+            )

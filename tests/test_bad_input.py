@@ -19,7 +19,11 @@ LOAD_ERRORS = [
         lambda r: r.replace("per_channel =", "per_chanel ="),
         "did you mean per_channel?",
     ),
-    ("wrong type", lambda r: r.replace("seq_len = 64", 'seq_len = "64"'), "seq_len takes integer"),
+    (
+        "wrong type",
+        lambda r: r.replace("seq_len = 64", 'seq_len = "64"'),
+        "write seq_len = 64, without quotes",
+    ),
     (
         "unknown algorithm",
         lambda r: r.replace('"ort-dynamic"', '"ort-dynamik"'),
@@ -147,3 +151,11 @@ def test_loading_tasks_imports_nothing_heavy(tmp_path, tiny_model, prose_file):
     )
     proc = subprocess.run([sys.executable, "-c", probe], capture_output=True, text=True)
     assert proc.returncode == 0, proc.stdout + proc.stderr
+
+
+def test_a_misspelt_variable_is_refused_rather_than_building_the_default_recipe(tmp_path):
+    ws = Workspace(tmp_path)
+    proc = subprocess.run([*ws.argv("list"), "recipie=mine.toml"], capture_output=True, text=True)
+    assert proc.returncode != 0
+    assert "unknown variable recipie='mine.toml' (did you mean recipe?)" in proc.stderr
+    assert "Traceback" not in proc.stderr and "model" not in proc.stdout
