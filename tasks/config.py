@@ -8,6 +8,8 @@ file, the table, the key, what is allowed and the closest match.
 from __future__ import annotations
 
 import dataclasses
+import json
+import tomllib
 import types
 import typing
 from typing import Any, Literal
@@ -72,6 +74,35 @@ def _coerce(value: Any, hint: Any) -> tuple[bool, Any]:
     raise TypeError(f"unsupported config type {hint!r}")
 
 
+TOML_KINDS = ((bool, "true/false"), (int, "an integer"), (float, "a number"), (str, "a string"),
+              (list, "a list"), (dict, "a table"))  # fmt: skip
+
+
+def _wrong_value(key: str, value: Any, hint: Any) -> tuple[str, str]:
+    """(problem, fix) for a value of the wrong kind: what it is, what the key takes, and the
+    TOML to write when the value only has the wrong quotes or brackets."""
+    wanted = describe_type(hint)
+    if typing.get_origin(hint) is Literal:
+        problem = f"{key} = {value!r} is not one of {wanted}"
+    else:
+        kind = next((name for t, name in TOML_KINDS if isinstance(value, t)), type(value).__name__)
+        article = "" if "/" in wanted or "|" in wanted else "an " if wanted[0] in "aeiou" else "a "
+        problem = f"{key} = {value!r} is {kind}, not {article}{wanted}"
+    if isinstance(value, str):
+        literal = (
+            value.strip().lower() if value.strip().lower() in ("true", "false") else value.strip()
+        )
+        try:
+            unquoted = tomllib.loads(f"v = {literal}")["v"]
+        except tomllib.TOMLDecodeError:
+            unquoted = None
+        if unquoted is not None and _coerce(unquoted, hint)[0]:
+            return problem, f"write {key} = {literal}, without quotes"
+        if typing.get_origin(hint) is tuple:
+            return problem, f"write {key} = [{json.dumps(value)}]: a list, even of one"
+    return problem, f"{key} takes {wanted}"
+
+
 def parse_config(cls: type, table: dict[str, Any], file: str, where: str) -> Any:
     """Build `cls` from a TOML table, or raise a RecipeError that says how to fix it."""
     hints = typing.get_type_hints(cls)
@@ -87,12 +118,7 @@ def parse_config(cls: type, table: dict[str, Any], file: str, where: str) -> Any
             )
         ok, converted = _coerce(value, hints[key])
         if not ok:
-            raise RecipeError(
-                file,
-                where,
-                f"{key} = {value!r} is not allowed",
-                f"{key} takes {describe_type(hints[key])}",
-            )
+            raise RecipeError(file, where, *_wrong_value(key, value, hints[key]))
         values[key] = converted
     try:
         return cls(**values)
