@@ -54,13 +54,18 @@ class Step:
 class Recipe:
     path: Path
     steps: dict[str, Step]  # by ref, inputs before the steps that use them
+    written: tuple[str, ...] = ()  # refs in the file's order (steps it implies last)
+    implied: frozenset[str] = frozenset()  # refs of steps the recipe adds by itself
 
     @property
     def name(self) -> str:
         return self.path.stem
 
     def of_stage(self, stage: str) -> list[Step]:
-        return [s for s in self.steps.values() if s.stage == stage]
+        """The stage's steps in the order the recipe writes them (`doit list`, the report)."""
+        order = {ref: i for i, ref in enumerate(self.written)}
+        steps = [s for s in self.steps.values() if s.stage == stage]
+        return sorted(steps, key=lambda s: order.get(s.ref, len(order)))
 
 
 def load_recipe(path: Path) -> Recipe:
@@ -79,9 +84,11 @@ def load_recipe(path: Path) -> Recipe:
         raise RecipeError(
             file, "", f"not valid TOML: {err}", "fix the syntax at that line"
         ) from None
-    steps = _order(_parse_steps(raw, file), file)
+    parsed = _parse_steps(raw, file)
+    steps = _order(parsed, file)
     _check_formats(file, steps)
-    return Recipe(path, steps)
+    implied = {r for r, st in parsed.items() if st.name and st.name not in raw.get(st.stage, {})}
+    return Recipe(path, steps, tuple(parsed), frozenset(implied))
 
 
 def _parse_steps(raw: dict[str, Any], file: str) -> dict[str, Step]:
@@ -129,6 +136,8 @@ def _check_formats(file: str, steps: dict[str, Step]) -> None:
         upstream = steps.get(step.source) if step.source else None
         if upstream and upstream.spec.output not in step.spec.inputs:
             raise RecipeError(file, step.ref, *_format_fix(step, upstream, steps))
+        if upstream and step.spec.check_source:
+            step.spec.check_source(step, upstream, file)
 
 
 def _step(file: str, stage: str, name: str, table: dict[str, Any]) -> Step:
@@ -169,8 +178,15 @@ def inputs_of(step: Step) -> list[str]:
 def _check_refs(file: str, step: Step, steps: dict[str, Step]) -> None:
     if step.source is not None:
         upstream = steps.get(step.source)
-        if upstream is None or upstream.stage == "data":
-            known = [r for r, s in steps.items() if s.stage != "data"]
+        if upstream is not None and upstream.stage == "data":
+            field = step.spec.data_fields[0] if step.spec.data_fields else ""
+            raise RecipeError(
+                file, step.ref, f"from = {step.source!r} is a data set, not a model",
+                f'a data set goes in {field} = "{upstream.name}"; from names the model to read'
+                if field else "from names the model to read: a model, capture, quantize, ... step",
+            )  # fmt: skip
+        if upstream is None:
+            known = [r for r, s in steps.items() if s.stage != "data" and r != step.ref]
             raise RecipeError(
                 file, step.ref, f"from = {step.source!r} names no step{did_you_mean(step.source, known)}",
                 f"name one of: {', '.join(known)}",

@@ -71,6 +71,9 @@ class StageSpec:
     # Steps the recipe implies for one of this stage's steps: (the step, as completed, and the
     # steps to add). Called with the step, every step parsed so far and the recipe file.
     implies: Callable[..., tuple[Any, list[Any]]] | None = None
+    # Refuses, when the recipe loads, a step whose `from` step will give what it cannot take
+    # (a 3-bit checkpoint to capture): called with the step, that step and the recipe file.
+    check_source: Callable[[Any, Any, str], None] | None = None
     # Packages that clash with the main environment: the step runs (partly) in its own
     # virtual environment, whose key enters the step's key (tasks/envs.py). An Environment,
     # or a function of the step's config returning one (a GPU build needs other packages).

@@ -328,6 +328,32 @@ def test_awq_from_an_onnx_step_fails_at_load(tmp_path, tiny_model, prose_file):
     assert "Traceback" not in proc.stdout + proc.stderr
 
 
+@pytest.mark.parametrize(
+    ("quantize_keys", "capture_keys", "message", "fix"),
+    [
+        ("bits = 3", 'precision = "int4"', "is a 3-bit checkpoint", "set bits = 4 in [quantize.q]"),
+        ("", 'precision = "fp32"', 'with precision = "int4"', 'set precision = "int4"'),
+        ('modules_to_not_convert = ["lm_head", "down_proj"]', 'precision = "int4"',
+         "keeps decoder linears in float", 'set modules_to_not_convert = ["lm_head"]'),
+    ],
+    ids=["3 bits", "not int4", "float decoder linear"],
+)  # fmt: skip
+def test_a_capture_the_builder_would_refuse_fails_at_load(
+    tmp_path, tiny_model, prose_file, quantize_keys, capture_keys, message, fix
+):
+    """Refused when the recipe loads, not after the quantize step has run for minutes."""
+    from tasks.recipe import load_recipe
+
+    extra = f'\n[quantize.q]\nalgorithm = "rtn"\ngroup_size = 32\n{quantize_keys}\n'
+    extra += f'\n[capture.q]\nfrom = "quantize.q"\n{capture_keys}\n'
+    recipe = tmp_path / "recipe.toml"
+    recipe.write_text(tiny_recipe(tiny_model, prose_file, extra=extra))
+    with pytest.raises(RecipeError) as err:
+        load_recipe(recipe)
+    assert "[capture.q]" in str(err.value) and message in str(err.value)
+    assert f"fix: {fix}" in str(err.value)
+
+
 # --- GPU ----------------------------------------------------------------------------------
 
 
