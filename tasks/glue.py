@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import contextlib
 import dataclasses
+import json
 import shutil
 from collections.abc import Iterator
 from functools import partial
@@ -17,12 +18,13 @@ from doit.exceptions import TaskFailed
 
 from tasks import envs
 from tasks.digest import dir_size
-from tasks.errors import KilnError, StoreError
+from tasks.errors import KilnError, StoreError, did_you_mean
 from tasks.graph import Graph
 from tasks.keys import canonical_json, diff_identities
 from tasks.recipe import Step, inputs_of
 from tasks.report import REPORT_STEP
 from tasks.runner import run_step
+from tasks.stages import algorithms
 from tasks.store import Store
 
 
@@ -39,12 +41,27 @@ def _unlink(graph: Graph, ref: str) -> None:
         graph.link(ref).unlink()
 
 
-def _doc(step: Step) -> str:
-    """The stage's doc, its input and the settings that differ from the defaults."""
+def _doc(step: Step, implied: bool = False) -> str:
+    """What the step does (for a stage of several algorithms: the algorithm's doc; the stage's
+    own line says it for the others), its input and the settings that differ from the defaults,
+    written as in TOML."""
     defaults = {f.name: f.default for f in dataclasses.fields(step.spec.config)}
-    params = ", ".join(f"{k}={_short(v)}" for k, v in vars(step.config).items() if v != defaults[k])
-    source = f" <- {step.source}" if step.source else ""
-    return f"{step.spec.doc}{source}" + (f" [{params}]" if params else "")
+    params = ", ".join(
+        f"{k} = {_short(_toml(v))}" for k, v in vars(step.config).items() if v != defaults[k]
+    )
+    parts = [step.spec.doc] if algorithms(step.stage) or not step.source else []
+    parts += [f"<- {step.source}"] if step.source else []
+    parts += [f"[{params}]"] if params else []
+    parts += ["(added by the recipe)"] if implied else []
+    return " ".join(parts)
+
+
+def _toml(value: object) -> str:
+    if isinstance(value, bool):
+        return str(value).lower()
+    if isinstance(value, tuple | list):
+        return "[" + ", ".join(_toml(v) for v in value) + "]"
+    return json.dumps(value) if isinstance(value, str) else str(value)
 
 
 def _short(value: object) -> str:
@@ -59,7 +76,7 @@ def _task(graph: Graph, ref: str, doc: str, deps: list[str]) -> dict[str, Any]:
         # the same settings share one entry (doit forbids two tasks with a common target).
         "uptodate": [partial(_up_to_date, graph, ref)],
         "task_dep": deps,
-        "clean": [partial(_unlink, graph, ref)],
+        "clean": [(_unlink, [graph, ref])],
         "doc": doc,
         "verbosity": 2,
     }
@@ -67,7 +84,7 @@ def _task(graph: Graph, ref: str, doc: str, deps: list[str]) -> dict[str, Any]:
 
 def step_task(graph: Graph, step: Step) -> dict[str, Any]:
     deps = [graph.step(r).task for r in inputs_of(step)]
-    task = _task(graph, step.ref, _doc(step), deps)
+    task = _task(graph, step.ref, _doc(step, step.ref in graph.recipe.implied), deps)
     if step.name:
         task["name"] = step.name
     return task
@@ -91,9 +108,13 @@ def report_task(graph: Graph) -> dict[str, Any]:
 def explain(graph: Graph, names: list[str]) -> TaskFailed | None:
     """Why each step would run: never built, or which part of its identity changed."""
     by_task = {graph.task(ref): ref for ref in graph.keys}
+    names = [n if n in by_task else n.replace(".", ":", 1) for n in names]  # quantize.int8 too
     unknown = [n for n in names if n not in by_task]
     if unknown:
-        return TaskFailed(f"explain: no step {', '.join(unknown)}; steps: {', '.join(by_task)}")
+        return TaskFailed(
+            "explain: " + "; ".join(f"no step {n}{did_you_mean(n, by_task)}" for n in unknown)
+            + "\n  fix: `doit list` names every step"
+        )  # fmt: skip
     task_of_key = {key: graph.task(ref) for ref, key in graph.keys.items()}
     try:
         for name in names or list(by_task):
@@ -120,6 +141,8 @@ def _describe(change: tuple[str, Any, Any], task_of_key: dict[str, str]) -> str:
     path, old, new = change
     if isinstance(new, str) and (path == "inputs.from" or path.endswith((".data", ".step"))):
         return f"input {task_of_key.get(new, '?')} changed"
+    if path.startswith("rows.") and path.endswith(".key"):  # the report: an evaluation changed
+        return f"input {path.removeprefix('rows.').removesuffix('.key')} changed"
     if path.endswith(".content"):
         return f"the files named by {path.split('.')[1]} changed"
     return f"{path}: {_short(canonical_json(old))} -> {_short(canonical_json(new))}"

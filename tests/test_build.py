@@ -56,11 +56,13 @@ def test_change_reruns_exactly_the_step_and_its_descendants_and_revert_restores(
     ws, _ = built
     old = link_key(ws, "quantize", "int8")
     ws.write(tiny_recipe(tiny_model, prose_file, per_channel=True))
-    explain = ws.doit("explain", "quantize:int8", "evaluate:int8")
+    explain = ws.doit("explain", "quantize.int8", "evaluate:int8", "report")  # either spelling
     assert "params.per_channel: false -> true" in explain.stdout
-    assert "input quantize:int8 changed" in explain.stdout
+    assert "evaluate:int8: will run: input quantize:int8 changed" in explain.stdout
+    assert "report: will run: input evaluate:int8 changed" in explain.stdout
     unknown = ws.doit("explain", "quantize:int9", check=False)
-    assert unknown.returncode != 0 and "no step quantize:int9" in unknown.stdout + unknown.stderr
+    assert unknown.returncode != 0
+    assert "no step quantize:int9 (did you mean quantize:int8?)" in unknown.stdout + unknown.stderr
     changed = ws.doit()
     assert set(executed(changed.stdout)) == {"quantize:int8", "evaluate:int8", "report"}
     assert link_key(ws, "quantize", "int8") != old

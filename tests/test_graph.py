@@ -119,3 +119,34 @@ def test_gc_and_verify_handle_an_unreadable_manifest(tmp_path, tiny_model, prose
     assert "(unreadable manifest)" in capsys.readouterr().out and store.is_complete(stray)
     assert verify(graph, remove_damaged=True) is None
     assert not store.is_complete(stray)
+
+
+def test_doit_list_shows_steps_in_recipe_order_with_their_settings_in_toml(
+    tmp_path, tiny_model, prose_file
+):
+    from workspace import Workspace
+
+    ws = Workspace(tmp_path)
+    # quantize.late reads capture.late, written after it: it still lists after quantize.int8.
+    extra = """
+[quantize.late]
+algorithm = "ort-dynamic"
+from = "capture.late"
+nodes_to_exclude = ["/lm_head/MatMul"]
+
+[capture.late]
+from = "model"
+"""
+    ws.write(tiny_recipe(tiny_model, prose_file, per_channel=True, extra=extra))
+    lines = ws.doit("list").stdout.splitlines()
+    tasks = [line.split()[0] for line in lines]
+    assert tasks.index("quantize:int8") < tasks.index("quantize:late")
+    assert tasks.index("capture:fp32") < tasks.index("capture:late")
+    by_task = {line.split()[0]: line for line in lines}
+    assert "[per_channel = true]" in by_task["quantize:int8"]
+    assert 'nodes_to_exclude = ["/lm_head/MatMul"]' in by_task["quantize:late"]
+    # One line per stage says what the stage does; its steps say what they read.
+    assert (
+        by_task["evaluate:int8"].split(None, 1)[1] == '<- quantize.int8 [data = "prose", '
+        "seq_len = 64, max_tokens = 256, new_tokens = 4, repeats = 1]"
+    )
