@@ -76,9 +76,9 @@ class HFQuantConfig:
         return QuantSpec(self.bits, self.group_size, self.sym)
 
 
-def hf_spec(algorithm: str, config: type, run: Any, doc: str) -> StageSpec:
+def hf_spec(algorithm: str, config: type, run: Any, doc: str, version: str = "1") -> StageSpec:
     return StageSpec(
-        stage="quantize", algorithm=algorithm, version="1", config=config, run=run, doc=doc,
+        stage="quantize", algorithm=algorithm, version=version, config=config, run=run, doc=doc,
         inputs=(HF,), output=HF, libraries=LIBRARIES, needs=NEEDS, data_fields=("data",),
     )  # fmt: skip
 
