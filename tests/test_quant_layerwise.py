@@ -36,38 +36,3 @@ def test_layers_run_alone_reproduce_the_models_hidden_states(tiny_model):
         hidden = run(model.model.layers[0], hidden)
     # hidden_states[1] is the output of the first layer (the last entry is after the final norm).
     assert torch.allclose(hidden, want[1], atol=1e-5)
-
-
-def test_linears_reading_one_input_share_one_hessian(tiny_model, monkeypatch):
-    """q/k/v (and gate/up) read the same tensor: GPTQ computes one Hessian for each such set,
-    and its result is exactly the one with a Hessian per linear."""
-    from tasks.quant import gptq as gptq_module
-    from tasks.quant.handlers import Gptq, _InputTwins
-    from tasks.quant.layerwise import quantize_layerwise
-    from tasks.quant.primitives import QuantSpec
-
-    ids = torch.randint(0, 100, (4, 16), generator=torch.Generator().manual_seed(0))
-    calls: list[int] = []
-    real_add = gptq_module.add_to_hessian
-
-    def counted(h, x, count):
-        calls.append(x.shape[-1])
-        return real_add(h, x, count)
-
-    monkeypatch.setattr(gptq_module, "add_to_hessian", counted)
-
-    def run() -> dict:
-        handler = Gptq(QuantSpec(4, 32, False), act_order=False)
-        quantized = quantize_layerwise(
-            tiny_model, handler, ids, torch.device("cpu"), lambda it, *_: it
-        )[1]
-        return {name: q.codes for name, q in quantized.items()}
-
-    shared, shared_calls = run(), len(calls)
-    calls.clear()
-    monkeypatch.setattr(_InputTwins, "reads_another_ones_input", lambda *_: False)
-    separate, separate_calls = run(), len(calls)
-    assert shared.keys() == separate.keys()
-    assert all(torch.equal(shared[n], separate[n]) for n in shared)
-    # Per layer and batch: 4 Hessians (qkv, o, gate/up, down) instead of 7.
-    assert shared_calls * 7 == separate_calls * 4, (shared_calls, separate_calls)

@@ -89,32 +89,6 @@ class Rtn(Identity):
         }
 
 
-class _InputTwins:
-    """Which linears read the very tensor another linear read (q/k/v behind one norm, gate/up
-    behind another): their Hessians are equal, so one is computed for all of them."""
-
-    def __init__(self) -> None:
-        self.of: dict[str, str] = {}  # linear -> the linear whose Hessian it takes
-        self._first: dict[str, torch.Tensor] = {}  # each linear's first input, held alive so
-        # that its address cannot be reused by another tensor while it is compared against
-
-    def reads_another_ones_input(self, name: str, x: torch.Tensor) -> bool:
-        if name in self.of:
-            return True
-        if name in self._first:
-            return False
-        for other, seen in self._first.items():
-            if (
-                seen.data_ptr() == x.data_ptr()
-                and seen.shape == x.shape
-                and seen.stride() == x.stride()
-            ):
-                self.of[name] = other
-                return True
-        self._first[name] = x
-        return False
-
-
 @dataclass
 class Gptq(Identity):
     spec: QuantSpec
@@ -136,15 +110,12 @@ class Gptq(Identity):
         linears, out = layer.linears(), {}
         for group in self.groups(list(linears)):
             hessians: dict[str, tuple[torch.Tensor | None, int]] = {n: (None, 0) for n in group}
-            twins = _InputTwins()
 
-            def on_input(name: str, x: torch.Tensor, hessians=hessians, twins=twins) -> None:
-                if not twins.reads_another_ones_input(name, x):
-                    h, count = hessians[name]
-                    hessians[name] = add_to_hessian(h, x, count)
+            def on_input(name: str, x: torch.Tensor, hessians=hessians) -> None:
+                h, count = hessians[name]
+                hessians[name] = add_to_hessian(h, x, count)
 
             capture(layer, group, on_input)
-            hessians |= {name: hessians[twin] for name, twin in twins.of.items()}
             for name in group:
                 w, h = linears[name].weight.data, hessians.pop(name)[0]  # free it once used
                 try:
