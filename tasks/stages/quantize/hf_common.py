@@ -49,7 +49,8 @@ class HFQuantConfig:
                 "group_size",
                 f"{self.group_size} is not a power of two >= 16 (onnxruntime's MatMulNBits "
                 "block sizes; -1, per output channel, does not load there)",
-                "use 32, 64 or 128",
+                "use 32, 64 or 128: one that divides the model's layer widths (the step checks "
+                "that before it reads any weight)",
             )
         if "lm_head" not in self.modules_to_not_convert:
             raise ConfigValueError(
