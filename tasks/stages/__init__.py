@@ -112,12 +112,29 @@ class StepContext:
     def progress(self, items: Iterable[Any], desc: str, total: int | None = None) -> Iterable[Any]:
         from tqdm import tqdm
 
-        # Into a log file or CI (not a terminal) a redraw is a line each: one every 30 s.
-        interval = 0.1 if sys.stderr.isatty() else 30.0
+        # Into a log file or CI (not a terminal) a redraw is a line of its own, every 30 s.
+        terminal = sys.stderr.isatty()
         return tqdm(
-            items, desc=f"  {self.task}: {desc}", total=total, file=sys.stderr, leave=False,
-            mininterval=interval,
+            items, desc=f"  {self.task}: {desc}", total=total, leave=not terminal,
+            file=sys.stderr if terminal else _LogLines(sys.stderr),
+            mininterval=0.1 if terminal else 30.0,
         )  # fmt: skip
+
+
+class _LogLines:
+    """A stream for tqdm that turns its carriage-return redraws into whole lines, so a log
+    gets one readable line per update instead of one endless line."""
+
+    def __init__(self, stream: Any) -> None:
+        self.stream = stream
+
+    def write(self, text: str) -> None:
+        line = text.replace("\r", "").rstrip()
+        if line:  # tqdm's clearing writes are blank
+            self.stream.write(line + "\n")
+
+    def flush(self) -> None:
+        self.stream.flush()
 
 
 def algorithms(stage: str) -> list[str]:
