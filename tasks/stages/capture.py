@@ -377,12 +377,12 @@ def check_source(step: Any, source: Any, file: str) -> None:
             f"MatMulNBits takes {', '.join(map(str, NBITS))} bits",
             f"set bits = 4 in [{source.ref}], or capture another step",
         )  # fmt: skip
-    if not config.ort_genai or config.precision != "int4":
+    needed = [] if config.ort_genai else ["ort_genai = true"]
+    needed += [] if config.precision == "int4" else ['precision = "int4"']
+    if needed:
         raise RecipeError(
             file, where, f"from = {source.ref!r} is a quantized checkpoint, which only the "
-            'builder captures, with precision = "int4"',
-            ("" if config.ort_genai else "set ort_genai = true and ")
-            + ('precision = "int4"' if config.precision == "int4" else 'set precision = "int4"'),
+            'builder captures, with precision = "int4"', "set " + " and ".join(needed),
         )  # fmt: skip
     floats = [m for m in getattr(source.config, "modules_to_not_convert", ()) if m != "lm_head"]
     if floats:
