@@ -21,6 +21,7 @@ from tasks.errors import KilnError, check_variables
 from tasks.glue import explain, gc, report_task, stage_tasks, step_task, verify
 from tasks.graph import load_graph
 from tasks.jobs import doit_jobs, share_cpus
+from tasks.stages import algorithms
 
 # get_var gives None outside a doit run (a plain import of this file), hence the `or`.
 RECIPE = Path(get_var("recipe") or "recipes/default.toml")
@@ -71,7 +72,8 @@ def task_capture():
 
 def task_quantize():
     """quantize a model with one algorithm per step"""
-    yield from stage_tasks(GRAPH, "quantize", task_quantize.__doc__)
+    doc = f"{task_quantize.__doc__}: {', '.join(algorithms('quantize'))} (docs/recipes.md)"
+    yield from stage_tasks(GRAPH, "quantize", doc)
 
 
 def task_finetune():
