@@ -83,11 +83,11 @@ def _wrong_value(key: str, value: Any, hint: Any) -> tuple[str, str]:
     TOML to write when the value only has the wrong quotes or brackets."""
     wanted = describe_type(hint)
     if typing.get_origin(hint) is Literal:
-        problem = f"{key} = {value!r} is not one of {wanted}"
+        problem = f"{key} = {json.dumps(value, default=str)} is not one of {wanted}"
     else:
         kind = next((name for t, name in TOML_KINDS if isinstance(value, t)), type(value).__name__)
         article = "" if "/" in wanted or "|" in wanted else "an " if wanted[0] in "aeiou" else "a "
-        problem = f"{key} = {value!r} is {kind}, not {article}{wanted}"
+        problem = f"{key} = {json.dumps(value, default=str)} is {kind}, not {article}{wanted}"
     if isinstance(value, str):
         literal = (
             value.strip().lower() if value.strip().lower() in ("true", "false") else value.strip()
@@ -98,8 +98,9 @@ def _wrong_value(key: str, value: Any, hint: Any) -> tuple[str, str]:
             unquoted = None
         if unquoted is not None and _coerce(unquoted, hint)[0]:
             return problem, f"write {key} = {literal}, without quotes"
-        if typing.get_origin(hint) is tuple:
-            return problem, f"write {key} = [{json.dumps(value)}]: a list, even of one"
+        if typing.get_origin(hint) is tuple and typing.get_args(hint)[0] is str:
+            items = [v.strip() for v in value.split(",") if v.strip()] or [value]
+            return problem, f"write {key} = {json.dumps(items)}: a list, even of one"
     return problem, f"{key} takes {wanted}"
 
 

@@ -127,21 +127,23 @@ def test_doit_list_shows_steps_in_recipe_order_with_their_settings_in_toml(
     from workspace import Workspace
 
     ws = Workspace(tmp_path)
-    # quantize.late reads capture.late, written after it: it still lists after quantize.int8.
+    # quantize.again reads quantize.late, written after it: it still lists first.
     extra = """
+[quantize.again]
+algorithm = "ort-dynamic"
+from = "quantize.late"
+
 [quantize.late]
 algorithm = "ort-dynamic"
-from = "capture.late"
+from = "capture.fp32"
 nodes_to_exclude = ["/lm_head/MatMul"]
-
-[capture.late]
-from = "model"
 """
     ws.write(tiny_recipe(tiny_model, prose_file, per_channel=True, extra=extra))
     lines = ws.doit("list").stdout.splitlines()
     tasks = [line.split()[0] for line in lines]
-    assert tasks.index("quantize:int8") < tasks.index("quantize:late")
-    assert tasks.index("capture:fp32") < tasks.index("capture:late")
+    assert (
+        tasks.index("quantize:int8") < tasks.index("quantize:again") < tasks.index("quantize:late")
+    )
     by_task = {line.split()[0]: line for line in lines}
     assert "[per_channel = true]" in by_task["quantize:int8"]
     assert 'nodes_to_exclude = ["/lm_head/MatMul"]' in by_task["quantize:late"]

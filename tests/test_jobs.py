@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import os
+
 import pytest
 
 from tasks.jobs import doit_jobs, share_cpus
@@ -19,6 +21,7 @@ from tasks.jobs import doit_jobs, share_cpus
         (["-n", "0"], 1),
         (["-n"], 1),
         (["recipe=n.toml", "-v", "2"], 1),
+        (["-n", "2", "-n", "4"], 4),  # the last one, as doit takes it
     ],
 )
 def test_jobs_come_from_doits_process_option(argv, jobs):
@@ -42,3 +45,28 @@ def test_one_job_or_a_chosen_thread_count_is_left_alone():
     assert share_cpus(1, environ, cpus=8) is None and environ == {}
     chosen = {"OMP_NUM_THREADS": "6"}
     assert share_cpus(2, chosen, cpus=8) is None and chosen == {"OMP_NUM_THREADS": "6"}
+
+
+def test_the_cores_are_those_this_process_may_use():
+    from tasks.jobs import usable_cpus
+
+    assert 1 <= usable_cpus() <= (os.cpu_count() or 1)
+
+
+def test_onnxruntime_sessions_follow_the_thread_count(tmp_path, monkeypatch):
+    """onnxruntime does not read OMP_NUM_THREADS itself: the sessions modelkiln opens do."""
+    import onnx
+    from onnx import TensorProto, helper
+
+    from tasks.stages.onnx_run import ort_session
+
+    graph = helper.make_graph(
+        [helper.make_node("Relu", ["x"], ["y"])], "g",
+        [helper.make_tensor_value_info("x", TensorProto.FLOAT, [1])],
+        [helper.make_tensor_value_info("y", TensorProto.FLOAT, [1])],
+    )  # fmt: skip
+    path = tmp_path / "relu.onnx"
+    onnx.save(helper.make_model(graph), path)
+    monkeypatch.setenv("OMP_NUM_THREADS", "3")
+    session = ort_session(path, ["CPUExecutionProvider"])
+    assert session.get_session_options().intra_op_num_threads == 3

@@ -102,6 +102,19 @@ def test_clip_lowers_error(spec):
     assert clipped < full
 
 
+@pytest.mark.parametrize("spec", SPECS, ids=str)
+def test_clip_picks_what_a_direct_search_picks(spec):
+    """The clip search measures errors through per-group Gram matrices; each (row, group) must
+    still get the candidate with the least error measured directly on the tokens."""
+    torch.manual_seed(2)
+    w = torch.distributions.StudentT(3.0).sample((48, 128)) * 0.02
+    x = inputs(outliers=True)[:256]
+    chosen = group_errors(w, x, spec, search_clip(w, x, spec, grid=20, n_tokens=256))
+    amax = w.abs().reshape(48, spec.groups(128), -1).amax(-1)
+    direct = torch.stack([group_errors(w, x, spec, amax * (1 - i / 20)) for i in range(10)])
+    torch.testing.assert_close(chosen, direct.min(dim=0).values, rtol=1e-4, atol=1e-9)
+
+
 @pytest.mark.parametrize("spec", [*SPECS, QuantSpec(4, -1, True)], ids=str)
 def test_fake_quantize_is_rtn(spec):
     w = torch.randn(16, 128)

@@ -384,7 +384,8 @@ def check_source(step: Any, source: Any, file: str) -> None:
             file, where, f"from = {source.ref!r} is a quantized checkpoint, which only the "
             'builder captures, with precision = "int4"', "set " + " and ".join(needed),
         )  # fmt: skip
-    floats = [m for m in getattr(source.config, "modules_to_not_convert", ()) if m != "lm_head"]
+    kept = getattr(source.config, "modules_to_not_convert", ())
+    floats = [m for m in kept if m.split(".")[-1].endswith("proj")]  # q_proj, mlp.down_proj, ...
     if floats:
         raise RecipeError(
             file, where, f"from = {source.ref!r} keeps decoder linears in float "

@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import json
 import math
+import os
 import time
 from collections.abc import Iterator, Sequence
 from contextlib import contextmanager
@@ -132,6 +133,10 @@ def ort_session(
         options = ort.SessionOptions()
         # Errors only: a LoRA-ready model's empty default adapter inputs warn once per input.
         options.log_severity_level = 3
+        # onnxruntime ignores OMP_NUM_THREADS; `doit -n N` (tasks/jobs.py) or the user set it.
+        threads = os.environ.get("OMP_NUM_THREADS", "")
+        if threads.isdigit() and int(threads) > 0:
+            options.intra_op_num_threads = int(threads)
     try:
         return ort.InferenceSession(str(path), options, providers=providers)
     except Exception as err:  # onnxruntime's Fail, InvalidGraph, ... derive from Exception only

@@ -14,7 +14,9 @@ def calibration_windows(ids: list[int], num_samples: int, seq_len: int) -> list[
             f"calibration needs {num_samples} x {seq_len} tokens but the train split has "
             f"{len(ids)}\n  fix: lower num_samples or seq_len, or use a larger data set"
         )
-    last = len(ids) - seq_len
-    # Integer arithmetic: the same starts on every platform (a float linspace could differ by one).
-    starts = [i * last // max(1, num_samples - 1) for i in range(num_samples)]
+    import torch
+
+    # torch's float32 linspace, truncated: the starts the Hugging Face quantizers have always
+    # used, so their outputs (and keys) stay as they were.
+    starts = torch.linspace(0, len(ids) - seq_len, num_samples).long().tolist()
     return [ids[s : s + seq_len] for s in starts]
