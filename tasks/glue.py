@@ -47,21 +47,13 @@ def _doc(step: Step, implied: bool = False) -> str:
     written as in TOML."""
     defaults = {f.name: f.default for f in dataclasses.fields(step.spec.config)}
     params = ", ".join(
-        f"{k} = {_short(_toml(v))}" for k, v in vars(step.config).items() if v != defaults[k]
+        f"{k} = {_short(json.dumps(v))}" for k, v in vars(step.config).items() if v != defaults[k]
     )
     parts = [step.spec.doc] if algorithms(step.stage) or not step.source else []
     parts += [f"<- {step.source}"] if step.source else []
     parts += [f"[{params}]"] if params else []
     parts += ["(added by the recipe)"] if implied else []
     return " ".join(parts)
-
-
-def _toml(value: object) -> str:
-    if isinstance(value, bool):
-        return str(value).lower()
-    if isinstance(value, tuple | list):
-        return "[" + ", ".join(_toml(v) for v in value) + "]"
-    return json.dumps(value) if isinstance(value, str) else str(value)
 
 
 def _short(value: object) -> str:
