@@ -2,8 +2,9 @@
 
 Without this every step's torch would start a thread per core, and N steps would run N times
 more threads than there are cores. (onnxruntime does not read these variables: the sessions
-modelkiln opens take their thread count from OMP_NUM_THREADS itself, `onnx_run.ort_session`.) On a 2-core machine two steps
-with one thread each build the default recipe in about 17 minutes, against 23 one at a time.
+modelkiln opens take their thread count from OMP_NUM_THREADS itself, `onnx_run.ort_session`.)
+On a 2-core machine two steps with one thread each build the default recipe in about 17
+minutes, against 23 one at a time.
 """
 
 from __future__ import annotations

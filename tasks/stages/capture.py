@@ -146,6 +146,12 @@ class Config:
                 )
 
 
+def settings_for_quantized(config: Config) -> list[str]:
+    """The settings a capture of a quantized checkpoint lacks: only the builder at int4 takes one."""
+    needed = [] if config.ort_genai else ["ort_genai = true"]
+    return needed + ([] if config.precision == "int4" else ['precision = "int4"'])
+
+
 def check_quantization(hf_dir: Path, config: Config) -> dict[str, Any] | None:
     """The input's quantization_config, refused where the builder cannot take it."""
     path = hf_dir / "config.json"
@@ -158,12 +164,11 @@ def check_quantization(hf_dir: Path, config: Config) -> dict[str, Any] | None:
             f"{path}: quantization_config.bits = {bits!r}; the builder's MatMulNBits takes "
             f"{', '.join(map(str, NBITS))} bits: quantize with one of those"
         )
-    if not config.ort_genai:
-        raise StageError(f"{path}: a quantized checkpoint needs ort_genai = true to capture")
-    if config.precision != "int4":
+    needed = settings_for_quantized(config)
+    if needed:
         raise StageError(
-            f"{path} is quantized ({quant.get('quant_method')}, {bits} bits) and the builder "
-            f'fails on it with precision = "{config.precision}": set precision = "int4"'
+            f"{path} is quantized ({quant.get('quant_method')}, {bits} bits): only the builder "
+            f'captures it, with precision = "int4"\n  fix: set {" and ".join(needed)}'
         )
     # GPTQ and AWQ store a packed linear as <name>.qweight, so <name>.weight is a float one.
     floats = float_projections(hf_dir) if quant.get("quant_method") in ("gptq", "awq") else []
@@ -377,8 +382,7 @@ def check_source(step: Any, source: Any, file: str) -> None:
             f"MatMulNBits takes {', '.join(map(str, NBITS))} bits",
             f"set bits = 4 in [{source.ref}], or capture another step",
         )  # fmt: skip
-    needed = [] if config.ort_genai else ["ort_genai = true"]
-    needed += [] if config.precision == "int4" else ['precision = "int4"']
+    needed = settings_for_quantized(config)
     if needed:
         raise RecipeError(
             file, where, f"from = {source.ref!r} is a quantized checkpoint, which only the "
