@@ -17,11 +17,15 @@ from pathlib import Path
 
 from doit import get_var
 
+from tasks import interrupt
 from tasks.errors import KilnError, check_variables
 from tasks.glue import explain, gc, report_task, stage_tasks, step_task, verify
 from tasks.graph import load_graph
 from tasks.jobs import doit_jobs, share_cpus
 from tasks.stages import algorithms
+from tasks.staging import os_problem
+
+interrupt.install()  # Ctrl-C, SIGTERM: one line and exit 130/143, no traceback
 
 # get_var gives None outside a doit run (a plain import of this file), hence the `or`.
 RECIPE = Path(get_var("recipe") or "recipes/default.toml")
@@ -32,10 +36,11 @@ try:
     GRAPH = load_graph(RECIPE, ARTIFACTS)
 except KilnError as err:
     sys.exit(f"modelkiln: {err}")
+except OSError as err:  # the machine's: a full disk, a read-only or forbidden path
+    sys.exit(f"modelkiln: {os_problem(err, doing='read')}")
 
 share_cpus(doit_jobs(sys.argv[1:]))  # `doit -n 2`: each step gets half the cores
 
-ARTIFACTS.mkdir(parents=True, exist_ok=True)  # doit opens its database here before any task runs
 DOIT_CONFIG = {
     "default_tasks": [
         "model",
@@ -47,8 +52,10 @@ DOIT_CONFIG = {
         "evaluate",
         "report",
     ],
-    "dep_file": str(ARTIFACTS / ".doit.db"),
-    "backend": "sqlite3",  # safe when two doit processes share one workspace
+    # The store is the build state, so doit's database records nothing worth keeping: in
+    # memory it cannot fill a disk, fail on a read-only store or race another doit process.
+    "dep_file": ":memory:",
+    "backend": "sqlite3",
     "verbosity": 2,
     "subtasks": True,  # `doit list` shows every step, in recipe order
     "sort": "definition",
@@ -114,7 +121,10 @@ def task_gc():
 
 
 def task_verify():
-    """re-hash every store entry against its manifest and name each changed file"""
+    """re-hash every store entry against its manifest; name each damaged entry and those built from it"""
     remove = {"name": "remove_damaged", "long": "remove-damaged", "type": bool, "default": False,
-              "help": "remove damaged entries so the next doit rebuilds them"}  # fmt: skip
-    return {"actions": [(verify, [GRAPH])], "params": [remove], "uptodate": [False], "verbosity": 2}
+              "help": "remove damaged entries and those built from them, so `doit` rebuilds them"}  # fmt: skip
+    dry_run = {"name": "dry_run", "long": "dry-run", "type": bool, "default": False,
+               "help": "with --remove-damaged: list what would be removed, remove nothing"}  # fmt: skip
+    return {"actions": [(verify, [GRAPH])], "params": [remove, dry_run], "uptodate": [False],
+            "verbosity": 2}  # fmt: skip

@@ -31,8 +31,9 @@ def main() -> None:
     if subprocess.run(cmd, cwd=ROOT).returncode:
         raise SystemExit("the bench recipe did not build")
     sys.path.insert(0, str(ROOT))
-    from tasks.envs import disk_usage, managed_envs
+    from tasks.envs import managed_envs
     from tasks.recipe import load_recipe
+    from tasks.staging import disk_usage
 
     links = args.artifacts / RECIPE.stem
     recipe = load_recipe(RECIPE)

@@ -8,8 +8,10 @@ been touched is never read again. A directory's digest is the digest of its sort
 
 from __future__ import annotations
 
+import contextlib
 import os
 import sqlite3
+import sys
 import time
 from collections.abc import Callable
 from pathlib import Path
@@ -66,11 +68,15 @@ def _enable_wal(db: sqlite3.Connection) -> None:
 
 
 class DigestCache:
-    """SQLite map from a file's stat signature to its digest; safe across processes."""
+    """SQLite map from a file's stat signature to its digest; safe across processes.
+
+    A cache that cannot be opened or written (a read-only store, a full disk) only costs
+    speed: digests are then computed and kept in memory for this run, with one warning."""
 
     def __init__(self, db_path: Path) -> None:
         self.db_path = db_path
         self._db: sqlite3.Connection | None = None
+        self._memory: dict[tuple[int, ...], str] | None = None  # set once the file fails
 
     def _conn(self) -> sqlite3.Connection:
         if self._db is None:
@@ -86,15 +92,31 @@ class DigestCache:
     def file_digest(self, path: Path) -> str:
         st = os.stat(path)
         sig = (st.st_dev, st.st_ino, st.st_size, st.st_mtime_ns)
-        db = self._conn()
-        row = db.execute(
-            "SELECT digest FROM digests WHERE dev=? AND ino=? AND size=? AND mtime_ns=?", sig
-        ).fetchone()
+        if self._memory is not None:
+            if sig not in self._memory:
+                self._memory[sig] = hash_file(path)
+            return self._memory[sig]
+        query = "SELECT digest FROM digests WHERE dev=? AND ino=? AND size=? AND mtime_ns=?"
+        try:
+            row = self._conn().execute(query, sig).fetchone()
+        except (sqlite3.Error, OSError) as err:
+            return self._without_file(err, path)
         if row:
             return row[0]
         digest = hash_file(path)
-        db.execute("INSERT OR REPLACE INTO digests VALUES (?, ?, ?, ?, ?)", (*sig, digest))
+        try:
+            self._conn().execute("INSERT OR REPLACE INTO digests VALUES (?, ?, ?, ?, ?)",
+                                 (*sig, digest))  # fmt: skip
+        except (sqlite3.Error, OSError) as err:
+            self._without_file(err, path)
         return digest
+
+    def _without_file(self, err: Exception, path: Path) -> str:
+        print(f"modelkiln: the digest cache {self.db_path} cannot be used ({err}); hashing "
+              "without it", file=sys.stderr)  # fmt: skip
+        self.close()
+        self._memory = {}
+        return self.file_digest(path)
 
     def tree_digest(self, root: Path) -> str:
         """Digest of a directory (or a single file) from its files' cached digests; dot-files
@@ -111,5 +133,6 @@ class DigestCache:
 
     def close(self) -> None:
         if self._db is not None:
-            self._db.close()
+            with contextlib.suppress(sqlite3.Error):
+                self._db.close()
             self._db = None

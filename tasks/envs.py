@@ -14,8 +14,6 @@ progress goes straight to the terminal, and a KilnError it raises comes back as 
 
 from __future__ import annotations
 
-import contextlib
-import fcntl
 import json
 import os
 import platform
@@ -26,13 +24,15 @@ import sys
 import sysconfig
 import tempfile
 import time
-from collections.abc import Callable, Iterator
+from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
+from tasks import interrupt
 from tasks.errors import StageError
 from tasks.keys import key_of
+from tasks.staging import Staging
 
 ENV_VERSION = "1"  # bump when the way environments are built changes
 MARKER = "ENV.json"
@@ -76,16 +76,9 @@ def is_ready(folder: Path) -> bool:
     return (folder / MARKER).is_file() and python_of(folder).exists()
 
 
-@contextlib.contextmanager
-def _lock(artifacts: Path, key: str) -> Iterator[None]:
-    path = envs_dir(artifacts) / ".locks" / f"{key}.lock"
-    path.parent.mkdir(parents=True, exist_ok=True)
-    with open(path, "a") as fh:
-        fcntl.flock(fh, fcntl.LOCK_EX)
-        try:
-            yield
-        finally:
-            fcntl.flock(fh, fcntl.LOCK_UN)
+def staging(artifacts: Path) -> Staging:
+    """Environments build with the store's lock-and-publish protocol (tasks/staging.py)."""
+    return Staging(envs_dir(artifacts))
 
 
 def ensure(artifacts: Path, env: Environment, log: Callable[[str], None]) -> Path:
@@ -93,14 +86,13 @@ def ensure(artifacts: Path, env: Environment, log: Callable[[str], None]) -> Pat
     folder = env_path(artifacts, env)
     if is_ready(folder):
         return folder
-    with _lock(artifacts, env.key):
+    area = staging(artifacts)
+    with area.lock(env.key):
         if is_ready(folder):  # another process built it while we waited
             return folder
-        _remove_stale_tmps(artifacts)
+        area.sweep()  # builds killed before their marker was written
         log(f"building the {env.name} environment (once): {' '.join(env.requirements)}")
-        tmp = envs_dir(artifacts) / ".tmp" / f"{env.key}.{os.getpid()}"
-        shutil.rmtree(tmp, ignore_errors=True)
-        tmp.parent.mkdir(parents=True, exist_ok=True)
+        tmp = area.new_tmp(env.key)
         started = time.time()
         try:
             _build(tmp, env, started)
@@ -154,46 +146,13 @@ def pip_failure(env: Environment, output: str) -> str:
     )
 
 
-def _remove_stale_tmps(artifacts: Path) -> None:
-    """Builds whose process is gone (killed): they never got their marker."""
-    tmp_root = envs_dir(artifacts) / ".tmp"
-    if not tmp_root.is_dir():
-        return
-    for path in tmp_root.iterdir():
-        pid = path.name.rsplit(".", 1)[-1]
-        if pid.isdigit() and not _alive(int(pid)):
-            shutil.rmtree(path, ignore_errors=True)
-
-
-def _alive(pid: int) -> bool:
-    try:
-        os.kill(pid, 0)
-    except ProcessLookupError:
-        return False
-    except PermissionError:
-        return True
-    return True
-
-
-def disk_usage(folder: Path) -> int:
-    """Bytes a folder takes, each file once: a venv's lib64 is a link to lib."""
-    seen, total = set(), 0
-    for dirpath, _, filenames in os.walk(folder):  # links to folders are not followed
-        for name in filenames:
-            stat = os.lstat(os.path.join(dirpath, name))
-            if (stat.st_dev, stat.st_ino) not in seen:
-                seen.add((stat.st_dev, stat.st_ino))
-                total += stat.st_size
-    return total
-
-
 def managed_envs(artifacts: Path) -> dict[str, Path]:
     """Key -> folder of every complete environment this tool built (others are left alone)."""
     found = {}
     root = envs_dir(artifacts)
     if root.is_dir():
         for folder in root.iterdir():
-            if folder.name.startswith("."):
+            if folder.name.startswith(".") or folder.is_symlink():
                 continue
             try:
                 found[json.loads((folder / MARKER).read_text())["key"]] = folder
@@ -228,17 +187,21 @@ def call(
         child_env.pop("VIRTUAL_ENV", None)
         # The child's stdout goes to stderr: doit's stdout lists the tasks it runs, and a
         # library's progress bar left there without a newline would swallow the next line.
-        done = subprocess.run(
+        proc = interrupt.child(subprocess.Popen(
             [str(python_of(folder)), "-m", "tasks.envrun", str(request)], env=child_env,
-            stdout=sys.stderr.fileno(), check=False,
-        )  # fmt: skip
+            stdout=sys.stderr.fileno(),
+        ))  # fmt: skip
+        try:
+            proc.wait()
+        finally:
+            interrupt.forget(proc)
         print(file=sys.stderr, flush=True)  # end a progress bar the child left open
         answer = json.loads(result.read_text()) if result.is_file() else None
     if answer and "error" in answer:
         raise StageError(answer["error"])
-    if done.returncode != 0 or answer is None:
+    if proc.returncode != 0 or answer is None:
         raise StageError(
             f"{function} failed in the {env.name} environment ({folder}) with exit status "
-            f"{done.returncode}; its output is above"
+            f"{proc.returncode}; its output is above"
         )
     return answer["value"]

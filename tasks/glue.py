@@ -17,7 +17,6 @@ from typing import Any
 from doit.exceptions import TaskFailed
 
 from tasks import envs
-from tasks.digest import dir_size
 from tasks.errors import KilnError, StoreError, did_you_mean
 from tasks.graph import Graph
 from tasks.keys import canonical_json, diff_identities
@@ -25,6 +24,7 @@ from tasks.recipe import Step, inputs_of
 from tasks.report import REPORT_STEP
 from tasks.runner import run_step
 from tasks.stages import algorithms
+from tasks.staging import disk_usage
 from tasks.store import Store
 
 
@@ -32,7 +32,10 @@ def _up_to_date(graph: Graph, ref: str) -> bool:
     if not graph.store.is_complete(graph.keys[ref]):
         return False
     # Keep the human-friendly link on the entry this recipe now means (after a revert too).
-    graph.store.link(graph.link(ref), graph.keys[ref])
+    try:
+        graph.store.link(graph.link(ref), graph.keys[ref])
+    except KilnError:
+        return False  # the step's action then says why, as one message
     return True
 
 
@@ -140,8 +143,17 @@ def _describe(change: tuple[str, Any, Any], task_of_key: dict[str, str]) -> str:
     return f"{path}: {_short(canonical_json(old))} -> {_short(canonical_json(new))}"
 
 
-def gc(graph: Graph, dry_run: bool) -> None:
-    """Remove store entries that no link (of any recipe built here) or this recipe points at."""
+def gc(graph: Graph, dry_run: bool) -> TaskFailed | None:
+    """Remove store entries that no link (of any recipe built here) or this recipe points at,
+    unused environments, and builds left by dead processes."""
+    try:
+        _gc(graph, dry_run)
+    except KilnError as err:
+        return TaskFailed(f"gc: {err}")
+    return None
+
+
+def _gc(graph: Graph, dry_run: bool) -> None:
     store = graph.store
     verb = "would remove" if dry_run else "removing"
     freed, removed = 0, 0
@@ -153,18 +165,16 @@ def gc(graph: Graph, dry_run: bool) -> None:
             # Re-check under the lock: a build may have linked this entry meanwhile.
             if not held or key in store.links().values():
                 continue
-            size = dir_size(store.entry(key))
+            size = disk_usage(store.entry(key))
             print(f"{verb} {key[:16]}... {size / 1e6:9.1f} MB  {_built_as(store, key)}")
             if not dry_run:
                 store.remove(key)
             freed, removed = freed + size, removed + 1
     freed += _gc_environments(graph, live, verb, dry_run)
-    stale = store.stale_tmps()
-    for tmp in stale:
-        freed += dir_size(tmp)
-        print(f"{verb} unfinished build {tmp.name}")
-        if not dry_run:
-            shutil.rmtree(tmp, ignore_errors=True)
+    stale = [*store.staging.sweep(dry_run), *envs.staging(store.root).sweep(dry_run)]
+    for tmp, size in stale:
+        freed += size
+        print(f"{verb} unfinished build {tmp.parent.parent.name}/{tmp.name}")
     print(f"{removed} entries, {len(stale)} unfinished builds: "
           f"{'would free' if dry_run else 'freed'} {freed / 1e6:.1f} MB")  # fmt: skip
 
@@ -181,7 +191,7 @@ def _gc_environments(graph: Graph, live: set[str], verb: str, dry_run: bool) -> 
     for key, folder in envs.managed_envs(graph.store.root).items():
         if key in used:
             continue
-        size = envs.disk_usage(folder)
+        size = disk_usage(folder)
         print(f"{verb} environment {folder.name} {size / 1e6:9.1f} MB")
         if not dry_run:
             shutil.rmtree(folder)
@@ -196,25 +206,30 @@ def _built_as(store: Store, key: str) -> str:
         return "(unreadable manifest)"
 
 
-def verify(graph: Graph, remove_damaged: bool) -> TaskFailed | None:
-    """Re-hash every store entry against its manifest (no cache) and name each changed file."""
+def verify(graph: Graph, remove_damaged: bool, dry_run: bool) -> TaskFailed | None:
+    """Re-hash every store entry against its manifest (no cache), name each problem and the
+    entries built from damaged ones; --remove-damaged removes them all (--dry-run: lists)."""
     store = graph.store
-    keys = store.built_keys()
-    damaged = {}
-    for key in keys:
-        if problems := store.verify(key):
-            damaged[key] = problems
-            print("\n".join(problems))
+    try:
+        damaged = store.audit()
+        downstream = store.dependents(set(damaged))
+    except KilnError as err:
+        return TaskFailed(f"verify: {err}")
+    for problems in damaged.values():
+        print("\n".join(problems))
+    for key in sorted(downstream):
+        print(f"{store.entry(key)}: built from a damaged entry ({_built_as(store, key)})")
     if not damaged:
-        print(f"verify: all {len(keys)} entries match their manifests")
+        print(f"verify: all {len(store.built_keys())} entries match their manifests")
         return None
-    if remove_damaged:
-        for key in damaged:
-            with store.lock(key):
-                store.remove(key)
-        print(f"verify: removed {len(damaged)} damaged entries; `doit` rebuilds them")
+    count = f"{len(damaged)} damaged entries and {len(downstream)} built from them"
+    if remove_damaged and dry_run:
+        print(f"verify: would remove {count}")
+    elif remove_damaged:
+        for key in [*damaged, *sorted(downstream)]:
+            store.remove_damaged(key)
+        print(f"verify: removed {count}; `doit` rebuilds what the recipe needs")
         return None
     return TaskFailed(
-        f"verify: {len(damaged)} damaged entries; run `doit verify --remove-damaged`, then `doit`"
-        " to rebuild them"
+        f"verify: {count}; run `doit verify --remove-damaged`, then `doit` to rebuild them"
     )

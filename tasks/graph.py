@@ -12,11 +12,12 @@ from typing import Any
 
 from tasks.config import as_params
 from tasks.digest import DigestCache
-from tasks.errors import RecipeError
+from tasks.errors import KilnError, RecipeError
 from tasks.keys import key_of, library_versions
 from tasks.recipe import Recipe, Step, load_recipe
 from tasks.report import REPORT_STEP, report_identity
-from tasks.store import Store
+from tasks.staging import os_problem
+from tasks.store import RESERVED, Store
 
 
 @dataclass(frozen=True)
@@ -43,9 +44,6 @@ class Graph:
         return [s.ref for s in self.recipe.of_stage("evaluate")]
 
 
-RESERVED = ("store", "cache", "downloads", "envs")  # folders of the artifacts root
-
-
 def load_graph(recipe_path: Path, artifacts: Path) -> Graph:
     recipe = load_recipe(recipe_path)
     if recipe.name in RESERVED or recipe.name.startswith("."):
@@ -53,6 +51,7 @@ def load_graph(recipe_path: Path, artifacts: Path) -> Graph:
             str(recipe_path), "", f"a recipe cannot be named {recipe.name!r}: its links would "
             "mix with the store's own folders", "rename the file",
         )  # fmt: skip
+    check_artifacts(artifacts)
     store = Store(artifacts)
     cache = DigestCache(artifacts / "cache" / "digests.sqlite")
     identities: dict[str, dict[str, Any]] = {}
@@ -70,6 +69,19 @@ def load_graph(recipe_path: Path, artifacts: Path) -> Graph:
     identities[REPORT_STEP] = report_identity(recipe.name, rows)
     keys[REPORT_STEP] = key_of(identities[REPORT_STEP])
     return Graph(recipe, store, identities, keys)
+
+
+def check_artifacts(artifacts: Path) -> None:
+    """The artifacts root must be a directory (made if missing); it may be read-only."""
+    if artifacts.exists() and not artifacts.is_dir():
+        raise KilnError(
+            f"artifacts={artifacts} is a file, not a directory\n  fix: point artifacts= at a "
+            "directory (it is made if missing)"
+        )
+    try:
+        artifacts.mkdir(parents=True, exist_ok=True)
+    except OSError as err:
+        raise KilnError(os_problem(err, artifacts, "create the artifacts directory")) from None
 
 
 def step_identity(

@@ -7,6 +7,7 @@ failure is never cached. Errors the user can act on come back as one message, no
 from __future__ import annotations
 
 import platform
+import shutil
 import sys
 import time
 from pathlib import Path
@@ -14,12 +15,16 @@ from typing import Any
 
 from doit.exceptions import TaskFailed
 
-from tasks.digest import list_files
+from tasks import interrupt
 from tasks.errors import KilnError, StageError
 from tasks.graph import Graph
 from tasks.recipe import inputs_of
 from tasks.report import REPORT_STEP, make_rows, text_table, write_report
 from tasks.stages import StepContext
+from tasks.staging import FILESYSTEM_ERRORS, disk_usage, os_problem
+from tasks.store import remove_path
+
+LOW_SPACE = 64 << 20  # bytes: below this, a failed step is reported as a full disk
 
 
 def run_step(graph: Graph, ref: str) -> TaskFailed | None:
@@ -31,7 +36,30 @@ def run_step(graph: Graph, ref: str) -> TaskFailed | None:
         _build(graph, ref, task)  # each stage logs its own summary
     except KilnError as err:
         return TaskFailed(f"{task}: {err}")
+    except Exception as err:
+        if (problem := _machine_problem(err, graph.store.store_dir)) is None:
+            raise  # a bug: its traceback is what helps
+        return TaskFailed(f"{task}: {problem}")
     return None
+
+
+def _machine_problem(err: Exception, where: Path) -> str | None:
+    """One message for a failure of the machine rather than the step: a full disk (which
+    libraries report in many ways: an OSError, sqlite's "disk is full", a protobuf "corrupt"
+    read of a file written short), a read-only or forbidden path. None for anything else."""
+    if isinstance(err, OSError) and err.errno in FILESYSTEM_ERRORS:
+        return os_problem(err)
+    try:
+        free = shutil.disk_usage(where).free
+    except OSError:
+        return None
+    if free >= LOW_SPACE:
+        return None
+    return (
+        f"{type(err).__name__}: {str(err).strip()[:300]}\n  and the disk holding {where} has only "
+        f"{free / 1e6:.1f} MB free: the step most likely ran out of space\n  fix: free space "
+        "there (`doit gc` removes unused entries), then run `doit` again"
+    )
 
 
 def _build(graph: Graph, ref: str, task: str) -> dict[str, Any] | None:
@@ -50,11 +78,13 @@ def _build(graph: Graph, ref: str, task: str) -> dict[str, Any] | None:
         # target stays reachable (for `explain`, and safe from `gc`) as a hidden link.
         store.set_aside(link)
         tmp = store.new_tmp(key)
+        interrupt.building(task, tmp)
         started = time.time()
         try:
             metrics = _run(graph, ref, task, tmp)
         except BaseException:
-            print(f"  {task}: failed; partial output left in {tmp}", file=sys.stderr)
+            print(f"  {task}: failed after writing {disk_usage(tmp) / 1e6:.1f} MB; partial output "
+                  f"left in {tmp} (`doit gc` removes it)", file=sys.stderr)  # fmt: skip
             raise
         manifest = {
             "key": key,
@@ -67,61 +97,70 @@ def _build(graph: Graph, ref: str, task: str) -> dict[str, Any] | None:
             "platform": platform.platform(),
         }
         store.publish(key, tmp, manifest)
+        interrupt.building(task, None)
         store.link(link, key)  # under the lock: gc never sees a new entry without its link
         store.forget_previous(link)
     print(f"  {task}: built in {manifest['timings']['seconds']:.1f} s -> {link}", file=sys.stderr)
     return metrics
 
 
-def _run(graph: Graph, ref: str, task: str, tmp: Any) -> dict[str, Any]:
+def _run(graph: Graph, ref: str, task: str, tmp: Path) -> dict[str, Any]:
     if ref == REPORT_STEP:
         return _run_report(graph, tmp)
     step = graph.step(ref)
-    ctx = StepContext(task=task, out=tmp, artifacts=graph.store.root)
+    inputs = {graph.keys[r]: graph.task(r) for r in inputs_of(step)}
+    for key, name in inputs.items():
+        _refuse_damaged_input(graph, name, key)
+    scratch = graph.store.new_tmp(graph.keys[ref], "scratch")
+    ctx = StepContext(task=task, out=tmp, artifacts=graph.store.root, scratch=scratch)
     if step.source:
         ctx.input = graph.entry(step.source)
     for data_ref in step.data:
         ctx.data[data_ref.split(".", 1)[1]] = graph.entry(data_ref)
     for field, ref in step.extra:
         ctx.steps[field] = graph.entry(ref)
-    inputs = {graph.keys[r]: graph.entry(r) for r in inputs_of(step)}
-    before = {key: entry_state(entry) for key, entry in inputs.items()}
-    metrics = step.spec.run(step.config, ctx) or {}
-    _refuse_changed_inputs(graph, task, inputs, before)
+    try:
+        metrics = step.spec.run(step.config, ctx) or {}
+    finally:
+        shutil.rmtree(scratch, ignore_errors=True)
+    for key, name in inputs.items():
+        _refuse_changed_input(graph, task, name, key)
     return metrics
 
 
-def entry_state(entry: Path) -> dict[str, tuple[int, int]]:
-    """Each file's (size, mtime): enough to notice a write, without reading anything."""
-    state = {}
-    for rel in list_files(entry):
-        stat = (entry / rel).stat()
-        state[rel.as_posix()] = (stat.st_size, stat.st_mtime_ns)
-    return state
+def _refuse_damaged_input(graph: Graph, name: str, key: str) -> None:
+    """A step never reads an input whose files changed since it was published (a stat per
+    file; `doit verify` is the full check): what it built would carry the damage on."""
+    changed, added = graph.store.changes(key)
+    if changed or added:
+        raise StageError(
+            f"its input {name} ({graph.store.entry(key)}) changed since it was built "
+            f"({', '.join((changed + added)[:5])}), so nothing is built from it\n  fix: run "
+            "`doit verify --remove-damaged` (it removes the damaged entry and what was built "
+            "from it), then `doit` to rebuild them"
+        )
 
 
-def _refuse_changed_inputs(
-    graph: Graph, task: str, inputs: dict[str, Path], before: dict[str, dict[str, Any]]
-) -> None:
+def _refuse_changed_input(graph: Graph, task: str, name: str, key: str) -> None:
     """Some tools write beside the model they read (onnx-neural-compressor's `_augment.onnx`,
     ModelOpt re-saving its input, onnxruntime's `-inferred.onnx`), and a published entry must
     never change: the step fails. Files it added are removed (the entry is intact again); an
     entry whose own files changed is removed, and the next `doit` rebuilds it."""
-    for key, entry in inputs.items():
-        recorded = {f["path"] for f in graph.store.manifest(key)["files"]}
-        after = entry_state(entry)
-        changed = sorted(p for p in recorded if before[key].get(p) != after.get(p))
-        added = sorted(set(after) - set(before[key]) - recorded)
-        for rel in added:
-            (entry / rel).unlink(missing_ok=True)
-        if changed:
-            graph.store.remove(key)
-        if changed or added:
-            fate = "it is removed and `doit` rebuilds it" if changed else "they are removed"
-            raise StageError(
-                f"{task} wrote into its input {entry} ({', '.join(changed + added)}): a bug in "
-                f"the stage or the library it calls; {fate}"
-            )
+    store = graph.store
+    changed, added = store.changes(key)
+    if not (changed or added):
+        return
+    entry = store.entry(key)
+    for rel in added:
+        remove_path(entry / rel)
+    if changed:
+        with store.lock(key):
+            store.remove(key)
+    fate = f"it is removed and `doit` rebuilds {name}" if changed else "they are removed"
+    raise StageError(
+        f"{task} wrote into its input {entry} ({', '.join(changed + added)}): a bug in "
+        f"the stage or the library it calls; {fate}"
+    )
 
 
 def _run_report(graph: Graph, out: Any) -> dict[str, Any]:

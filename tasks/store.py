@@ -2,28 +2,41 @@
 
 Layout under the artifacts root:
     store/<key[:2]>/<key>/      a finished entry: the step's files and MANIFEST.json
-    store/.tmp/<key>.<pid>/     an entry being built (or a failed build left to inspect)
-    store/.locks/<key>.lock     one flock per key, so two processes never build one key at once
+    store/.tmp/, store/.locks/  builds in progress and per-key locks (tasks/staging.py)
     <recipe>/<stage>/<name>     symlinks to the current entries, for people and scripts
+
+The manifest records every file's size, mtime and xxh3, the step's identity (whose hash is the
+key) and a SHA-256 of its own fields, so that an edit to any of them is seen by `verify`.
 """
 
 from __future__ import annotations
 
 import contextlib
-import fcntl
+import hashlib
 import json
 import os
-import re
 import shutil
-from collections.abc import Iterator
+import stat
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-from tasks.digest import hash_file, list_files
+from tasks.digest import hash_file
 from tasks.errors import StoreError
+from tasks.keys import canonical_json, key_of
+from tasks.staging import KEY, Staging, os_problem, real_dir
 
 MANIFEST = "MANIFEST.json"
+DIGEST_FIELD = "manifest_sha256"
+# Folders of the artifacts root that are not a recipe's links.
+RESERVED = ("store", "cache", "downloads", "envs")
+
+
+def manifest_digest(manifest: dict[str, Any]) -> str:
+    """SHA-256 of every field but the digest itself."""
+    fields = {k: v for k, v in manifest.items() if k != DIGEST_FIELD}
+    return hashlib.sha256(canonical_json(fields).encode()).hexdigest()
 
 
 @dataclass(frozen=True)
@@ -34,99 +47,118 @@ class Store:
     def store_dir(self) -> Path:
         return self.root / "store"
 
+    @property
+    def staging(self) -> Staging:
+        return Staging(self.store_dir)
+
     def entry(self, key: str) -> Path:
         return self.store_dir / key[:2] / key
 
     def is_complete(self, key: str) -> bool:
-        return (self.entry(key) / MANIFEST).is_file()
+        entry = self.entry(key)
+        # An entry replaced by a link is damage, never a complete entry.
+        return (entry / MANIFEST).is_file() and not entry.is_symlink()
 
     def manifest(self, key: str) -> dict[str, Any]:
         path = self.entry(key) / MANIFEST
         try:
-            return json.loads(path.read_text())
-        except (OSError, json.JSONDecodeError) as err:
+            manifest = json.loads(path.read_text())
+        except (OSError, UnicodeDecodeError, json.JSONDecodeError) as err:
             raise StoreError(
                 f"cannot read {path}: {err}; run `doit verify --remove-damaged`, then `doit`"
             ) from None
+        if not isinstance(manifest, dict):
+            raise StoreError(f"{path} is not a JSON object; run `doit verify --remove-damaged`")
+        return manifest
 
     def built_keys(self) -> list[str]:
-        """Every complete entry in the store."""
+        """Every complete entry in the store (links and strays are left to `verify`)."""
+        return [k for k, path in self._entries() if path.is_dir() and self.is_complete(k)]
+
+    def _entries(self) -> Iterator[tuple[str, Path]]:
+        """(name, path) of everything in the shard folders, in order."""
+        for shard in self._shards():
+            if shard.is_dir() and not shard.is_symlink():
+                for path in sorted(shard.iterdir()):
+                    yield path.name, path
+
+    def _shards(self) -> list[Path]:
         if not self.store_dir.is_dir():
             return []
-        return sorted(p.parent.name for p in self.store_dir.glob(f"??/*/{MANIFEST}") if p.is_file())
+        return sorted(p for p in self.store_dir.iterdir() if p.name not in (".tmp", ".locks"))
 
-    @contextlib.contextmanager
-    def lock(self, key: str, on_wait: Any = None, wait: bool = True) -> Iterator[bool]:
-        """Exclusive per-key lock (flock), released by the kernel if the holder dies.
-        Yields True once held; with wait=False, yields False at once if another holds it."""
-        path = self.store_dir / ".locks" / f"{key}.lock"
-        path.parent.mkdir(parents=True, exist_ok=True)
-        with open(path, "a") as fh:
-            try:
-                fcntl.flock(fh, fcntl.LOCK_EX | fcntl.LOCK_NB)
-            except BlockingIOError:
-                if not wait:
-                    yield False
-                    return
-                if on_wait:
-                    on_wait()
-                fcntl.flock(fh, fcntl.LOCK_EX)
-            try:
-                yield True
-            finally:
-                fcntl.flock(fh, fcntl.LOCK_UN)
+    def lock(
+        self, key: str, on_wait: Callable[[], None] | None = None, wait: bool = True
+    ) -> contextlib.AbstractContextManager[bool]:
+        return self.staging.lock(key, on_wait, wait)
 
-    def new_tmp(self, key: str) -> Path:
-        tmp = self.store_dir / ".tmp" / f"{key}.{os.getpid()}"
-        if tmp.exists():
-            shutil.rmtree(tmp)
-        tmp.mkdir(parents=True)
-        return tmp
+    def new_tmp(self, key: str, kind: str = "") -> Path:
+        return self.staging.new_tmp(key, kind)
 
     def publish(self, key: str, tmp: Path, manifest: dict[str, Any]) -> Path:
         """Hash and sync tmp's files, write the manifest last, then rename tmp into place."""
         manifest = {**manifest, "files": describe_files(tmp)}
+        manifest[DIGEST_FIELD] = manifest_digest(manifest)
         path = tmp / MANIFEST
         with open(path, "w") as fh:
             json.dump(manifest, fh, indent=1, sort_keys=True)
             fh.flush()
             os.fsync(fh.fileno())
         entry = self.entry(key)
-        entry.parent.mkdir(parents=True, exist_ok=True)
-        if entry.exists():  # a directory without a manifest: never complete, safe to replace
-            shutil.rmtree(entry)
+        real_dir(entry.parent)
+        remove_path(entry)  # a directory without a manifest (or a link): never complete
         os.rename(tmp, entry)
         _fsync_dir(entry.parent)
         return entry
 
     def remove(self, key: str) -> None:
+        """Remove an entry (hold its key's lock). A link in its place is removed, not followed."""
         entry = self.entry(key)
+        if entry.is_symlink() or not entry.is_dir():
+            remove_path(entry)
+            return
         # Move aside first, so a crash mid-delete never leaves a manifest over missing files.
-        doomed = self.store_dir / ".tmp" / f"{key}.deleting-{os.getpid()}"
-        doomed.parent.mkdir(parents=True, exist_ok=True)
-        os.rename(entry, doomed)
+        doomed = self.new_tmp(key, "deleting")
+        os.replace(entry, doomed)
         shutil.rmtree(doomed)
 
-    def stale_tmps(self) -> list[Path]:
-        """Temporary build directories whose process is gone."""
-        tmp_root = self.store_dir / ".tmp"
-        if not tmp_root.is_dir():
-            return []
-        # Names end in the builder's pid: "<key>.<pid>" or "<key>.deleting-<pid>".
-        owners = {p: re.search(r"[.-](\d+)$", p.name) for p in tmp_root.iterdir()}
-        return [p for p, m in owners.items() if not (m and _pid_alive(m.group(1)))]
-
     def link(self, link: Path, key: str) -> None:
-        """Point link at the entry for key, atomically (a relative symlink)."""
-        link.parent.mkdir(parents=True, exist_ok=True)
+        """Point link at the entry for key, atomically (a relative symlink). Only a link this
+        tool made is ever replaced."""
         target = os.path.relpath(self.entry(key), link.parent)
         if link.is_symlink() and os.readlink(link) == target:
             return
-        tmp = link.with_name(f".{link.name}.{os.getpid()}")
-        with contextlib.suppress(FileNotFoundError):
-            tmp.unlink()
-        tmp.symlink_to(target)
-        os.replace(tmp, link)
+        if link.is_symlink() and not self.owns_link(link):
+            raise StoreError(
+                f"{link} is a link to {os.readlink(link)}, which is not a store entry: modelkiln "
+                "only replaces links it made\n  fix: move it away, then run `doit` again"
+            )
+        if link.exists() and not link.is_symlink():
+            what = "directory" if link.is_dir() else "file"
+            raise StoreError(
+                f"{link} is a {what}, not a link made by modelkiln, so it is left as it is\n"
+                f"  fix: move it away (the link to {self.entry(key).name[:16]}... goes there)"
+            )
+        try:
+            link.parent.mkdir(parents=True, exist_ok=True)
+            tmp = link.with_name(f".{link.name}.{os.getpid()}")
+            with contextlib.suppress(FileNotFoundError):
+                tmp.unlink()
+            tmp.symlink_to(target)
+            try:
+                os.replace(tmp, link)
+            finally:
+                with contextlib.suppress(FileNotFoundError):
+                    tmp.unlink()
+        except OSError as err:
+            raise StoreError(os_problem(err, link, "link")) from None
+
+    def owns_link(self, link: Path) -> bool:
+        """Whether link points at a store entry, as the links this tool makes do."""
+        target = Path(os.path.normpath(link.parent / os.readlink(link)))
+        return bool(KEY.match(target.name)) and target == Path(
+            os.path.normpath(self.entry(target.name))
+        )
 
     @staticmethod
     def previous(link: Path) -> Path:
@@ -134,7 +166,7 @@ class Store:
 
     def set_aside(self, link: Path) -> None:
         """Move a link to its hidden `.previous` name while its step rebuilds."""
-        if link.is_symlink():
+        if link.is_symlink() and self.owns_link(link):
             os.replace(link, self.previous(link))
 
     def forget_previous(self, link: Path) -> None:
@@ -142,48 +174,188 @@ class Store:
             self.previous(link).unlink()
 
     def links(self) -> dict[Path, str]:
-        """Every link under the artifacts root and the key it points at."""
+        """Every link into the store under the artifacts root and the key it points at."""
         out = {}
         if not self.root.is_dir():
             return out
-        for dirpath, dirnames, filenames in os.walk(self.root):
+        for dirpath, dirnames, filenames in os.walk(self.root):  # links are not followed
             if Path(dirpath) == self.root:
-                dirnames[:] = [d for d in dirnames if d not in ("store", "cache", "downloads")]
+                dirnames[:] = [d for d in dirnames if d not in RESERVED]
             for name in [*dirnames, *filenames]:
                 path = Path(dirpath, name)
-                if path.is_symlink():
+                if path.is_symlink() and self.owns_link(path):
                     out[path] = Path(os.readlink(path)).name
         return out
 
+    # ---- checks ----------------------------------------------------------------------------
+
+    def changes(self, key: str) -> tuple[list[str], list[str]]:
+        """(recorded files whose size or mtime differ or that are gone, files not recorded):
+        a stat per file and no reads, cheap enough before and after every step."""
+        entry, files = self.entry(key), self.manifest(key).get("files", [])
+        changed = []
+        for record in files:
+            try:
+                st = os.lstat(entry / record["path"])
+            except OSError:
+                changed.append(record["path"])
+                continue
+            mtime = record.get("mtime_ns", st.st_mtime_ns)  # older manifests: size only
+            if not stat.S_ISREG(st.st_mode) or (st.st_size, st.st_mtime_ns) != (
+                record["size"],
+                mtime,
+            ):
+                changed.append(record["path"])
+        recorded = {r["path"] for r in files} | {MANIFEST}
+        present = {rel for rel, _ in walk_entry(entry)}
+        return changed, sorted(present - recorded)
+
     def verify(self, key: str) -> list[str]:
-        """Re-hash an entry's files (bypassing every cache); one line per problem."""
+        """Re-hash an entry from disk (bypassing every cache); one line per problem."""
         entry = self.entry(key)
+        if entry.is_symlink():
+            return [f"{entry}: a symbolic link (to {os.readlink(entry)}), not an entry"]
+        if not (entry / MANIFEST).is_file():
+            return [f"{entry}: no {MANIFEST} (deleted, or a build left unfinished)"]
         try:
-            recorded = {f["path"]: f for f in self.manifest(key)["files"]}
+            manifest = self.manifest(key)
+            recorded = {f["path"]: f for f in manifest["files"]}
         except (StoreError, KeyError, TypeError) as err:
             return [f"{entry / MANIFEST}: unreadable ({err})"]
-        present = {p.as_posix() for p in list_files(entry)} - {MANIFEST}
-        problems = [f"{entry / p}: missing" for p in sorted(set(recorded) - present)]
-        problems += [f"{entry / p}: not in the manifest" for p in sorted(present - set(recorded))]
-        for rel in sorted(set(recorded) & present):
+        problems = _manifest_problems(entry, key, manifest)
+        present = dict(walk_entry(entry))
+        present.pop(MANIFEST, None)
+        problems += [f"{entry / p}: missing" for p in sorted(set(recorded) - set(present))]
+        for rel in sorted(set(present) - set(recorded)):
+            problems.append(f"{entry / rel}: {present[rel] or 'not in the manifest'}")
+        for rel in sorted(set(recorded) & set(present)):
             path, want = entry / rel, recorded[rel]
-            size = path.stat().st_size
-            if size != want["size"]:
+            if present[rel]:
+                problems.append(f"{path}: {present[rel]}")
+            elif (size := path.stat().st_size) != want["size"]:
                 problems.append(f"{path}: size {size} != {want['size']} in the manifest")
             elif hash_file(path) != want["xxh3"]:
                 problems.append(f"{path}: content changed (xxh3 differs from the manifest)")
         return problems
 
+    def audit(self) -> dict[str, list[str]]:
+        """Every problem in the store, by key (or by path for what is not an entry)."""
+        found: dict[str, list[str]] = {}
+        for shard in self._shards():
+            if shard.is_symlink() or not shard.is_dir() or len(shard.name) != 2:
+                found[str(shard)] = [f"{shard}: unexpected in the store"]
+        for name, path in self._entries():
+            if KEY.match(name) and name.startswith(path.parent.name):
+                if problems := self.verify(name):
+                    found[name] = problems
+            else:
+                found[str(path)] = [f"{path}: unexpected in the store (not an entry's name)"]
+        return found
+
+    def dependents(self, keys: set[str]) -> set[str]:
+        """Entries built, directly or through others, from any of keys (read from identities)."""
+        uses: dict[str, set[str]] = {}
+        for key in self.built_keys():
+            with contextlib.suppress(StoreError, KeyError):
+                for used in _keys_in(self.manifest(key)["identity"]):
+                    uses.setdefault(used, set()).add(key)
+        found: set[str] = set()
+        todo = list(keys)
+        while todo:
+            for user in uses.get(todo.pop(), set()) - found - keys:
+                found.add(user)
+                todo.append(user)
+        return found
+
+    def remove_damaged(self, key: str) -> None:
+        """Remove a damaged entry, or a stray that is not one, without following links."""
+        if KEY.match(key):
+            with self.lock(key):
+                self.remove(key)
+        else:
+            remove_path(Path(key))
+
+
+def _manifest_problems(entry: Path, key: str, manifest: dict[str, Any]) -> list[str]:
+    path = entry / MANIFEST
+    problems = []
+    if DIGEST_FIELD not in manifest:
+        problems.append(
+            f"{path}: has no {DIGEST_FIELD} (edited, or written before manifests had one)"
+        )
+    elif manifest[DIGEST_FIELD] != manifest_digest(manifest):
+        problems.append(f"{path}: edited (its fields no longer match {DIGEST_FIELD})")
+    identity = manifest.get("identity")
+    if not isinstance(identity, dict) or key_of(identity) != key:
+        problems.append(f"{path}: its identity does not hash to the entry's key {key[:16]}...")
+    if manifest.get("key") != key:
+        problems.append(f"{path}: names key {str(manifest.get('key'))[:16]}..., not {key[:16]}...")
+    return problems
+
+
+def walk_entry(entry: Path) -> Iterator[tuple[str, str]]:
+    """(relative path, problem or '') for everything in an entry, links never followed: a
+    regular file has no problem; a link, a special file or an empty directory has one."""
+    for dirpath, dirnames, filenames in os.walk(entry):
+        base = Path(dirpath)
+        for name in sorted(dirnames):
+            path = base / name
+            if path.is_symlink():
+                yield (
+                    path.relative_to(entry).as_posix(),
+                    f"a symbolic link (to {os.readlink(path)})",
+                )
+            elif not any(path.iterdir()):
+                yield path.relative_to(entry).as_posix(), "an unexpected empty directory"
+        for name in sorted(filenames):
+            path = base / name
+            mode = os.lstat(path).st_mode
+            problem = (
+                "" if stat.S_ISREG(mode)
+                else f"a symbolic link (to {os.readlink(path)})" if stat.S_ISLNK(mode)
+                else "not a regular file"
+            )  # fmt: skip
+            yield path.relative_to(entry).as_posix(), problem
+
+
+def _keys_in(value: Any) -> Iterator[str]:
+    """Every key an identity names (inputs, data sets, steps, report rows)."""
+    if isinstance(value, dict):
+        for item in value.values():
+            yield from _keys_in(item)
+    elif isinstance(value, list):
+        for item in value:
+            yield from _keys_in(item)
+    elif isinstance(value, str) and KEY.match(value):
+        yield value
+
 
 def describe_files(root: Path) -> list[dict[str, Any]]:
-    """Relative path, size and xxh3-128 of every file, each synced to disk."""
+    """Relative path, size, mtime and xxh3-128 of every file, each synced to disk. A step's
+    output is plain files: a link or a special file in it fails the step."""
+    for dirpath, _, _ in os.walk(root, topdown=False):  # empty folders hold nothing to record
+        if dirpath != str(root) and not os.listdir(dirpath):
+            os.rmdir(dirpath)
     files = []
-    for rel in list_files(root):
+    for rel, problem in walk_entry(root):
         path = root / rel
+        if problem:
+            raise StoreError(f"the step's output {path} is {problem}: outputs must be plain files")
         with open(path, "rb") as fh:
             os.fsync(fh.fileno())
-        files.append({"path": rel.as_posix(), "size": path.stat().st_size, "xxh3": hash_file(path)})
+        st = path.stat()
+        files.append(
+            {"path": rel, "size": st.st_size, "mtime_ns": st.st_mtime_ns, "xxh3": hash_file(path)}
+        )
     return files
+
+
+def remove_path(path: Path) -> None:
+    """Remove whatever is at path; a link is removed itself, never what it points at."""
+    if path.is_symlink() or path.is_file():
+        path.unlink()
+    elif path.exists():
+        shutil.rmtree(path)
 
 
 def _fsync_dir(path: Path) -> None:
@@ -192,13 +364,3 @@ def _fsync_dir(path: Path) -> None:
         os.fsync(fd)
     finally:
         os.close(fd)
-
-
-def _pid_alive(pid: str) -> bool:
-    try:
-        os.kill(int(pid), 0)
-    except ProcessLookupError:
-        return False
-    except PermissionError:
-        return True
-    return True

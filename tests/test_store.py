@@ -1,67 +1,272 @@
+"""The store: publish, link, remove, verify, and maintenance that never leaves the store."""
+
 import json
 import os
+import subprocess
+import sys
+import textwrap
 
 import pytest
 
-from tasks.store import MANIFEST, Store
+from tasks.errors import StoreError
+from tasks.keys import key_of
+from tasks.store import DIGEST_FIELD, MANIFEST, Store, manifest_digest
 
-KEY = "ab" + "0" * 62
+IDENTITY = {"stage": "quantize", "params": {"bits": 4}}
+KEY = key_of(IDENTITY)
 
 
-def build(store, key=KEY, payload=b"weights"):
+def build(store, identity=None, payload=b"weights"):
+    identity = identity or IDENTITY
+    key = key_of(identity)
     tmp = store.new_tmp(key)
     (tmp / "w.bin").write_bytes(payload)
-    return store.publish(key, tmp, {"key": key, "metrics": {}})
+    (tmp / "sub").mkdir()
+    (tmp / "sub" / "config.json").write_text("{}")
+    return store.publish(key, tmp, {"key": key, "identity": identity, "metrics": {"ppl": 9.5}})
 
 
 def test_entry_is_complete_only_after_publish(tmp_path):
     store = Store(tmp_path)
     tmp = store.new_tmp(KEY)
     (tmp / "w.bin").write_bytes(b"x")
+    (tmp / "empty").mkdir()  # an empty folder holds nothing: it is not published
     assert not store.is_complete(KEY)
-    entry = store.publish(KEY, tmp, {"key": KEY})
+    entry = store.publish(KEY, tmp, {"key": KEY, "identity": IDENTITY})
     assert store.is_complete(KEY) and not tmp.exists()
-    files = json.loads((entry / MANIFEST).read_text())["files"]
-    assert files == [{"path": "w.bin", "size": 1, "xxh3": files[0]["xxh3"]}]
-    assert store.built_keys() == [KEY]
+    manifest = json.loads((entry / MANIFEST).read_text())
+    assert manifest["files"] == [{"path": "w.bin", "size": 1, "xxh3": manifest["files"][0]["xxh3"],
+                                  "mtime_ns": (entry / "w.bin").stat().st_mtime_ns}]  # fmt: skip
+    assert manifest[DIGEST_FIELD] == manifest_digest(manifest)
+    assert store.built_keys() == [KEY] and store.verify(KEY) == []
 
 
-def test_verify_names_changed_missing_and_extra_files(tmp_path):
+def test_a_link_in_a_steps_output_fails_the_publish(tmp_path):
+    store = Store(tmp_path)
+    tmp = store.new_tmp(KEY)
+    (tmp / "w.bin").symlink_to("/etc/hostname")
+    with pytest.raises(StoreError, match="outputs must be plain files"):
+        store.publish(KEY, tmp, {"key": KEY, "identity": IDENTITY})
+
+
+def _flip_byte(entry):
+    data = bytearray((entry / "w.bin").read_bytes())
+    data[0] ^= 1
+    (entry / "w.bin").write_bytes(bytes(data))
+
+
+def _edit_manifest(field, value):
+    def edit(entry):
+        manifest = json.loads((entry / MANIFEST).read_text())
+        manifest[field] = value(manifest) if callable(value) else value
+        (entry / MANIFEST).write_text(json.dumps(manifest))
+
+    return edit
+
+
+def _replace_by_link(entry):
+    outside = entry.parents[3] / "outside.bin"
+    outside.write_bytes((entry / "w.bin").read_bytes())  # an identical copy outside the store
+    (entry / "w.bin").unlink()
+    (entry / "w.bin").symlink_to(outside)
+
+
+DAMAGE = {
+    "one byte changed": (_flip_byte, "w.bin: content changed"),
+    "truncated": (lambda e: (e / "w.bin").write_bytes(b"wei"), "w.bin: size 3 != 7"),
+    "deleted": (lambda e: (e / "w.bin").unlink(), "w.bin: missing"),
+    "file added": (lambda e: (e / "extra.txt").write_text("?"), "extra.txt: not in the manifest"),
+    "directory added": (lambda e: (e / "newdir").mkdir(), "newdir: an unexpected empty directory"),
+    "file in an added directory": (
+        lambda e: ((e / "d").mkdir(), (e / "d" / "x").write_text("1")), "d/x: not in the manifest"
+    ),
+    "symlink to an identical copy": (_replace_by_link, "w.bin: a symbolic link"),
+    "fifo": (lambda e: os.mkfifo(e / "pipe"), "pipe: not a regular file"),
+    "metrics edited": (_edit_manifest("metrics", {"ppl": 1.0}), "edited (its fields no longer"),
+    "identity edited": (
+        _edit_manifest("identity", {"stage": "quantize", "params": {"bits": 3}}),
+        "its identity does not hash to the entry's key",
+    ),
+    "file and its record deleted": (
+        lambda e: (
+            (e / "w.bin").unlink(),
+            _edit_manifest("files", lambda m: [f for f in m["files"] if f["path"] != "w.bin"])(e),
+        ),
+        "edited (its fields no longer",
+    ),
+    "manifest digest removed": (
+        _edit_manifest(DIGEST_FIELD, None), "edited (its fields no longer match"
+    ),
+    "manifest deleted": (lambda e: (e / MANIFEST).unlink(), "no MANIFEST.json"),
+}
+
+
+@pytest.mark.parametrize("case", DAMAGE)
+def test_verify_names_each_kind_of_damage(tmp_path, case):
     store = Store(tmp_path)
     entry = build(store)
-    assert store.verify(KEY) == []
-    (entry / "w.bin").write_bytes(b"WEIGHTS")  # same size, other bytes
-    (entry / "extra.txt").write_text("?")
-    problems = store.verify(KEY)
-    assert any("w.bin: content changed" in p for p in problems)
-    assert any("extra.txt: not in the manifest" in p for p in problems)
-    (entry / "w.bin").unlink()
-    assert any("w.bin: missing" in p for p in store.verify(KEY))
+    assert store.audit() == {}
+    damage, message = DAMAGE[case]
+    damage(entry)
+    problems = store.audit()
+    assert list(problems) == [KEY], problems
+    assert any(message in p for p in problems[KEY]), problems[KEY]
+
+
+def test_verify_names_strays_in_the_store(tmp_path):
+    store = Store(tmp_path)
+    build(store)
+    (store.store_dir / "zz").mkdir()
+    (store.store_dir / KEY[:2] / "notakey").mkdir()
+    (store.store_dir / "loose.txt").write_text("?")
+    problems = store.audit()  # an empty shard "zz" is harmless
+    assert sorted(problems) == sorted(
+        [str(store.store_dir / "loose.txt"), str(store.store_dir / KEY[:2] / "notakey")]
+    )
+    assert all("unexpected in the store" in v[0] for v in problems.values())
+    for path in list(problems):
+        store.remove_damaged(path)
+    assert store.audit() == {}
+
+
+def test_an_entry_replaced_by_a_link_is_damage_and_removing_it_removes_the_link(tmp_path):
+    store = Store(tmp_path)
+    entry = build(store)
+    outside = tmp_path / "copy"
+    entry.rename(outside)
+    entry.symlink_to(outside, target_is_directory=True)
+    assert not store.is_complete(KEY) and store.built_keys() == []
+    assert "a symbolic link" in store.audit()[KEY][0]
+    store.remove_damaged(KEY)
+    assert not entry.is_symlink() and not entry.exists()
+    assert (outside / "w.bin").read_bytes() == b"weights"  # what it pointed at is untouched
+    assert store.audit() == {}
+    build(store)  # and the key builds again in its place
+    assert store.is_complete(KEY)
+
+
+def test_dependents_follow_the_keys_in_identities(tmp_path):
+    store = Store(tmp_path)
+    build(store)
+    child = {"stage": "evaluate", "inputs": {"from": KEY}}
+    grandchild = {"stage": "report", "rows": {"evaluate:x": {"key": key_of(child)}}}
+    other = {"stage": "evaluate", "inputs": {"from": "f" * 64}}
+    for identity in (child, grandchild, other):
+        build(store, identity)
+    assert store.dependents({KEY}) == {key_of(child), key_of(grandchild)}
+
+
+def test_changes_sees_a_write_without_reading(tmp_path):
+    store = Store(tmp_path)
+    entry = build(store)
+    assert store.changes(KEY) == ([], [])
+    with open(entry / "w.bin", "r+b") as fh:  # same size, new mtime
+        fh.write(b"W")
+    (entry / "new.onnx").write_text("x")
+    assert store.changes(KEY) == (["w.bin"], ["new.onnx"])
 
 
 def test_link_is_relative_and_moves_atomically(tmp_path):
     store = Store(tmp_path)
     build(store)
-    other = "cd" + "1" * 62
+    other = {"stage": "other"}
     build(store, other)
     link = tmp_path / "default" / "quantize" / "int8"
     store.link(link, KEY)
     assert not os.path.isabs(os.readlink(link))
     assert (link / "w.bin").read_bytes() == b"weights"
-    store.link(link, other)
-    assert store.links() == {link: other}
+    store.link(link, key_of(other))
+    assert store.links() == {link: key_of(other)}
 
 
-def test_remove_and_stale_tmps(tmp_path):
+@pytest.mark.parametrize("occupant", ["directory", "file", "foreign link"])
+def test_a_link_never_replaces_what_the_tool_did_not_make(tmp_path, occupant):
+    store = Store(tmp_path)
+    build(store)
+    link = tmp_path / "default" / "quantize" / "int8"
+    link.parent.mkdir(parents=True)
+    if occupant == "directory":
+        link.mkdir()
+        (link / "notes.txt").write_text("mine")
+    elif occupant == "file":
+        link.write_text("mine")
+    else:
+        link.symlink_to(tmp_path)
+    with pytest.raises(StoreError, match="fix: move it away"):
+        store.link(link, KEY)
+    assert sorted(p.name for p in link.parent.iterdir()) == ["int8"]  # no stray .int8.<pid>
+    if occupant == "file":
+        assert link.read_text() == "mine"
+    elif occupant == "directory":
+        assert (link / "notes.txt").read_text() == "mine"
+
+
+def test_remove_and_sweep(tmp_path):
     store = Store(tmp_path)
     build(store)
     store.remove(KEY)
     assert not store.is_complete(KEY) and store.built_keys() == []
     dead = store.store_dir / ".tmp" / f"{KEY}.999999999"
     dead.mkdir(parents=True)
-    alive = store.new_tmp(KEY)
-    assert store.stale_tmps() == [dead]
-    assert alive.exists()
+    assert store.staging.sweep(dry_run=True) == [(dead, 0)] and dead.exists()
+    assert store.staging.sweep() == [(dead, 0)] and not dead.exists()
+
+
+def test_sweep_removes_only_its_own_names_and_never_follows_a_link(tmp_path):
+    store = Store(tmp_path)
+    build(store)
+    victim = tmp_path / "victim"
+    (victim / f"{KEY}.1").mkdir(parents=True)  # named like a build, but outside the store
+    (victim / "precious").mkdir()
+    tmp_root = store.store_dir / ".tmp"
+    for name in ("notes", f"{KEY}.abc", f"{KEY}.1.bak"):  # not names the tool makes
+        (tmp_root / name).mkdir(parents=True)
+    (tmp_root / f"{KEY}.2").symlink_to(victim, target_is_directory=True)
+    assert store.staging.sweep() == []
+    assert sorted(p.name for p in tmp_root.iterdir()) == sorted(
+        ["notes", f"{KEY}.abc", f"{KEY}.1.bak", f"{KEY}.2"]
+    )
+    for path in tmp_root.iterdir():
+        path.unlink() if path.is_symlink() else path.rmdir()
+    tmp_root.rmdir()
+    tmp_root.symlink_to(victim, target_is_directory=True)  # .tmp itself a link
+    with pytest.raises(StoreError, match="is a symbolic link"):
+        store.staging.sweep()
+    assert sorted(p.name for p in victim.iterdir()) == [f"{KEY}.1", "precious"]
+
+
+HOLD_LOCK = textwrap.dedent(
+    """
+    import sys, time
+    from pathlib import Path
+    from tasks.store import Store
+    with Store(Path(sys.argv[1])).lock(sys.argv[2]):
+        print("held", flush=True)
+        time.sleep(60)
+    """
+)
+
+
+def test_a_build_of_another_pid_namespace_is_not_stale_while_its_lock_is_held(tmp_path):
+    """The pid in a temporary directory's name means nothing in another container sharing the
+    volume: staleness is judged by the key's lock."""
+    store = Store(tmp_path)
+    running = store.store_dir / ".tmp" / f"{KEY}.1"  # pid 1 is alive here; 999999999 is not
+    dead_pid_but_locked = store.store_dir / ".tmp" / f"{KEY}.999999999"
+    for path in (running, dead_pid_but_locked):
+        path.mkdir(parents=True)
+    holder = subprocess.Popen(
+        [sys.executable, "-c", HOLD_LOCK, str(tmp_path), KEY],
+        stdout=subprocess.PIPE, text=True, cwd=os.path.dirname(os.path.dirname(__file__)),
+    )  # fmt: skip
+    try:
+        assert holder.stdout.readline().strip() == "held"
+        assert store.staging.sweep() == []
+        assert running.exists() and dead_pid_but_locked.exists()
+    finally:
+        holder.kill()
+        holder.wait()
+    assert sorted(p for p, _ in store.staging.sweep()) == [running, dead_pid_but_locked]
 
 
 def test_lock_is_exclusive_across_processes(tmp_path):
@@ -77,34 +282,17 @@ def test_lock_is_exclusive_across_processes(tmp_path):
 
 
 def _try_lock(root):
-    import fcntl
-
-    path = Store(root).store_dir / ".locks" / f"{KEY}.lock"
-    with open(path, "a") as fh:
-        try:
-            fcntl.flock(fh, fcntl.LOCK_EX | fcntl.LOCK_NB)
-        except BlockingIOError:
-            os._exit(3)
-    os._exit(0)
+    with Store(root).lock(KEY, wait=False) as held:
+        os._exit(0 if held else 3)
 
 
 def test_unreadable_manifest_is_a_store_error(tmp_path):
-    from tasks.errors import StoreError
-
     store = Store(tmp_path)
     entry = build(store)
     (entry / MANIFEST).write_text("{")
     with pytest.raises(StoreError, match="doit verify"):
         store.manifest(KEY)
-
-
-def test_an_unreadable_manifest_is_reported_as_damage(tmp_path):
-    store = Store(tmp_path)
-    entry = build(store)
-    (entry / MANIFEST).write_text("{")
-    assert store.verify(KEY) == [f"{entry / MANIFEST}: unreadable (cannot read {entry / MANIFEST}: "
-                                 "Expecting property name enclosed in double quotes: line 1 column 2 (char 1);"
-                                 " run `doit verify --remove-damaged`, then `doit`)"]  # fmt: skip
+    assert "unreadable" in store.verify(KEY)[0]
 
 
 def test_a_link_set_aside_while_rebuilding_is_still_a_link(tmp_path):
@@ -115,4 +303,14 @@ def test_a_link_set_aside_while_rebuilding_is_still_a_link(tmp_path):
     store.set_aside(link)
     assert not link.exists() and store.links() == {store.previous(link): KEY}
     store.forget_previous(link)
+    assert store.links() == {}
+
+
+def test_links_skip_the_reserved_folders(tmp_path):
+    store = Store(tmp_path)
+    build(store)
+    (tmp_path / "envs" / "e" / "bin").mkdir(parents=True)
+    (tmp_path / "envs" / "e" / "bin" / "python").symlink_to(sys.executable)
+    (tmp_path / "r").mkdir()
+    (tmp_path / "r" / "mine").symlink_to("/etc")  # a link the user made: not the store's
     assert store.links() == {}

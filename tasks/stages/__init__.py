@@ -105,6 +105,9 @@ class StepContext:
     input: Path | None = None  # the upstream step's store entry
     data: dict[str, Path] = field(default_factory=dict)  # data set name -> store entry
     steps: dict[str, Path] = field(default_factory=dict)  # step field -> that step's entry
+    # Room for files the output does not keep (an unpacked download), on the store's disk;
+    # removed after the step, and by `doit gc` after a killed one. None outside a build.
+    scratch: Path | None = None
 
     def log(self, message: str) -> None:
         print(f"  {self.task}: {message}", file=sys.stderr, flush=True)

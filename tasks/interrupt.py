@@ -1,0 +1,59 @@
+"""Ctrl-C and SIGTERM: one line that says the run was interrupted and what it left, no traceback,
+exit status 128 + the signal's number (130, 143), as a shell reports a killed command.
+
+Nothing needs undoing: a step builds into a temporary directory and publishes with a rename, so
+an interrupted one leaves no entry that looks complete, and its key's lock dies with the process.
+The handler terminates what this process started (`doit -n` workers, a stage environment's child)
+so nothing keeps writing after the run has said it stopped.
+"""
+
+from __future__ import annotations
+
+import multiprocessing
+import os
+import signal
+import subprocess
+import sys
+from pathlib import Path
+from types import FrameType
+
+_partial: dict[str, Path] = {}  # task -> the temporary directory it is building into
+_children: set[subprocess.Popen] = set()
+
+
+def install() -> None:
+    for signum in (signal.SIGINT, signal.SIGTERM):
+        signal.signal(signum, _stop)
+
+
+def building(task: str, tmp: Path | None) -> None:
+    """Say which temporary directory a task builds into (None: it has finished)."""
+    if tmp is None:
+        _partial.pop(task, None)
+    else:
+        _partial[task] = tmp
+
+
+def child(proc: subprocess.Popen) -> subprocess.Popen:
+    """Track a child process, to be terminated if this run is interrupted."""
+    _children.add(proc)
+    return proc
+
+
+def forget(proc: subprocess.Popen) -> None:
+    _children.discard(proc)
+
+
+def _stop(signum: int, frame: FrameType | None) -> None:
+    for proc in list(_children):
+        if proc.poll() is None:
+            proc.terminate()
+    for worker in multiprocessing.active_children():
+        worker.terminate()
+    left = "".join(f"; {task} left {tmp} (`doit gc` removes it)" for task, tmp in _partial.items())
+    if multiprocessing.parent_process() is None:
+        sys.stderr.write(f"\nmodelkiln: interrupted by {signal.Signals(signum).name}{left}\n")
+    elif left:  # a `doit -n` worker: its parent says that the run was interrupted
+        sys.stderr.write(f"modelkiln: {left[2:]}\n")
+    sys.stderr.flush()
+    os._exit(128 + signum)

@@ -1,0 +1,164 @@
+"""One protocol for a folder of keyed builds that several processes share: the store's entries,
+the stage environments and the download cache all build this way.
+
+    <root>/.locks/<key>.lock            one flock per key, released by the kernel when its holder dies
+    <root>/.tmp/<key>.<pid>             a build in progress, or a failed one left to inspect
+    <root>/.tmp/<key>.deleting-<pid>    an entry moved aside to be removed
+    <root>/.tmp/<key>.scratch-<pid>     a step's scratch space (unpacked downloads, ...)
+
+A temporary directory is stale when nobody holds its key's lock: the builder holds it for as long
+as it builds, so this holds across PID namespaces (two containers sharing a volume), where asking
+whether the pid in the name is alive would not. Maintenance removes only names of these forms and
+never follows a symbolic link: a `.tmp` or `.locks` that is a link is refused, not entered.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import errno
+import fcntl
+import os
+import re
+import shutil
+from collections.abc import Callable, Iterator
+from dataclasses import dataclass
+from pathlib import Path
+
+from tasks.errors import StoreError
+
+KEY = re.compile(r"^[0-9a-f]{64}$")
+TMP_NAME = re.compile(r"^(?P<key>[0-9a-f]{64})\.(?:deleting-|scratch-)?\d+$")
+KINDS = ("", "deleting", "scratch")
+
+
+@dataclass(frozen=True)
+class Staging:
+    root: Path
+
+    @property
+    def tmp_dir(self) -> Path:
+        return self.root / ".tmp"
+
+    @property
+    def locks_dir(self) -> Path:
+        return self.root / ".locks"
+
+    @contextlib.contextmanager
+    def lock(
+        self, key: str, on_wait: Callable[[], None] | None = None, wait: bool = True
+    ) -> Iterator[bool]:
+        """Exclusive per-key lock. Yields True once held; with wait=False, False at once if
+        another process holds it."""
+        path = real_dir(self.locks_dir) / f"{key}.lock"
+        try:
+            fh = open(path, "a")  # noqa: SIM115 - held across the yield
+        except OSError as err:
+            raise StoreError(os_problem(err, path, "lock")) from None
+        with fh:
+            try:
+                fcntl.flock(fh, fcntl.LOCK_EX | fcntl.LOCK_NB)
+            except BlockingIOError:
+                if not wait:
+                    yield False
+                    return
+                if on_wait:
+                    on_wait()
+                fcntl.flock(fh, fcntl.LOCK_EX)
+            try:
+                yield True
+            finally:
+                fcntl.flock(fh, fcntl.LOCK_UN)
+
+    def new_tmp(self, key: str, kind: str = "") -> Path:
+        """A fresh temporary directory for key (hold the key's lock while it is in use)."""
+        assert kind in KINDS and KEY.match(key), (key, kind)
+        name = f"{key}.{kind + '-' if kind else ''}{os.getpid()}"
+        tmp = real_dir(self.tmp_dir) / name
+        if tmp.is_symlink() or tmp.is_file():
+            tmp.unlink()
+        elif tmp.exists():
+            shutil.rmtree(tmp)
+        try:
+            tmp.mkdir()
+        except OSError as err:
+            raise StoreError(os_problem(err, tmp, "create")) from None
+        return tmp
+
+    def sweep(self, dry_run: bool = False) -> list[tuple[Path, int]]:
+        """Remove (dry_run: only list) every temporary directory whose key's lock nobody holds:
+        a dead or failed build. Each is removed under that lock. Returns (path, bytes)."""
+        found = []
+        for path in self._tmps():
+            with self.lock(TMP_NAME.match(path.name)["key"], wait=False) as held:
+                if held:
+                    found.append((path, disk_usage(path)))
+                    if not dry_run:
+                        shutil.rmtree(path, ignore_errors=True)
+        return found
+
+    def _tmps(self) -> list[Path]:
+        """Directories in .tmp named as this protocol names them; anything else is left alone."""
+        if not self.tmp_dir.exists() and not self.tmp_dir.is_symlink():
+            return []
+        tmp_root = real_dir(self.tmp_dir, create=False)
+        return sorted(
+            p for p in tmp_root.iterdir()
+            if TMP_NAME.match(p.name) and p.is_dir() and not p.is_symlink()
+        )  # fmt: skip
+
+
+def disk_usage(folder: Path) -> int:
+    """Bytes under a folder, each file once, links not followed (a venv's lib64 links to lib)."""
+    seen, total = set(), 0
+    for dirpath, _, filenames in os.walk(folder):
+        for name in filenames:
+            stat = os.lstat(os.path.join(dirpath, name))
+            if (stat.st_dev, stat.st_ino) not in seen:
+                seen.add((stat.st_dev, stat.st_ino))
+                total += stat.st_size
+    return total
+
+
+def real_dir(path: Path, create: bool = True) -> Path:
+    """path as a real directory (made if missing); a symbolic link there is refused, so no
+    build or maintenance ever writes or deletes through one."""
+    if path.is_symlink():
+        raise StoreError(
+            f"{path} is a symbolic link (to {os.readlink(path)}): modelkiln never follows links "
+            f"inside its folders\n  fix: remove the link (`rm {path}`); the next run recreates it"
+        )
+    if create:
+        try:
+            path.mkdir(parents=True, exist_ok=True)
+        except OSError as err:
+            raise StoreError(os_problem(err, path, "create")) from None
+    elif not path.is_dir():
+        raise StoreError(f"{path} is not a directory\n  fix: move it away")
+    return path
+
+
+# errno -> (what it means, the fix)
+FILESYSTEM_ERRORS = {
+    errno.ENOSPC: ("no space left on the device", "free space there, then run `doit` again"),
+    errno.EDQUOT: ("the disk quota is exceeded", "free space there, then run `doit` again"),
+    errno.EROFS: (
+        "the file system is read-only",
+        "point artifacts= at a writable directory; `doit list`, `explain` and `verify` still "
+        "work on a read-only store",
+    ),
+    errno.EACCES: (
+        "permission denied",
+        "make it writable for this user, or use another artifacts=",
+    ),
+    errno.EPERM: ("permission denied", "make it writable for this user, or use another artifacts="),
+    errno.ENOTDIR: ("a part of the path is a file", "point artifacts= at a directory"),
+    errno.EEXIST: ("something else is already there", "move it away"),
+}
+
+
+def os_problem(err: OSError, path: Path | str | None = None, doing: str = "write") -> str:
+    """One line (and a fix) for a failure of the machine itself."""
+    where = err.filename or path
+    what, fix = FILESYSTEM_ERRORS.get(err.errno or 0, (err.strerror or str(err), ""))
+    text = f"cannot {doing} {where}: {what}"
+    return f"{text}\n  fix: {fix}" if fix else text
