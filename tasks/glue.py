@@ -18,13 +18,14 @@ from doit.exceptions import TaskFailed
 
 from tasks import envs
 from tasks.errors import KilnError, StoreError, did_you_mean
+from tasks.fetch import downloads_dir
 from tasks.graph import Graph
 from tasks.keys import canonical_json, diff_identities
 from tasks.recipe import Step, inputs_of
 from tasks.report import REPORT_STEP
 from tasks.runner import run_step
 from tasks.stages import algorithms
-from tasks.staging import disk_usage
+from tasks.staging import Staging, disk_usage
 from tasks.store import Store
 
 
@@ -171,7 +172,8 @@ def _gc(graph: Graph, dry_run: bool) -> None:
                 store.remove(key)
             freed, removed = freed + size, removed + 1
     freed += _gc_environments(graph, live, verb, dry_run)
-    stale = [*store.staging.sweep(dry_run), *envs.staging(store.root).sweep(dry_run)]
+    areas = (store.staging, envs.staging(store.root), Staging(downloads_dir(store.root)))
+    stale = [found for area in areas for found in area.sweep(dry_run)]
     for tmp, size in stale:
         freed += size
         print(f"{verb} unfinished build {tmp.parent.parent.name}/{tmp.name}")

@@ -21,8 +21,7 @@ from tasks.graph import Graph
 from tasks.recipe import inputs_of
 from tasks.report import REPORT_STEP, make_rows, text_table, write_report
 from tasks.stages import StepContext
-from tasks.staging import FILESYSTEM_ERRORS, disk_usage, os_problem
-from tasks.store import remove_path
+from tasks.staging import FILESYSTEM_ERRORS, disk_usage, os_problem, remove_path
 
 LOW_SPACE = 64 << 20  # bytes: below this, a failed step is reported as a full disk
 
@@ -34,19 +33,19 @@ def run_step(graph: Graph, ref: str) -> TaskFailed | None:
         if ref != REPORT_STEP:
             graph.step(ref).spec.preflight()
         _build(graph, ref, task)  # each stage logs its own summary
-    except KilnError as err:
-        return TaskFailed(f"{task}: {err}")
     except Exception as err:
-        if (problem := _machine_problem(err, graph.store.store_dir)) is None:
+        problem = _machine_problem(err, graph.store.store_dir)
+        if problem is None and not isinstance(err, KilnError):
             raise  # a bug: its traceback is what helps
-        return TaskFailed(f"{task}: {problem}")
+        return TaskFailed(f"{task}: {problem or err}")
     return None
 
 
 def _machine_problem(err: Exception, where: Path) -> str | None:
     """One message for a failure of the machine rather than the step: a full disk (which
     libraries report in many ways: an OSError, sqlite's "disk is full", a protobuf "corrupt"
-    read of a file written short), a read-only or forbidden path. None for anything else."""
+    read of a file written short, a child process's traceback), a read-only or forbidden path.
+    None for anything else."""
     if isinstance(err, OSError) and err.errno in FILESYSTEM_ERRORS:
         return os_problem(err)
     try:
@@ -55,10 +54,11 @@ def _machine_problem(err: Exception, where: Path) -> str | None:
         return None
     if free >= LOW_SPACE:
         return None
+    last = [line.strip() for line in str(err).splitlines() if line.strip()] or [type(err).__name__]
     return (
-        f"{type(err).__name__}: {str(err).strip()[:300]}\n  and the disk holding {where} has only "
-        f"{free / 1e6:.1f} MB free: the step most likely ran out of space\n  fix: free space "
-        "there (`doit gc` removes unused entries), then run `doit` again"
+        f"the disk holding {where} has only {free / 1e6:.1f} MB free: the step most likely ran "
+        f"out of space (it said: {last[-1][:200]})\n  fix: free space there (`doit gc` removes "
+        "unused entries), then run `doit` again"
     )
 
 

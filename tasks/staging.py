@@ -119,6 +119,14 @@ def disk_usage(folder: Path) -> int:
     return total
 
 
+def remove_path(path: Path) -> None:
+    """Remove whatever is at path; a link is removed itself, never what it points at."""
+    if path.is_symlink() or path.is_file():
+        path.unlink()
+    elif path.exists():
+        shutil.rmtree(path)
+
+
 def real_dir(path: Path, create: bool = True) -> Path:
     """path as a real directory (made if missing); a symbolic link there is refused, so no
     build or maintenance ever writes or deletes through one."""

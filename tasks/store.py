@@ -25,7 +25,7 @@ from typing import Any
 from tasks.digest import hash_file
 from tasks.errors import StoreError
 from tasks.keys import canonical_json, key_of
-from tasks.staging import KEY, Staging, os_problem, real_dir
+from tasks.staging import KEY, Staging, os_problem, real_dir, remove_path
 
 MANIFEST = "MANIFEST.json"
 DIGEST_FIELD = "manifest_sha256"
@@ -348,14 +348,6 @@ def describe_files(root: Path) -> list[dict[str, Any]]:
             {"path": rel, "size": st.st_size, "mtime_ns": st.st_mtime_ns, "xxh3": hash_file(path)}
         )
     return files
-
-
-def remove_path(path: Path) -> None:
-    """Remove whatever is at path; a link is removed itself, never what it points at."""
-    if path.is_symlink() or path.is_file():
-        path.unlink()
-    elif path.exists():
-        shutil.rmtree(path)
 
 
 def _fsync_dir(path: Path) -> None:

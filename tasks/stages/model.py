@@ -19,13 +19,19 @@ from __future__ import annotations
 import json
 import tempfile
 from dataclasses import dataclass
-from pathlib import Path
+from pathlib import Path, PurePath, PurePosixPath
 from typing import Any, Literal
 
 from tasks.config import ConfigValueError, option
 from tasks.digest import dir_size
 from tasks.errors import StageError
-from tasks.fetch import check_pin, downloads_dir, extract_member, pypi_download
+from tasks.fetch import (
+    check_pin,
+    check_requirement,
+    downloads_dir,
+    extract_member,
+    pypi_download,
+)
 from tasks.stages import HF, StageSpec, StepContext
 
 PYPI = "pypi:"
@@ -69,6 +75,10 @@ class Config:
             raise ConfigValueError(
                 "file", f"{self.file!r} is not a .gguf file", "name a .gguf file, or remove file"
             )
+        if kind == "pypi":
+            check_requirement("source", self.source.removeprefix(PYPI), PYPI)
+        if self.file:
+            check_file_inside(self.source, self.file, kind)
         check_pin(
             kind == "pypi", self.sha256, "file", self.file,
             'file = "<package>/<model>.gguf" (list the wheel with `unzip -l`)',
@@ -79,10 +89,36 @@ class Config:
             )
 
 
+def check_file_inside(source: str, file: str, kind: SourceKind) -> None:
+    """A ConfigValueError for a `file` that leaves its source: the key digests a local source
+    directory (dot-files left out), so a file outside it, or hidden in it, would change the
+    model without rebuilding it."""
+    path = PurePath(file)
+    if kind == "local":
+        fix = f'copy it into {source} and write file = "{path.name}" (its path inside)'
+    else:
+        fix = f'write file = "<its path inside the {kind} source>.gguf"'
+    # PurePosixPath as well: "/x.gguf" has no drive, so Windows' PurePath calls it relative.
+    if path.is_absolute() or PurePosixPath(file).is_absolute() or ".." in path.parts:
+        raise ConfigValueError("file", f"{file!r} leaves the source {source!r}", fix)
+    if kind != "local" or not Path(source).is_dir():
+        return
+    if any(part.startswith(".") for part in path.parts):
+        raise ConfigValueError(
+            "file", f"{file!r} is hidden: the step's key leaves dot-files out, so editing it "
+            "would not rebuild the model", "rename it (and its folders) without a leading '.'",
+        )  # fmt: skip
+    root = Path(source).resolve()
+    if not (root / file).resolve().is_relative_to(root):
+        raise ConfigValueError(
+            "file", f"{file!r} resolves to {(root / file).resolve()}, outside {source!r} "
+            "(a symlink out of the directory)", fix + "; for a hub cache snapshot, its hub id",
+        )  # fmt: skip
+
+
 def run(config: Config, ctx: StepContext) -> dict[str, Any]:
-    downloads = downloads_dir(ctx.artifacts)
-    downloads.mkdir(parents=True, exist_ok=True)
-    with tempfile.TemporaryDirectory(dir=downloads, prefix=".model-") as tmp:
+    # The unpacked GGUF goes in the step's scratch room, which `doit gc` sweeps after a kill.
+    with tempfile.TemporaryDirectory(dir=ctx.scratch, prefix="model-") as tmp:
         model, tokenizer = _load(config, ctx, Path(tmp))
         ctx.log(f"saving {type(model).__name__} as {config.dtype}")
         _save(model, tokenizer, config.dtype, ctx.out)

