@@ -1,11 +1,12 @@
 """Isolated environments for stages whose packages clash with the main one.
 
-A stage declares an `Environment` (pinned requirements). The first step that needs it builds a
-virtual environment under `artifacts/envs/<name>-<key[:16]>/`, keyed by the Python version, the
-platform and the exact requirement set, and published like a store entry: built in
-`envs/.tmp/<key>.<pid>/`, `ENV.json` written and synced last, then renamed into place, under a
-per-key lock. Every later step reuses it without running pip. A failed build is removed and
-named (which package, why); a killed one never has ENV.json, so it is never trusted.
+A stage declares an `Environment` (hand pins and the hashed lock made from them). The first step
+that needs it builds a virtual environment under `artifacts/envs/<name>-<key[:16]>/` with
+`pip install --require-hashes --no-deps` from the lock, so nothing is resolved at build time. It
+is keyed by the Python version, the platform and the lock's digest, and published like a store
+entry: built in `envs/.tmp/<key>.<pid>/`, `ENV.json` written and synced last, then renamed into
+place, under a per-key lock. Every later step reuses it without running pip. A failed build is
+removed and named (which package, why); a killed one never has ENV.json, so it is never trusted.
 
 The step itself runs in a child process with that environment's Python (`tasks.envrun`): the
 child imports only the stage module, so the main environment's packages stay out of it. Its
@@ -14,6 +15,7 @@ progress goes straight to the terminal, and a KilnError it raises comes back as 
 
 from __future__ import annotations
 
+import hashlib
 import json
 import os
 import platform
@@ -34,7 +36,8 @@ from tasks.errors import StageError
 from tasks.keys import key_of
 from tasks.staging import Staging
 
-ENV_VERSION = "1"  # bump when the way environments are built changes
+ENV_VERSION = "2"  # bump when the way environments are built changes (2: from hashed locks)
+LOCK_TOOL = "python tools/lock_envs.py"  # refreshes a lock from its pins
 MARKER = "ENV.json"
 ROOT = Path(__file__).resolve().parents[1]  # the project: put on the child's PYTHONPATH
 PIP_TAIL_LINES = 25
@@ -42,15 +45,26 @@ PIP_TAIL_LINES = 25
 
 @dataclass(frozen=True)
 class Environment:
+    """A stage's own virtual environment, installed from its hashed lock and nothing else.
+
+    `requirements` are the hand pins and the lock's only input; `lock` is generated from them
+    by `tools/lock_envs.py` and pins every package, with its hashes, for CPython 3.11 on Linux
+    x86-64. The key is the lock's digest: the same key always means the same packages.
+    """
+
     name: str  # a readable prefix of the folder name: "inc", "modelopt"
-    requirements: tuple[str, ...]  # exact pins, "pkg==1.2.3"
+    requirements: tuple[str, ...]  # hand pins, "pkg==1.2.3": what tools/lock_envs.py resolves
     why: str  # one line for docs: why this stage cannot live in the main environment
+    lock: Path  # "name==version --hash=sha256:..." for every package, from `requirements`
+    # Locked packages with no wheel on PyPI: built after the wheels, without build isolation,
+    # by build tools that are themselves in the lock (isolation would resolve them at build time).
+    from_source: tuple[str, ...] = ()
 
     def identity(self) -> dict[str, Any]:
         return {
             "environment": self.name,
             "version": ENV_VERSION,
-            "requirements": sorted(self.requirements),
+            "lock": hashlib.sha256("\n".join(lock_lines(self)).encode()).hexdigest(),
             "python": platform.python_version(),
             "platform": sysconfig.get_platform(),
         }
@@ -58,6 +72,47 @@ class Environment:
     @property
     def key(self) -> str:
         return key_of(self.identity())
+
+
+def lock_lines(env: Environment) -> list[str]:
+    """The lock's requirement lines, continuations joined and comments dropped, sorted: what
+    pip installs. Comments (uv's header, "# via ...") do not change it, so they are not keyed."""
+    try:
+        text = env.lock.read_text()
+    except OSError as err:
+        raise StageError(
+            f"cannot read the lock of the {env.name} environment: {env.lock}: {err.strerror}\n"
+            f"  fix: generate it from the environment's pins with {LOCK_TOOL} {env.name}"
+        ) from None
+    joined = text.replace("\\\n", " ").splitlines()
+    lines = (re.sub(r"(^|\s)#.*", "", line).split() for line in joined)
+    return sorted(" ".join(words) for words in lines if words)
+
+
+def canonical_name(name: str) -> str:
+    """PEP 503: "ML_Dtypes" and "ml-dtypes" are one project."""
+    return re.sub(r"[-_.]+", "-", name).lower()
+
+
+def locked_versions(env: Environment) -> dict[str, str]:
+    """Canonical project name -> the version the lock pins ("" where it pins none)."""
+    found = {}
+    for line in lock_lines(env):
+        if not line.startswith("-"):  # an option line, such as --find-links
+            name, _, version = line.split()[0].partition("==")
+            found[canonical_name(name)] = version
+    return found
+
+
+def lock_mismatches(env: Environment) -> list[str]:
+    """Hand pins the lock does not pin at the same version: the lock is stale."""
+    locked, wrong = locked_versions(env), []
+    for pin in env.requirements:
+        name, _, version = pin.partition("==")
+        name = canonical_name(name.split("[")[0])  # "pkg[extra]" locks as "pkg"
+        if locked.get(name) != version:
+            wrong.append(f"{pin} (the lock has {locked.get(name) or 'no pin'})")
+    return wrong
 
 
 def envs_dir(artifacts: Path) -> Path:
@@ -107,16 +162,32 @@ def ensure(artifacts: Path, env: Environment, log: Callable[[str], None]) -> Pat
 
 
 def _build(tmp: Path, env: Environment, started: float) -> None:
+    if stale := lock_mismatches(env):
+        raise StageError(
+            f"the lock of the {env.name} environment ({env.lock}) does not match its pins: "
+            f"{', '.join(stale)}\n  fix: refresh it with {LOCK_TOOL} {env.name}"
+        )
     subprocess.run([sys.executable, "-m", "venv", str(tmp)], check=True, capture_output=True)
     log_path = tmp / "pip.log"
-    cmd = [str(python_of(tmp)), "-m", "pip", "install", "--disable-pip-version-check",
-           "--no-input", *env.requirements]  # fmt: skip
+    pip = [str(python_of(tmp)), "-m", "pip"]
+    # Exactly the lock: --no-deps resolves nothing, --require-hashes refuses any other file.
+    install = [*pip, "install", "--disable-pip-version-check", "--no-input",
+               "--require-hashes", "--no-deps"]  # fmt: skip
     with log_path.open("w") as out:
-        done = subprocess.run(cmd, stdout=out, stderr=subprocess.STDOUT, check=False)
-    if done.returncode != 0:
-        raise StageError(pip_failure(env, log_path.read_text(errors="replace")))
+        for args in _install_passes(tmp, env):
+            done = subprocess.run(
+                [*install, *args], stdout=out, stderr=subprocess.STDOUT, check=False
+            )
+            if done.returncode != 0:
+                raise StageError(pip_failure(env, log_path.read_text(errors="replace")))
+    checked = subprocess.run([*pip, "check"], capture_output=True, text=True, check=False)
+    if checked.returncode != 0:  # --no-deps trusts the lock to be complete: verify it
+        raise StageError(
+            f"cannot build the {env.name} environment: its lock is incomplete\n"
+            f"{checked.stdout.strip()}\n  fix: refresh it with {LOCK_TOOL} {env.name}"
+        )
     frozen = subprocess.run(
-        [str(python_of(tmp)), "-m", "pip", "freeze"], capture_output=True, text=True, check=True
+        [*pip, "freeze"], capture_output=True, text=True, check=True
     ).stdout.split()
     marker = {**env.identity(), "key": env.key, "installed": frozen,
               "build_seconds": round(time.time() - started, 1)}  # fmt: skip
@@ -126,23 +197,49 @@ def _build(tmp: Path, env: Environment, started: float) -> None:
         os.fsync(fh.fileno())
 
 
+def _install_passes(tmp: Path, env: Environment) -> list[list[str]]:
+    """pip's arguments for each pass: wheels only (an sdist would pull unlocked build tools
+    into an isolated build); then any `from_source` packages, built by the locked tools."""
+    if not env.from_source:
+        return [["--only-binary", ":all:", "-r", str(env.lock)]]
+    names = {canonical_name(name) for name in env.from_source}
+    wheels, sources = tmp / "lock-wheels.txt", tmp / "lock-sources.txt"
+    lines = lock_lines(env)
+    built = [line for line in lines if canonical_name(line.split("==")[0]) in names]
+    wheels.write_text("\n".join(line for line in lines if line not in built) + "\n")
+    sources.write_text("\n".join(built) + "\n")
+    return [
+        ["--only-binary", ":all:", "-r", str(wheels)],
+        ["--no-build-isolation", "--no-binary", ",".join(sorted(names)), "-r", str(sources)],
+    ]
+
+
 def pip_failure(env: Environment, output: str) -> str:
     """One message saying which requirement failed and why, from pip's output."""
     patterns = (
         r"No matching distribution found for (\S+)",
         r"Could not find a version that satisfies the requirement (\S+)",
+        r"^\s+(\S+==\S+) from .*:\n\s+Expected sha256",  # the file served is not the one locked
         r"Failed to build (\S+)",
         r"Failed building wheel for (\S+)",
         r"Cannot install (.+?) because",
     )
-    package = next((m[1] for p in patterns if (m := re.search(p, output))), None)
+    package = next((m[1] for p in patterns if (m := re.search(p, output, re.M))), None)
     errors = [line for line in output.splitlines() if line.startswith("ERROR:")]
     tail = errors or output.splitlines()[-PIP_TAIL_LINES:]
     what = f"package {package!r} failed" if package else "pip failed"
+    where = ""
+    if package and "+" in package:  # torch==2.13.0+cpu: a build PyPI does not carry
+        where = (
+            f"; {package} is not on PyPI: give pip its index (for torch's CPU builds "
+            "PIP_EXTRA_INDEX_URL=https://download.pytorch.org/whl/cpu) or a folder holding the "
+            "wheel (PIP_FIND_LINKS)"
+        )
     return (
         f"cannot build the {env.name} environment: {what}\n" + "\n".join(tail) + "\n  fix: "
-        "check the pins in the stage's environment (and that the package index is reachable); "
-        "nothing was kept, so the next run starts over"
+        f"check that the package index is reachable{where}; if the pins changed, refresh the "
+        f"lock ({env.lock}) with {LOCK_TOOL} {env.name}; nothing was kept, so the next run "
+        "starts over"
     )
 
 

@@ -70,14 +70,17 @@ class Staging:
                 fcntl.flock(fh, fcntl.LOCK_UN)
 
     def new_tmp(self, key: str, kind: str = "") -> Path:
-        """A fresh temporary directory for key (hold the key's lock while it is in use)."""
+        """A fresh temporary directory for key; hold the key's lock while it is in use. A new
+        build ("" kind) first removes what earlier builds of the key left: holding the lock,
+        this process knows that none of them is running."""
         assert kind in KINDS and KEY.match(key), (key, kind)
         name = f"{key}.{kind + '-' if kind else ''}{os.getpid()}"
         tmp = real_dir(self.tmp_dir) / name
-        if tmp.is_symlink() or tmp.is_file():
-            tmp.unlink()
-        elif tmp.exists():
-            shutil.rmtree(tmp)
+        if not kind:
+            for old in self._tmps():
+                if old.name.startswith(f"{key}."):
+                    shutil.rmtree(old, ignore_errors=True)
+        remove_path(tmp)
         try:
             tmp.mkdir()
         except OSError as err:

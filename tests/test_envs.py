@@ -1,15 +1,18 @@
-"""Isolated stage environments: built once and reused, keyed by their pins, never trusted half
-made, removed by gc when unused, and a step inside one reports like any other."""
+"""Isolated stage environments: installed from a hashed lock and nothing else, built once and
+reused, keyed by their lock, never trusted half made, removed by gc when unused, and a step
+inside one reports like any other."""
 
 from __future__ import annotations
 
 import dataclasses
 import json
 import os
+import re
 import signal
 import subprocess
 import sys
 import time
+import tomllib
 from pathlib import Path
 
 import pytest
@@ -19,10 +22,14 @@ from tasks import envs
 from tasks.envs import Environment
 from tasks.errors import StageError
 from tasks.stages import StepContext
-from tasks.stages.quantize import inc_dynamic, inc_weight_only
+from tasks.stages.quantize import inc_dynamic, inc_weight_only, nvmo
 from tasks.stages.quantize.inc_dynamic import Config
 
-SMALL = Environment("small", ("six==1.17.0",), "a test environment")
+# Its lock: python tools/lock_envs.py tests.test_envs:SMALL (six has one wheel and one sdist)
+SMALL = Environment(
+    "small", ("six==1.17.0",), "a test environment", Path(__file__).with_name("locks") / "small.txt"
+)
+STAGE_ENVS = (inc_dynamic.INC, nvmo.MODELOPT, nvmo.MODELOPT_CUDA)
 
 
 def log(message: str) -> None:
@@ -61,7 +68,9 @@ def test_a_step_in_an_environment_reports_back(artifacts, tmp_path, capfd):
 
 
 def test_a_failed_build_names_the_package_and_leaves_nothing(tmp_path):
-    broken = Environment("broken", ("modelkiln-no-such-package==0.0.1",), "never builds")
+    lock = tmp_path / "broken.txt"
+    lock.write_text(f"modelkiln-no-such-package==0.0.1 --hash=sha256:{'0' * 64}\n")
+    broken = Environment("broken", ("modelkiln-no-such-package==0.0.1",), "never builds", lock)
     with pytest.raises(StageError) as err:
         envs.ensure(tmp_path, broken, log)
     message = str(err.value)
@@ -74,11 +83,11 @@ def test_a_failed_build_names_the_package_and_leaves_nothing(tmp_path):
 
 def test_a_killed_build_is_rebuilt_on_the_next_run(tmp_path):
     script = (
-        "import sys; from pathlib import Path; from tasks import envs; "
-        "envs.ensure(Path(sys.argv[1]), envs.Environment('small', ('six==1.17.0',), 'x'), print)"
+        "import sys; from pathlib import Path; from tasks import envs; envs.ensure(Path("
+        "sys.argv[1]), envs.Environment('small', ('six==1.17.0',), 'x', Path(sys.argv[2])), print)"
     )
-    child = subprocess.Popen([sys.executable, "-c", script, str(tmp_path)], cwd=ROOT,
-                             start_new_session=True)  # fmt: skip
+    child = subprocess.Popen([sys.executable, "-c", script, str(tmp_path), str(SMALL.lock)],
+                             cwd=ROOT, start_new_session=True)  # fmt: skip
     tmp_root = envs.envs_dir(tmp_path) / ".tmp"
     deadline = time.time() + 60
     while not (tmp_root.is_dir() and any(tmp_root.glob("*/bin/python"))):
@@ -90,6 +99,118 @@ def test_a_killed_build_is_rebuilt_on_the_next_run(tmp_path):
     assert envs.managed_envs(tmp_path) == {}  # the half-made one is not an environment
     folder = envs.ensure(tmp_path, SMALL, log)
     assert envs.is_ready(folder) and not list(tmp_root.iterdir())  # stale build removed
+
+
+@pytest.mark.parametrize("env", (*STAGE_ENVS, SMALL), ids=lambda env: env.name)
+def test_every_lock_pins_and_hashes_every_package_and_agrees_with_its_pins(env):
+    entry = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._-]*==\S+( --hash=sha256:[0-9a-f]{64})+$")
+    lines = envs.lock_lines(env)
+    assert lines and [line for line in lines if not entry.match(line)] == []
+    assert envs.lock_mismatches(env) == []  # every hand pin, at the same version
+    locked = envs.locked_versions(env)
+    assert len(locked) == len(lines)  # one pin per package
+    assert {envs.canonical_name(name) for name in env.from_source} <= set(locked)
+    # packaged with modelkiln, so an installed copy finds it
+    package_data = tomllib.loads((ROOT / "pyproject.toml").read_text())["tool"]["setuptools"]
+    globs = package_data["package-data"]["tasks.stages.quantize"]
+    if env is not SMALL:
+        assert any(env.lock.match(f"tasks/stages/quantize/{glob}") for glob in globs)
+
+
+def test_the_environment_key_is_the_digest_of_what_its_lock_installs(tmp_path, monkeypatch):
+    text = SMALL.lock.read_text()
+    lock = tmp_path / "small.txt"
+
+    def key_with(content: str) -> str:
+        lock.write_text(content)
+        return dataclasses.replace(SMALL, lock=lock).key
+
+    assert key_with(text) == SMALL.key  # the content, not where it lies
+    assert key_with("# refreshed\n" + text.rstrip() + "  # a note\n    # via x\n") == SMALL.key
+    assert key_with(text.replace("--hash=sha256:4", "--hash=sha256:5")) != SMALL.key
+    assert key_with(text.replace("six==1.17.0", "six==1.16.0")) != SMALL.key
+    before = SMALL.key
+    monkeypatch.setattr(envs, "ENV_VERSION", "0")
+    assert SMALL.key != before
+    with pytest.raises(StageError, match=r"(?s)no-such\.txt.*fix: generate it .*lock_envs\.py"):
+        dataclasses.replace(SMALL, lock=tmp_path / "no-such.txt").identity()
+
+
+def _fake_pip(monkeypatch, failing: str = "") -> list[list[str]]:
+    """Record the commands _build runs instead of running them; the one naming `failing` fails."""
+    ran = []
+
+    def run(cmd, *args, **kwargs):
+        ran.append([str(a) for a in cmd])
+        if "-r" in cmd:  # what pip would read, read now: a later pass may rewrite nothing
+            ran[-1].append(Path(cmd[cmd.index("-r") + 1]).read_text())
+        code = 1 if failing and failing in cmd else 0
+        out = "six 1.17.0 requires nothing-here, which is not installed." if code else ""
+        return subprocess.CompletedProcess(cmd, code, stdout=out, stderr="")
+
+    monkeypatch.setattr(envs.subprocess, "run", run)
+    return ran
+
+
+def test_a_build_installs_the_lock_with_hashes_and_resolves_nothing(tmp_path, monkeypatch):
+    ran = _fake_pip(monkeypatch)
+    (tmp_path / "small").mkdir()
+    envs._build(tmp_path / "small", SMALL, time.time())
+    installs = [cmd for cmd in ran if "install" in cmd]
+    assert len(installs) == 1
+    cmd = installs[0]
+    assert {"--require-hashes", "--no-deps"} <= set(cmd)
+    assert cmd[cmd.index("-r") + 1] == str(SMALL.lock)
+    assert cmd[cmd.index("--only-binary") + 1] == ":all:"  # no sdist, no unlocked build tools
+    assert not [arg for arg in cmd[:-1] if "==" in arg]  # no bare requirement strings
+    assert [str(envs.python_of(tmp_path / "small")), "-m", "pip", "check"] in ran
+
+
+def test_packages_without_wheels_are_built_last_by_the_locked_tools(tmp_path, monkeypatch):
+    ran = _fake_pip(monkeypatch)
+    (tmp_path / "modelopt").mkdir()
+    envs._build(tmp_path / "modelopt", nvmo.MODELOPT, time.time())
+    wheels, sources = [cmd for cmd in ran if "install" in cmd]
+    for cmd in (wheels, sources):
+        assert {"--require-hashes", "--no-deps"} <= set(cmd)
+    assert cmd_value(wheels, "--only-binary") == ":all:"
+    assert cmd_value(sources, "--no-binary") == "cppimport" and "--no-build-isolation" in sources
+    wheel_lines, source_lines = wheels[-1].splitlines(), sources[-1].splitlines()
+    assert [line.split("==")[0] for line in source_lines] == ["cppimport"]
+    assert sorted(wheel_lines + source_lines) == envs.lock_lines(nvmo.MODELOPT)
+    assert any(line.startswith("setuptools-scm==") for line in wheel_lines)  # built by them
+
+
+def cmd_value(cmd: list[str], option: str) -> str:
+    return cmd[cmd.index(option) + 1]
+
+
+def test_a_stale_or_incomplete_lock_is_refused(tmp_path, monkeypatch):
+    ran = _fake_pip(monkeypatch, failing="check")
+    (tmp_path / "env").mkdir()
+    stale = dataclasses.replace(SMALL, requirements=("six==1.16.0",))
+    with pytest.raises(StageError, match=r"does not match its pins: six==1\.16\.0 \(the lock has"):
+        envs._build(tmp_path / "env", stale, time.time())
+    assert ran == []  # before any venv or pip
+    with pytest.raises(StageError, match=r"(?s)lock is incomplete\nsix 1\.17\.0 requires"):
+        envs._build(tmp_path / "env", SMALL, time.time())
+
+
+def test_a_torch_build_pypi_lacks_is_named_with_where_it_comes_from():
+    output = "ERROR: No matching distribution found for torch==2.13.0+cpu\n"
+    message = envs.pip_failure(nvmo.MODELOPT, output)
+    assert "'torch==2.13.0+cpu' failed" in message
+    assert "not on PyPI" in message and "https://download.pytorch.org/whl/cpu" in message
+
+
+def test_a_file_that_is_not_the_locked_one_is_refused_and_named(tmp_path):
+    lock = tmp_path / "small.txt"
+    lock.write_text(f"six==1.17.0 --hash=sha256:{'0' * 64}\n")
+    with pytest.raises(StageError) as err:
+        envs.ensure(tmp_path, dataclasses.replace(SMALL, lock=lock), log)
+    assert "'six==1.17.0' failed" in str(err.value)
+    assert "DO NOT MATCH THE HASHES" in str(err.value)
+    assert not envs.managed_envs(tmp_path)
 
 
 def _recipe(ws: Workspace, tiny_model: Path) -> None:
@@ -113,7 +234,7 @@ from = "capture.fp32"
 """)
 
 
-def test_a_changed_pin_changes_its_environment_and_only_the_steps_that_use_it(
+def test_a_changed_lock_changes_its_environment_and_only_the_steps_that_use_it(
     tmp_path, tiny_model, monkeypatch
 ):
     from tasks.graph import load_graph
@@ -121,10 +242,11 @@ def test_a_changed_pin_changes_its_environment_and_only_the_steps_that_use_it(
     ws = Workspace(tmp_path)
     _recipe(ws, tiny_model)
     before = load_graph(ws.recipe, ws.artifacts).keys
-    pins = tuple(
-        p if not p.startswith("scipy==") else "scipy==1.16.0" for p in inc_dynamic.INC.requirements
-    )
-    changed = dataclasses.replace(inc_dynamic.INC, requirements=pins)
+    # a package nobody pins by hand moves: the pins are the same, the environment is not
+    text = inc_dynamic.INC.lock.read_text()
+    assert "\nwcwidth==0.9.4 " in text and "wcwidth" not in " ".join(inc_dynamic.INC.requirements)
+    (tmp_path / "inc.txt").write_text(text.replace("\nwcwidth==0.9.4 ", "\nwcwidth==0.9.3 "))
+    changed = dataclasses.replace(inc_dynamic.INC, lock=tmp_path / "inc.txt")
     assert changed.key != inc_dynamic.INC.key
     for module in (inc_dynamic, inc_weight_only):
         monkeypatch.setattr(module, "SPEC", dataclasses.replace(module.SPEC, environment=changed))

@@ -26,7 +26,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Literal
 
-from tasks.config import ConfigValueError, option
+from tasks.config import ConfigValueError, option, refuse_inapplicable
 from tasks.envs import Environment
 from tasks.errors import PreflightError, StageError
 from tasks.stages import StepContext
@@ -42,13 +42,19 @@ from tasks.stages.onnx_run import (
 )
 from tasks.stages.quantize.onnx_calibration import TextCalibration, reader, token_windows
 
+LOCKS = Path(__file__).with_name("locks")  # refreshed with tools/lock_envs.py
+
 # Without the [onnx] extra: that pins onnx~=1.21 and pulls onnxruntime-gpu, which cannot live
 # beside the CPU onnxruntime. The extra's ONNX helpers are pinned here by hand instead.
+# torch is the CPU build, as the lock says: PyPI's Linux 2.13.0 is the CUDA one (its nvidia-*
+# wheels are GBs a CPU never uses). It comes from https://download.pytorch.org/whl/cpu, not
+# PyPI; the lock's hash is of the wheel this project was measured with (locked with
+# --find-links /opt/wheels), and pip refuses any other file under that name.
 MODELOPT = Environment(
     name="modelopt",
     requirements=(
         "nvidia-modelopt==0.47.0",
-        "torch==2.13.0",  # imported by modelopt.onnx; this pin is the CPU build here
+        "torch==2.13.0+cpu",  # imported by modelopt.onnx
         "numpy==2.4.6",
         "onnx==1.23.2",
         "onnxruntime==1.32.0",
@@ -60,11 +66,17 @@ MODELOPT = Environment(
         "ml_dtypes==0.6.0",
         "lief==1.0.0",
         "cppimport==26.4.17",  # builds its int4 packing extension on first use (needs g++)
+        "setuptools-scm==10.3.4",  # builds cppimport, which has no wheel
     ),
     why="nvidia-modelopt[onnx] pins onnx~=1.21 and pulls onnxruntime-gpu",
+    lock=LOCKS / "modelopt.txt",
+    from_source=("cppimport",),
 )
-# device = "cuda": the [onnx] extra as ModelOpt pins it (onnxruntime-gpu, cupy), resolved here
-# with `pip install --dry-run --report`; torch==2.13.0 is the CUDA build on such machines.
+# device = "cuda": the [onnx] extra as ModelOpt pins it (onnxruntime-gpu, cupy); torch==2.13.0
+# is PyPI's CUDA build. Its lock was only resolved (uv, from PyPI, for CPython 3.11 on Linux
+# x86-64: every package has a wheel there but cppimport), never installed or run: there is no
+# GPU here. Unchecked: torch 2.13.0 pulls CUDA 13 libraries (nvidia-*-cu13, cuda-toolkit 13)
+# while cupy-cuda12x, and maybe onnxruntime-gpu 1.24.4, are CUDA 12 builds.
 MODELOPT_CUDA = Environment(
     name="modelopt-cuda",
     requirements=(
@@ -74,8 +86,11 @@ MODELOPT_CUDA = Environment(
         "onnx==1.21.0",
         "onnxruntime-gpu==1.24.4",
         "cupy-cuda12x==14.2.0",
+        "setuptools-scm==10.3.4",  # builds cppimport, which has no wheel
     ),
     why="ModelOpt's GPU calibration needs onnxruntime-gpu and cupy",
+    lock=LOCKS / "modelopt-cuda.txt",
+    from_source=("cppimport",),
 )
 
 METHODS = {"int4": ("awq_clip", "rtn_dq"), "int8": ("entropy", "max")}
@@ -126,6 +141,13 @@ class Config(TextCalibration, NodeExclusion):
         self.check_calibration(
             self.method != "rtn_dq", self.method, 'remove data, or set method = "awq_clip"'
         )
+        refuse_inapplicable(self, INT4_ONLY)
+
+
+# Settings of the int4 blocks: ModelOpt's int8 Q/DQ path does not read them.
+INT4_ONLY = tuple(
+    (key, lambda c: c.mode == "int4", 'mode = "int4"') for key in ("block_size", "use_zero_point")
+)
 
 
 def environment(config: Config) -> Environment:
