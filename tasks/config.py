@@ -12,6 +12,7 @@ import json
 import tomllib
 import types
 import typing
+from collections.abc import Callable, Iterable
 from typing import Any, Literal
 
 from tasks.errors import RecipeError, did_you_mean
@@ -31,6 +32,23 @@ def option(default: Any, doc: str, added: bool = False) -> Any:
     added=True marks an option added after its stage first shipped: at its default it stays
     out of the key, so a new option does not rebuild every step built before it existed."""
     return dataclasses.field(default=default, metadata={"doc": doc, "added": added})
+
+
+# A setting only some configs read: (field, does it apply to this config?, where it applies).
+Narrow = tuple[str, Callable[[Any], bool], str]
+
+
+def refuse_inapplicable(config: Any, rules: Iterable[Narrow]) -> None:
+    """Refuse a setting changed from its default where it does not apply: it would change the
+    step's key but not its output. The default itself is accepted: writing it out is harmless."""
+    defaults = {f.name: f.default for f in dataclasses.fields(config)}
+    for key, applies, where in rules:
+        if getattr(config, key) != defaults[key] and not applies(config):
+            raise ConfigValueError(
+                key,
+                f"only applies to {where}: here it would change the step's key, not the output",
+                f"remove {key}",
+            )
 
 
 def describe_type(hint: Any) -> str:

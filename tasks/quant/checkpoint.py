@@ -34,6 +34,9 @@ LAYOUTS = ("gptq", "awq")
 SHARD_BYTES = 2 * 1024**3
 WEIGHTS = "model.safetensors"
 INDEX = "model.safetensors.index.json"
+# Where the model was read from (transformers' to_dict keeps it; its save_pretrained drops
+# it): an absolute path would make the same checkpoint's bytes depend on where it was built.
+LOCATION_KEYS = ("_name_or_path",)
 # Written from the tensors and the spec: extra_config may not contradict them.
 DERIVED_KEYS = {
     "quant_method", "bits", "group_size", "sym", "desc_act", "zero_point",
@@ -235,7 +238,8 @@ def write_quantized(
     out_dir = Path(out_dir)
     out_dir.mkdir(parents=True, exist_ok=True)
     save_tensors(out_dir, tensors, shard_bytes)
-    config = {**config, "quantization_config": quant}
+    config = {k: v for k, v in config.items() if k not in LOCATION_KEYS}
+    config["quantization_config"] = quant
     (out_dir / "config.json").write_text(json.dumps(config, indent=2, sort_keys=True) + "\n")
 
 

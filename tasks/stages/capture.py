@@ -14,7 +14,6 @@ execution_provider = "cpu"
 
 from __future__ import annotations
 
-import dataclasses
 import json
 import os
 import re
@@ -25,7 +24,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Literal
 
-from tasks.config import ConfigValueError, option
+from tasks.config import ConfigValueError, option, refuse_inapplicable
 from tasks.errors import StageError
 from tasks.stages import HF, ONNX, StageSpec, StepContext
 from tasks.stages.onnx_run import (
@@ -90,6 +89,7 @@ class Config:
             )
         self._check_int4()
         self._check_extra_options()
+        refuse_inapplicable(self, NARROW_SETTINGS)
         if not self.ort_genai and (self.precision, self.execution_provider) != ("fp32", "cpu"):
             key = "precision" if self.precision != "fp32" else "execution_provider"
             raise ConfigValueError(
@@ -117,19 +117,6 @@ class Config:
             raise ConfigValueError(
                 "int4_accuracy_level", f"{self.int4_accuracy_level} is not 0 to 4", "use 4 (int8)"
             )
-        # Ignored outside int4, they would change the step's key but not its output.
-        int4_fields = set(INT4_KEYS.values())
-        changed = [
-            f.name
-            for f in dataclasses.fields(self)
-            if f.name in int4_fields and getattr(self, f.name) != f.default
-        ]
-        if self.precision != "int4" and changed:
-            raise ConfigValueError(
-                changed[0],
-                f"applies to precision = 'int4' only, not {self.precision!r}",
-                f'set precision = "int4" or remove {changed[0]}',
-            )
 
     def _check_extra_options(self) -> None:
         for item in self.extra_options:
@@ -144,6 +131,14 @@ class Config:
                     f"{key!r} is set by this step's own option",
                     f"set {INT4_KEYS[key]} instead",
                 )
+
+
+# Settings only the builder, or only its int4 precision, reads (torch.onnx has no options).
+NARROW_SETTINGS = (
+    ("int4_block_size", lambda c: c.precision == "int4", 'precision = "int4"'),
+    ("int4_accuracy_level", lambda c: c.precision == "int4", 'precision = "int4"'),
+    ("extra_options", lambda c: c.ort_genai, "the model builder (ort_genai = true)"),
+)
 
 
 def settings_for_quantized(config: Config) -> list[str]:

@@ -197,7 +197,9 @@ def run(config: Config, ctx: StepContext) -> dict[str, Any]:
     _write_jsonl(ctx.out / "train.jsonl", train)
     _write_jsonl(ctx.out / "heldout.jsonl", heldout)
     info = {
-        "source": config.path or config.hf_dataset or f"{config.pypi}:{config.member}",
+        # A local file by its name only: the key holds its content, not where it lies, so the
+        # same key must give the same bytes wherever the workspace is.
+        "source": Path(config.path).name or config.hf_dataset or f"{config.pypi}:{config.member}",
         "fields": list(records[0]),
         "records": len(records),
         "train": len(train),
@@ -437,7 +439,7 @@ def _write_jsonl(path: Path, records: list[Record]) -> None:
 SPEC = StageSpec(
     stage="data",
     algorithm=None,
-    version="1",
+    version="2",  # 2: info.json names a local file without its directory
     config=Config,
     run=run,
     doc="a named data set split into train.jsonl and heldout.jsonl",

@@ -28,7 +28,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import TYPE_CHECKING, Any, Literal
 
-from tasks.config import ConfigValueError, option
+from tasks.config import ConfigValueError, option, refuse_inapplicable
 from tasks.digest import dir_size
 from tasks.errors import PreflightError, StageError
 from tasks.stages import HF, METRICS, ONNX, ONNX_ADAPTER, PEFT, StageSpec, StepContext
@@ -74,6 +74,23 @@ class Config:
             if getattr(self, key) < least:
                 fix = "decode speed needs a second token" if key == "new_tokens" else ""
                 raise ConfigValueError(key, f"must be at least {least}", fix)
+        refuse_inapplicable(self, NARROW_SETTINGS)
+
+
+def _answers(config: Config) -> bool:
+    return bool(config.data) and config.answers > 0
+
+
+# Perplexity and answers are measured on the data set: without one, their settings do nothing.
+# (Not answers itself: answers = 0 is how a fine-tune is timed without data.)
+NARROW_SETTINGS = (
+    *(
+        (key, lambda c: bool(c.data), "a step with data")
+        for key in ("split", "seq_len", "max_tokens")
+    ),
+    ("answer_tokens", _answers, "scoring answers (data, and answers > 0)"),
+    ("prompts_from", _answers, "scoring answers (data, and answers > 0)"),
+)
 
 
 def token_nll(logits: np.ndarray, labels: np.ndarray) -> np.ndarray:

@@ -22,7 +22,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Literal
 
-from tasks.config import ConfigValueError, option
+from tasks.config import ConfigValueError, option, refuse_inapplicable
 from tasks.errors import StageError
 from tasks.stages import HF, StageSpec, StepContext
 from tasks.tune.lora import DEFAULT_TARGETS
@@ -102,7 +102,13 @@ class Config:
         ):
             if not ok:
                 raise ConfigValueError(key, f"{getattr(self, key)!r} is not allowed", _RULES[key])
+        refuse_inapplicable(self, NARROW_SETTINGS)
 
+
+# Without held-out examples there is no held-out loss to measure every so many steps.
+NARROW_SETTINGS = (
+    ("eval_every", lambda c: c.eval_samples > 0, "a held-out loss (eval_samples > 0)"),
+)
 
 _RULES = {
     "eval_every": "make it 1 or more",
@@ -174,6 +180,8 @@ def run(config: Config, ctx: StepContext) -> dict[str, Any]:
     )  # fmt: skip
     model.save_pretrained(ctx.out)
     _portable_adapter_config(ctx.out / "adapter_config.json")
+    # PEFT's model card template: boilerplate around the base's absolute path (a store entry).
+    (ctx.out / "README.md").unlink(missing_ok=True)
     # The base by key (the input entry's name): the adapter means nothing without it.
     info = {"method": config.method, "format": fmt.as_dict(), "base_key": ctx.input.name}
     (ctx.out / FINETUNE_INFO).write_text(json.dumps(info, indent=2) + "\n", encoding="utf-8")
@@ -198,16 +206,20 @@ def run(config: Config, ctx: StepContext) -> dict[str, Any]:
 
 def _portable_adapter_config(path: Path) -> None:
     """PEFT records the base's absolute path (a store entry here); the base is recorded in
-    finetune.json by key instead, so the folder means the same wherever it is copied."""
+    finetune.json by key instead, so the folder means the same wherever it is copied. PEFT
+    keeps target_modules as a set: its order changes from one process to the next."""
     config = json.loads(path.read_text())
     config["base_model_name_or_path"] = None
+    for key in ("target_modules", "exclude_modules"):
+        if isinstance(config.get(key), list):
+            config[key] = sorted(config[key])
     path.write_text(json.dumps(config, indent=2, sort_keys=True) + "\n")
 
 
 SPEC = StageSpec(
     stage="finetune",
     algorithm=None,
-    version="1",
+    version="2",  # 2: no README.md (it named the base's path); target_modules sorted
     config=Config,
     run=run,
     doc="train a LoRA adapter on a Hugging Face model (float or quantized)",

@@ -179,7 +179,7 @@ def test_a_bos_tokenizer_starts_every_window_with_bos(tiny_model: Path) -> None:
 
 
 def test_without_data_no_perplexity(tiny_model: Path, data_dir: Path, tmp_path: Path) -> None:
-    config = replace(FAST, data="", repeats=1)
+    config = Config(new_tokens=FAST.new_tokens, repeats=1)  # no perplexity settings either
     metrics = evaluate(tiny_model, data_dir, tmp_path, config)
     assert "perplexity" not in metrics and "tokens_scored" not in metrics
     assert metrics["size_bytes"] > 0 and metrics["decode_tokens_per_s"] > 0

@@ -28,7 +28,8 @@ from tasks.stages.onnx_run import op_counts, prompt_ids
 
 ALGORITHMS = ("rtn", "gptq", "awq", "quarot")
 # Small enough for seconds per run; group_size 32 divides every width (64 and 160).
-COMMON = {"group_size": 32, "num_samples": 4, "seq_len": 64, "eval_tokens": 256, "data": "prose"}
+COMMON = {"group_size": 32, "eval_tokens": 256, "data": "prose"}
+CALIBRATION = {"num_samples": 4, "seq_len": 64}  # only for the algorithms that calibrate
 LINEARS = 7 * 2  # q, k, v, o, gate, up, down in each of 2 layers
 TOKENIZER_FILES = ("tokenizer.json", "tokenizer_config.json")
 
@@ -43,9 +44,15 @@ OUTPUTS: dict[str, tuple[str, dict[str, Any], dict[str, Any], float]] = {
 
 
 def quantize(algorithm: str, src: Path, data_dir: Path, out: Path, **table: Any) -> dict[str, Any]:
-    """Run one quantize step directly, with COMMON's keys unless table overrides them."""
+    """Run one quantize step directly, with COMMON's keys (and CALIBRATION's where it
+    calibrates; eval_tokens only with data) unless table overrides them."""
     spec = spec_for("quantize", algorithm)
-    config = parse_config(spec.config, COMMON | table, "recipe.toml", f"quantize.{algorithm}")
+    table = COMMON | table
+    if algorithm != "rtn" and table.get("weight_quantizer", "gptq") == "gptq":
+        table = CALIBRATION | table
+    if not table["data"]:
+        del table["eval_tokens"]
+    config = parse_config(spec.config, table, "recipe.toml", f"quantize.{algorithm}")
     out.mkdir(parents=True)
     ctx = StepContext(task=f"quantize:{algorithm}", out=out, artifacts=out.parent, input=src,
                       data={"prose": data_dir})  # fmt: skip

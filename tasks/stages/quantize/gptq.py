@@ -60,4 +60,7 @@ def run(config: Config, ctx: StepContext) -> dict[str, Any]:
     return run_quantizer(config, ctx, handler, "gptq", extra)
 
 
-SPEC = hf_spec("gptq", Config, run, "GPTQ weight quantization, layer by layer (GPTQ layout)")
+# 2: config.json no longer names the input's path (_name_or_path).
+SPEC = hf_spec(
+    "gptq", Config, run, "GPTQ weight quantization, layer by layer (GPTQ layout)", version="2"
+)

@@ -9,7 +9,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import TYPE_CHECKING, Any, Literal
 
-from tasks.config import ConfigValueError, option
+from tasks.config import ConfigValueError, option, refuse_inapplicable
 from tasks.errors import StageError
 from tasks.stages import HF, StageSpec, StepContext
 
@@ -21,6 +21,7 @@ if TYPE_CHECKING:
 
 LIBRARIES = ("torch", "transformers", "safetensors")
 NEEDS = {"torch": "pip install modelkiln", "safetensors": "pip install modelkiln"}
+CALIBRATING = 'an algorithm that calibrates (gptq, awq; quarot with weight_quantizer = "gptq")'
 
 
 @dataclass(frozen=True, kw_only=True)
@@ -42,6 +43,16 @@ class HFQuantConfig:
         "auto", "where to run: auto takes a GPU when there is one"
     )
     eval_tokens: int = option(4096, "held-out tokens to score the result on (0: skip)")
+
+    # Settings that only some algorithms, or some values of other settings, read: given where
+    # they are not read, they are refused (tasks.config.refuse_inapplicable).
+    NARROW_SETTINGS = (
+        ("num_samples", lambda c: c.needs_data(), CALIBRATING),
+        ("seq_len", lambda c: c.needs_data(), CALIBRATING),
+        ("eval_tokens", lambda c: bool(c.data), "a step with data (it scores the result)"),
+        ("data", lambda c: c.needs_data() or c.eval_tokens > 0,
+         "an algorithm that calibrates, or to scoring the result (eval_tokens > 0)"),
+    )  # fmt: skip
 
     def __post_init__(self) -> None:
         if self.group_size < 16 or self.group_size & (self.group_size - 1):
@@ -67,6 +78,7 @@ class HFQuantConfig:
                 "this algorithm needs calibration data",
                 'set data = "<name of a [data.<name>] table>"',
             )
+        refuse_inapplicable(self, self.NARROW_SETTINGS)
 
     def needs_data(self) -> bool:
         return True

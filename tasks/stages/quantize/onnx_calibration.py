@@ -11,7 +11,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-from tasks.config import ConfigValueError, option
+from tasks.config import ConfigValueError, option, refuse_inapplicable
 from tasks.stages import StepContext
 
 
@@ -26,13 +26,18 @@ class TextCalibration:
     seq_len: int = option(256, "tokens per calibration sequence")
 
     def check_calibration(self, calibrates: bool, what: str, fix_without: str) -> None:
-        """`what` calibrates or not; refuse a missing or a pointless `data`."""
+        """`what` calibrates or not; refuse a missing or a pointless `data`, and calibration
+        settings that `what` would not read."""
         if not calibrates and self.data:
             raise ConfigValueError("data", f"{what} uses no calibration data", fix_without)
         if calibrates and not self.data:
             raise ConfigValueError(
                 "data", f"{what} calibrates on data", 'set data = "<a [data.<name>] set>"'
             )
+        where = f"a method that calibrates, not {what}"
+        refuse_inapplicable(
+            self, [(key, lambda _: calibrates, where) for key in ("num_samples", "seq_len")]
+        )
         for key in ("num_samples", "seq_len"):
             if getattr(self, key) < 1:
                 raise ConfigValueError(

@@ -36,8 +36,14 @@ class Config(GptqConfig):
     seed: int = option(0, "seed of the random signs of the Hadamard rotations")
     rotate_heads: bool = option(True, "also rotate each attention head's values (v_proj/o_proj)")
 
+    # GPTQ's own settings apply only when GPTQ quantizes the rotated weights.
+    NARROW_SETTINGS = GptqConfig.NARROW_SETTINGS + tuple(
+        (key, lambda c: c.weight_quantizer == "gptq", 'weight_quantizer = "gptq"')
+        for key in ("damp_percent", "act_order", "static_groups", "true_sequential")
+    )
+
     def needs_data(self) -> bool:
-        return self.weight_quantizer == "gptq" or bool(self.data)
+        return self.weight_quantizer == "gptq"
 
 
 def run(config: Config, ctx: StepContext) -> dict[str, Any]:
@@ -64,4 +70,7 @@ def run(config: Config, ctx: StepContext) -> dict[str, Any]:
     return run_quantizer(config, ctx, handler, "gptq", extra)
 
 
-SPEC = hf_spec("quarot", Config, run, "QuaRot Hadamard rotation, then GPTQ or RTN (GPTQ layout)")
+# 2: config.json no longer names the input's path (_name_or_path).
+SPEC = hf_spec(
+    "quarot", Config, run, "QuaRot Hadamard rotation, then GPTQ or RTN (GPTQ layout)", version="2"
+)

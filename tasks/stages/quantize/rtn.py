@@ -36,4 +36,7 @@ def run(config: Config, ctx: StepContext) -> dict[str, Any]:
     return run_quantizer(config, ctx, Rtn(config.spec()), "gptq", extra)
 
 
-SPEC = hf_spec("rtn", Config, run, "round-to-nearest weight quantization (GPTQ layout)")
+# 2: config.json no longer names the input's path (_name_or_path).
+SPEC = hf_spec(
+    "rtn", Config, run, "round-to-nearest weight quantization (GPTQ layout)", version="2"
+)
