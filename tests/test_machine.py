@@ -1,0 +1,159 @@
+"""Failures of the machine itself: each is one clear message, no traceback, and nothing that is
+already built is lost or looks complete when it is not. A full disk and a read-only store are
+real (a small tmpfs, a read-only bind mount: this needs root, as CI has)."""
+
+from __future__ import annotations
+
+import contextlib
+import os
+import signal
+import subprocess
+import time
+from pathlib import Path
+
+import pytest
+from workspace import Workspace, executed, tiny_recipe
+
+from tasks.store import MANIFEST
+
+
+def _mount(*args: str) -> None:
+    done = subprocess.run(["mount", *args], capture_output=True, text=True)
+    if done.returncode != 0:
+        pytest.skip(f"cannot mount here ({done.stderr.strip()}): needs root")
+
+
+@contextlib.contextmanager
+def read_only(path: Path):
+    """path, read-only for everyone (root too) until the block ends."""
+    _mount("--bind", str(path), str(path))
+    try:
+        subprocess.run(["mount", "-o", "remount,ro,bind", str(path)], check=True)
+        yield path
+    finally:
+        subprocess.run(["umount", str(path)], check=True)
+
+
+@contextlib.contextmanager
+def small_disk(path: Path, size: str):
+    path.mkdir(parents=True, exist_ok=True)
+    _mount("-t", "tmpfs", "-o", f"size={size}", "tmpfs", str(path))
+    try:
+        yield path
+    finally:
+        subprocess.run(["umount", "-l", str(path)], check=True)
+
+
+def one_message(proc: subprocess.CompletedProcess, *words: str) -> str:
+    out = proc.stdout + proc.stderr
+    assert proc.returncode != 0, out
+    assert "Traceback" not in out, out
+    for word in words:
+        assert word in out, out
+    return out
+
+
+def complete_entries_verify(ws: Workspace) -> None:
+    """Every entry that looks complete is whole."""
+    proc = ws.doit("verify", check=False)
+    assert "damaged" not in proc.stdout, proc.stdout
+
+
+@pytest.fixture
+def ws(tmp_path, tiny_model, prose_file) -> Workspace:
+    ws = Workspace(tmp_path)
+    ws.write(tiny_recipe(tiny_model, prose_file))
+    return ws
+
+
+@pytest.mark.parametrize("under", [False, True], ids=["is a file", "under a file"])
+def test_an_artifacts_path_that_is_a_file(ws, under):
+    ws.artifacts.write_text("not a directory")
+    argv = ws.argv("list")
+    if under:
+        argv[-1] = f"artifacts={ws.artifacts / 'sub'}"
+    proc = subprocess.run(argv, capture_output=True, text=True)
+    one_message(proc, "a part of the path is a file" if under else "is a file, not a directory")
+
+
+def test_a_read_only_store_still_lists_explains_and_verifies(ws, tiny_model, prose_file):
+    ws.doit("model", "data")
+    with read_only(ws.artifacts):
+        # gc too, while it has nothing to remove
+        for command in (["list"], ["explain"], ["verify"], ["info", "model"], ["gc"]):
+            proc = ws.doit(*command, check=False)
+            assert proc.returncode == 0 and "Traceback" not in proc.stderr, proc.stderr
+        assert "capture:fp32: will run: never built" in ws.doit("explain").stdout
+        one_message(ws.doit("capture:fp32", check=False), "the file system is read-only")
+    assert executed(ws.doit("model").stdout) == []  # nothing built was lost
+
+
+def test_a_read_only_store_folder_alone(ws):
+    ws.doit("model")
+    with read_only(ws.artifacts / "store"):
+        one_message(ws.doit("data", check=False), "cannot lock", "read-only")
+    assert executed(ws.doit("data").stdout) == ["data:prose"]
+
+
+# Free bytes left on a 6 MB disk: none (the digest cache and doit cannot write), then points in
+# the model, capture and quantize steps and the report.
+FREE = ["0", "96k", "700k", "1500k", "2600k"]
+
+
+@pytest.mark.parametrize("free", FREE)
+def test_a_full_disk_is_one_message_and_nothing_incomplete_looks_complete(ws, free):
+    with small_disk(ws.artifacts, "6m"):
+        ballast = ws.artifacts / "ballast"
+        room = int(free[:-1]) * 1024 if free != "0" else 0
+        stat = os.statvfs(ws.artifacts)
+        with contextlib.suppress(OSError), open(ballast, "wb") as fh:
+            fh.write(b"\0" * max(stat.f_bavail * stat.f_frsize - room, 0))
+        proc = ws.doit(check=False)
+        if proc.returncode != 0:
+            out = one_message(proc)
+            assert "no space left" in out.lower() or "ran out of space" in out, out
+        ballast.unlink()
+        complete_entries_verify(ws)
+        ws.doit()  # with room again, the build finishes
+        complete_entries_verify(ws)
+        assert executed(ws.doit().stdout) == []
+
+
+@pytest.mark.parametrize(("signum", "status"), [(signal.SIGINT, 130), (signal.SIGTERM, 143)])
+def test_an_interrupt_is_one_line_and_leaves_nothing_complete(ws, signum, status):
+    ws.doit("model", "data")
+    proc = ws.popen("capture:fp32")
+    tmp_root = ws.artifacts / "store" / ".tmp"
+    deadline = time.time() + 120
+    while time.time() < deadline and not any(tmp_root.glob("*.[0-9]*")):
+        time.sleep(0.05)
+    time.sleep(0.5)  # inside the build now
+    if signum == signal.SIGINT:
+        os.killpg(proc.pid, signum)  # as Ctrl-C does: the whole foreground group
+    else:
+        os.kill(proc.pid, signum)  # as a scheduler does: the doit process alone
+    out, err = proc.communicate(timeout=60)
+    assert proc.returncode == status, out + err
+    assert "Traceback" not in out + err
+    lines = [line for line in err.splitlines() if "interrupted" in line]
+    assert len(lines) == 1 and signal.Signals(signum).name in lines[0], err
+    assert "capture:fp32 left" in lines[0] and "doit gc" in lines[0]
+    assert not (ws.artifacts / "recipe" / "capture" / "fp32").exists()
+    assert "removing unfinished build store/" in ws.doit("gc").stdout
+    assert not list(tmp_root.iterdir())
+    assert executed(ws.doit("capture:fp32").stdout) == ["capture:fp32"]
+    assert (ws.artifacts / "recipe" / "capture" / "fp32" / MANIFEST).is_file()
+
+
+@pytest.mark.parametrize("occupant", ["directory", "file"])
+def test_a_link_path_taken_by_the_user_is_left_alone(ws, occupant):
+    link = ws.artifacts / "recipe" / "data" / "prose"
+    link.parent.mkdir(parents=True)
+    if occupant == "directory":
+        link.mkdir()
+        (link / "mine.txt").write_text("mine")
+    else:
+        link.write_text("mine")
+    one_message(ws.doit("data", check=False), f"{link} is a {occupant}", "move it away")
+    assert sorted(p.name for p in link.parent.iterdir()) == ["prose"]  # no stray .prose.<pid>
+    assert (link / "mine.txt" if occupant == "directory" else link).read_text() == "mine"
