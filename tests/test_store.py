@@ -78,7 +78,8 @@ DAMAGE = {
     "file added": (lambda e: (e / "extra.txt").write_text("?"), "extra.txt: not in the manifest"),
     "directory added": (lambda e: (e / "newdir").mkdir(), "newdir: an unexpected empty directory"),
     "file in an added directory": (
-        lambda e: ((e / "d").mkdir(), (e / "d" / "x").write_text("1")), "d/x: not in the manifest"
+        lambda e: ((e / "d").mkdir(), (e / "d" / "x").write_text("1")),
+        "d/x: not in the manifest",
     ),
     "symlink to an identical copy": (_replace_by_link, "w.bin: a symbolic link"),
     "fifo": (lambda e: os.mkfifo(e / "pipe"), "pipe: not a regular file"),
@@ -95,7 +96,8 @@ DAMAGE = {
         "edited (its fields no longer",
     ),
     "manifest digest removed": (
-        _edit_manifest(DIGEST_FIELD, None), "edited (its fields no longer match"
+        _edit_manifest(DIGEST_FIELD, None),
+        "edited (its fields no longer match",
     ),
     "manifest deleted": (lambda e: (e / MANIFEST).unlink(), "no MANIFEST.json"),
 }
@@ -206,10 +208,25 @@ def test_remove_and_sweep(tmp_path):
     build(store)
     store.remove(KEY)
     assert not store.is_complete(KEY) and store.built_keys() == []
-    dead = store.store_dir / ".tmp" / f"{KEY}.999999999"
-    dead.mkdir(parents=True)
-    assert store.staging.sweep(dry_run=True) == [(dead, 0)] and dead.exists()
-    assert store.staging.sweep() == [(dead, 0)] and not dead.exists()
+    left = [store.store_dir / ".tmp" / f"{KEY}.{kind}999999999"
+            for kind in ("", "deleting-", "scratch-")]  # fmt: skip
+    for path in left:
+        path.mkdir(parents=True)
+    assert store.staging.sweep(dry_run=True) == [(p, 0) for p in sorted(left)]
+    assert all(p.exists() for p in left)
+    assert store.staging.sweep() == [(p, 0) for p in sorted(left)]
+    assert not any(p.exists() for p in left)
+
+
+def test_a_new_build_removes_what_earlier_builds_of_its_key_left(tmp_path):
+    store = Store(tmp_path)
+    failed = store.store_dir / ".tmp" / f"{KEY}.12345"
+    other_key = store.store_dir / ".tmp" / f"{'c' * 64}.12345"
+    for path in (failed, other_key):
+        path.mkdir(parents=True)
+    with store.lock(KEY):
+        tmp = store.new_tmp(KEY)
+    assert tmp.is_dir() and not failed.exists() and other_key.exists()
 
 
 def test_sweep_removes_only_its_own_names_and_never_follows_a_link(tmp_path):
