@@ -208,7 +208,7 @@ def _built_as(store: Store, key: str) -> str:
         return "(unreadable manifest)"
 
 
-def verify(graph: Graph, remove_damaged: bool, dry_run: bool) -> TaskFailed | None:
+def verify(graph: Graph, remove_damaged: bool, dry_run: bool = False) -> TaskFailed | None:
     """Re-hash every store entry against its manifest (no cache), name each problem and the
     entries built from damaged ones; --remove-damaged removes them all (--dry-run: lists)."""
     store = graph.store

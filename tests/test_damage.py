@@ -89,3 +89,13 @@ def test_gc_removes_what_a_killed_step_left(tmp_path, tiny_model, prose_file):
     assert "2 unfinished builds" in gc.stdout
     assert list(tmp_root.iterdir()) == []
     assert executed(ws.doit("model").stdout) == ["model"]
+
+    # A .tmp that is a link is refused, not entered: what it points at stays as it was.
+    victim = tmp_path / "victim"
+    (victim / f"{'a' * 64}.1").mkdir(parents=True)
+    tmp_root.rmdir()
+    tmp_root.symlink_to(victim, target_is_directory=True)
+    proc = ws.doit("gc", check=False)
+    assert proc.returncode != 0 and "Traceback" not in proc.stdout + proc.stderr
+    assert "is a symbolic link" in proc.stdout + proc.stderr
+    assert (victim / f"{'a' * 64}.1").is_dir()

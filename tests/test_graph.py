@@ -113,11 +113,11 @@ def test_gc_and_verify_handle_an_unreadable_manifest(tmp_path, tiny_model, prose
     store.publish(stray, tmp, {})
     (store.entry(stray) / "MANIFEST.json").write_text("{")
 
-    assert verify(graph, remove_damaged=False) is not None  # a TaskFailed naming the damage
+    assert verify(graph, remove_damaged=False, dry_run=False) is not None  # a TaskFailed naming the damage
     assert "unreadable" in capsys.readouterr().out
     gc(graph, dry_run=True)
     assert "(unreadable manifest)" in capsys.readouterr().out and store.is_complete(stray)
-    assert verify(graph, remove_damaged=True) is None
+    assert verify(graph, remove_damaged=True, dry_run=False) is None
     assert not store.is_complete(stray)
 
 
