@@ -25,8 +25,7 @@ from typing import IO
 
 from tasks.config import ConfigValueError
 from tasks.errors import StageError
-from tasks.pipconfig import pip_settings
-from tasks.pkgindex import NAME, VERSION, download, find_file, source_host
+from tasks.requirement import NAME, VERSION
 from tasks.staging import Staging, remove_path
 
 ARCHIVE_SUFFIXES = (".whl", ".zip", ".tar.gz", ".tgz", ".tar", ".tar.bz2", ".tar.xz")
@@ -104,6 +103,10 @@ def pypi_download(
         cached = _cached(downloads / sha256, sha256, log)  # another process fetched it meanwhile
         if cached is not None:
             return cached
+        # Imported here: reading an index is rare, and loading a recipe must stay light.
+        from tasks.pipconfig import pip_settings
+        from tasks.pkgindex import download, find_file, source_host
+
         name, version = check_requirement("requirement", requirement)
         settings = pip_settings()
         link = find_file(name, version, sdist, sha256, settings)

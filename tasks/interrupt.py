@@ -9,13 +9,15 @@ so nothing keeps writing after the run has said it stopped.
 
 from __future__ import annotations
 
-import multiprocessing
 import os
 import signal
-import subprocess
 import sys
-from pathlib import Path
-from types import FrameType
+from typing import TYPE_CHECKING
+
+if TYPE_CHECKING:
+    import subprocess
+    from pathlib import Path
+    from types import FrameType
 
 _partial: dict[str, Path] = {}  # task -> the temporary directory it is building into
 _children: set[subprocess.Popen] = set()
@@ -45,6 +47,8 @@ def forget(proc: subprocess.Popen) -> None:
 
 
 def _stop(signum: int, frame: FrameType | None) -> None:
+    import multiprocessing  # here: 10 ms to import, on every `doit`, and only a signal needs it
+
     for proc in list(_children):
         if proc.poll() is None:
             proc.terminate()
