@@ -15,6 +15,7 @@ progress goes straight to the terminal, and a KilnError it raises comes back as 
 
 from __future__ import annotations
 
+import functools
 import hashlib
 import json
 import os
@@ -34,6 +35,7 @@ from typing import Any
 from tasks import interrupt
 from tasks.errors import StageError
 from tasks.keys import key_of
+from tasks.requirement import normalize_name
 from tasks.staging import Staging
 
 ENV_VERSION = "2"  # bump when the way environments are built changes (2: from hashed locks)
@@ -69,8 +71,8 @@ class Environment:
             "platform": sysconfig.get_platform(),
         }
 
-    @property
-    def key(self) -> str:
+    @functools.cached_property
+    def key(self) -> str:  # read once: every doit loads the graph, and a lock is 60-90 KB
         return key_of(self.identity())
 
 
@@ -89,18 +91,13 @@ def lock_lines(env: Environment) -> list[str]:
     return sorted(" ".join(words) for words in lines if words)
 
 
-def canonical_name(name: str) -> str:
-    """PEP 503: "ML_Dtypes" and "ml-dtypes" are one project."""
-    return re.sub(r"[-_.]+", "-", name).lower()
-
-
 def locked_versions(env: Environment) -> dict[str, str]:
     """Canonical project name -> the version the lock pins ("" where it pins none)."""
     found = {}
     for line in lock_lines(env):
         if not line.startswith("-"):  # an option line, such as --find-links
             name, _, version = line.split()[0].partition("==")
-            found[canonical_name(name)] = version
+            found[normalize_name(name)] = version
     return found
 
 
@@ -109,7 +106,7 @@ def lock_mismatches(env: Environment) -> list[str]:
     locked, wrong = locked_versions(env), []
     for pin in env.requirements:
         name, _, version = pin.partition("==")
-        name = canonical_name(name.split("[")[0])  # "pkg[extra]" locks as "pkg"
+        name = normalize_name(name.split("[")[0])  # "pkg[extra]" locks as "pkg"
         if locked.get(name) != version:
             wrong.append(f"{pin} (the lock has {locked.get(name) or 'no pin'})")
     return wrong
@@ -202,10 +199,10 @@ def _install_passes(tmp: Path, env: Environment) -> list[list[str]]:
     into an isolated build); then any `from_source` packages, built by the locked tools."""
     if not env.from_source:
         return [["--only-binary", ":all:", "-r", str(env.lock)]]
-    names = {canonical_name(name) for name in env.from_source}
+    names = {normalize_name(name) for name in env.from_source}
     wheels, sources = tmp / "lock-wheels.txt", tmp / "lock-sources.txt"
     lines = lock_lines(env)
-    built = [line for line in lines if canonical_name(line.split("==")[0]) in names]
+    built = [line for line in lines if normalize_name(line.split("==")[0]) in names]
     wheels.write_text("\n".join(line for line in lines if line not in built) + "\n")
     sources.write_text("\n".join(built) + "\n")
     return [

@@ -5,6 +5,7 @@ from __future__ import annotations
 import re
 import subprocess
 import sys
+import time
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -88,6 +89,17 @@ class Workspace:
             self.argv(*args), stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
             start_new_session=True,
         )  # fmt: skip
+
+    def building(self, task: str, folders: int = 1) -> subprocess.Popen:
+        """`doit task` in the background, returned once it is inside the step's build: its
+        temporary folders (the build's, then its scratch room) exist."""
+        proc = self.popen(task)
+        tmp_root = self.artifacts / "store" / ".tmp"
+        deadline = time.time() + 120
+        while time.time() < deadline and len(list(tmp_root.glob("*.*[0-9]"))) < folders:
+            time.sleep(0.05)
+        time.sleep(0.5)
+        return proc
 
 
 def executed(output: str) -> list[str]:
