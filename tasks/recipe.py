@@ -22,32 +22,13 @@ from tasks.stages import (
     HF,
     ONNX,
     STEP_STAGES,
-    StageSpec,
+    Step,
     algorithms,
     spec_for,
 )
 
 NAME = re.compile(r"^[A-Za-z0-9][A-Za-z0-9_-]*$")
 BASE = "model"  # the ref of the base model step
-
-
-@dataclass(frozen=True)
-class Step:
-    stage: str
-    name: str  # "" for the base model
-    spec: StageSpec
-    config: Any
-    source: str | None  # ref of the input step ("model", "capture.fp32"), None for model/data
-    data: tuple[str, ...]  # refs of the data sets it reads ("data.botchan")
-    extra: tuple[tuple[str, str], ...] = ()  # (config field, ref) of other steps it reads
-
-    @property
-    def ref(self) -> str:
-        return f"{self.stage}.{self.name}" if self.name else self.stage
-
-    @property
-    def task(self) -> str:
-        return f"{self.stage}:{self.name}" if self.name else self.stage
 
 
 @dataclass(frozen=True)

@@ -8,9 +8,9 @@ import math
 import pytest
 from workspace import ROOT, Workspace, executed, tiny_recipe
 
+from tasks.formats.genai import model_file
 from tasks.recipe import load_recipe
-from tasks.stages.onnx_folder import model_file
-from tasks.stages.onnx_run import op_counts
+from tasks.runtimes.onnx import op_counts
 
 pytestmark = pytest.mark.slow
 

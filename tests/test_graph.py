@@ -113,7 +113,8 @@ def test_gc_and_verify_handle_an_unreadable_manifest(tmp_path, tiny_model, prose
     store.publish(stray, tmp, {})
     (store.entry(stray) / "MANIFEST.json").write_text("{")
 
-    assert verify(graph, remove_damaged=False, dry_run=False) is not None  # a TaskFailed naming the damage
+    damage = verify(graph, remove_damaged=False, dry_run=False)
+    assert damage is not None  # a TaskFailed naming the damage
     assert "unreadable" in capsys.readouterr().out
     gc(graph, dry_run=True)
     assert "(unreadable manifest)" in capsys.readouterr().out and store.is_complete(stray)
@@ -152,3 +153,4 @@ nodes_to_exclude = ["/lm_head/MatMul"]
         by_task["evaluate:int8"].split(None, 1)[1] == '<- quantize.int8 [data = "prose", '
         "seq_len = 64, max_tokens = 256, new_tokens = 4, repeats = 1]"
     )
+

@@ -58,7 +58,7 @@ def test_onnxruntime_sessions_follow_the_thread_count(tmp_path, monkeypatch):
     import onnx
     from onnx import TensorProto, helper
 
-    from tasks.stages.onnx_run import ort_session
+    from tasks.runtimes.onnx import ort_session
 
     graph = helper.make_graph(
         [helper.make_node("Relu", ["x"], ["y"])], "g",

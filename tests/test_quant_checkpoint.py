@@ -15,7 +15,7 @@ import torch
 from tasks.quant.checkpoint import is_quantized, load_dequantized, write_quantized
 from tasks.quant.pack import pack_awq, pack_gptq, unpack_awq, unpack_gptq
 from tasks.quant.primitives import QuantizedLinear, QuantSpec, rtn_quantize
-from tasks.stages.onnx_run import prompt_ids
+from tasks.runtimes.onnx import prompt_ids
 
 SIDECARS = ("tokenizer.json", "tokenizer_config.json", "generation_config.json")
 
@@ -171,7 +171,7 @@ def test_one_spec_for_every_layer(tiny, tmp_path):
 
 def test_hf_runner_reads_a_quantized_checkpoint(tiny, tiny_model, tmp_path):
     """transformers alone cannot load GPTQ without gptqmodel: evaluate dequantizes."""
-    from tasks.stages.evaluate_runners import HfRunner
+    from tasks.runtimes.runners import HfRunner
 
     out = write(tmp_path / "q", tiny, tiny_model, "gptq", QuantSpec(4, 32, True))
     ids = prompt_ids(tiny_model)

@@ -13,9 +13,12 @@ import sys
 from collections.abc import Callable, Iterable
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 from tasks.errors import PreflightError
+
+if TYPE_CHECKING:
+    from tasks.envs import Environment
 
 # Formats a step's output can have; a stage lists which ones it accepts as input.
 HF, ONNX, DATA, METRICS = "hf", "onnx", "data", "metrics"
@@ -70,20 +73,20 @@ class StageSpec:
     step_fields: dict[str, tuple[str, ...]] = field(default_factory=dict)
     # Steps the recipe implies for one of this stage's steps: (the step, as completed, and the
     # steps to add). Called with the step, every step parsed so far and the recipe file.
-    implies: Callable[..., tuple[Any, list[Any]]] | None = None
+    implies: Callable[[Step, dict[str, Step], str], tuple[Step, list[Step]]] | None = None
     # Refuses, when the recipe loads, a step whose `from` step will give what it cannot take
     # (a 3-bit checkpoint to capture): called with the step, that step and the recipe file.
-    check_source: Callable[[Any, Any, str], None] | None = None
+    check_source: Callable[[Step, Step, str], None] | None = None
     # Packages that clash with the main environment: the step runs (partly) in its own
     # virtual environment, whose key enters the step's key (tasks/envs.py). An Environment,
     # or a function of the step's config returning one (a GPU build needs other packages).
-    environment: Any = None
+    environment: Environment | Callable[[Any], Environment] | None = None
     # Config fields naming local files or directories -> their paths. In the key, each such
     # field holds the content digest instead of the path (cached by stat, so unchanged big files
     # are never re-read, and moving a file does not rebuild). A missing one fails at load.
     local_inputs: Callable[[Any], dict[str, str]] = lambda config: {}
 
-    def environment_of(self, config: Any) -> Any:
+    def environment_of(self, config: Any) -> Environment | None:
         """The Environment a step with this config runs in, or None."""
         env = self.environment
         return env(config) if callable(env) else env
@@ -93,6 +96,27 @@ class StageSpec:
         for module, fix in self.needs.items():
             if importlib.util.find_spec(module) is None:
                 raise PreflightError(f"{self.stage} needs the Python package '{module}': {fix}")
+
+
+@dataclass(frozen=True)
+class Step:
+    """One parsed recipe table: `[<stage>.<name>]`, `[model]` or `[data.<name>]`."""
+
+    stage: str
+    name: str  # "" for the base model
+    spec: StageSpec
+    config: Any
+    source: str | None  # ref of the input step ("model", "capture.fp32"), None for model/data
+    data: tuple[str, ...]  # refs of the data sets it reads ("data.botchan")
+    extra: tuple[tuple[str, str], ...] = ()  # (config field, ref) of other steps it reads
+
+    @property
+    def ref(self) -> str:
+        return f"{self.stage}.{self.name}" if self.name else self.stage
+
+    @property
+    def task(self) -> str:
+        return f"{self.stage}:{self.name}" if self.name else self.stage
 
 
 @dataclass

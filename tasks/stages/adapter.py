@@ -25,10 +25,9 @@ from typing import Any
 
 from tasks.config import option
 from tasks.errors import RecipeError, StageError
-from tasks.stages import ONNX, ONNX_ADAPTER, PEFT, StageSpec, StepContext
-from tasks.stages.onnx_run import ONNX_NEEDS
-
-ADAPTER_INFO = "adapter.json"
+from tasks.formats.finetune import ADAPTER_INFO, FINETUNE_INFO, entry_beside
+from tasks.runtimes.onnx import ONNX_NEEDS
+from tasks.stages import ONNX, ONNX_ADAPTER, PEFT, StageSpec, Step, StepContext, spec_for
 
 
 @dataclass(frozen=True, kw_only=True)
@@ -41,12 +40,9 @@ class Config:
     )  # fmt: skip
 
 
-def implied_base(step: Any, steps: dict[str, Any], file: str) -> tuple[Any, list[Any]]:
+def implied_base(step: Step, steps: dict[str, Step], file: str) -> tuple[Step, list[Step]]:
     """Complete an adapter step with its ONNX base: the capture of the fine-tune's base model
     with LoRA slots, added to the recipe unless the step names one."""
-    from tasks.recipe import Step
-    from tasks.stages import capture
-
     finetune = steps.get(step.source)
     if finetune is None or finetune.stage != "finetune":
         what = (
@@ -78,7 +74,9 @@ def implied_base(step: Any, steps: dict[str, Any], file: str) -> tuple[Any, list
             )  # fmt: skip
         return step, []
     quantized = base_model.stage == "quantize"
-    config = capture.Config(precision="int4" if quantized else "fp32", lora_slots=True)
+    # By the registry, not an import: a stage never imports a sibling stage.
+    capture = spec_for("capture", None)
+    config = capture.config(precision="int4" if quantized else "fp32", lora_slots=True)
     name = f"{base_model.name or 'model'}-lora"
     ref = f"capture.{name}"
     existing = steps.get(ref)
@@ -88,7 +86,7 @@ def implied_base(step: Any, steps: dict[str, Any], file: str) -> tuple[Any, list
             f"but the recipe defines {ref} otherwise",
             f'rename [{ref}], or set base = "{ref}" here if it is meant as this base',
         )  # fmt: skip
-    base_step = existing or Step("capture", name, capture.SPEC, config, finetune.source, ())
+    base_step = existing or Step("capture", name, capture, config, finetune.source, ())
     completed = dataclasses.replace(
         step, config=dataclasses.replace(step.config, base=ref), extra=(("base", ref),)
     )
@@ -100,8 +98,8 @@ def onnx_logits_with_adapter(folder: Path, ids: list[int], adapter: Path | None)
     import numpy as np
     import onnxruntime as ort
 
-    from tasks.stages.onnx_folder import model_file
-    from tasks.stages.onnx_run import decoder_dims, empty_past_feed, ort_session
+    from tasks.formats.genai import model_file
+    from tasks.runtimes.onnx import decoder_dims, empty_past_feed, ort_session
 
     session = ort_session(model_file(folder), ["CPUExecutionProvider"])
     options = ort.RunOptions()
@@ -132,9 +130,9 @@ def slot_dtype(base: Path) -> Any:
 
 
 def run(config: Config, ctx: StepContext) -> dict[str, Any]:
-    from tasks.stages.finetune import FINETUNE_INFO
-    from tasks.stages.onnx_folder import model_file
-    from tasks.stages.onnx_run import compare_logits, prompt_ids
+    from tasks.formats.genai import model_file
+    from tasks.runtimes.onnx import compare_logits, prompt_ids
+    from tasks.runtimes.torch_lm import load_peft_model, torch_logits_of
     from tasks.tune.onnx_lora import (
         ADAPTER_FILE,
         adapter_tensors,
@@ -142,7 +140,6 @@ def run(config: Config, ctx: StepContext) -> dict[str, Any]:
         peft_pairs,
         read_slots,
     )
-    from tasks.tune.peft_model import load_peft_model, torch_logits_of
 
     assert ctx.input is not None
     base = ctx.steps["base"]
@@ -175,14 +172,6 @@ def run(config: Config, ctx: StepContext) -> dict[str, Any]:
         "vs_peft": with_adapter,
         "base_vs_torch": without,
     }
-
-
-def entry_beside(entry: Path, key: str) -> Path:
-    """Another store entry, found from one entry's path (store/<key[:2]>/<key>)."""
-    other = entry.parent.parent / key[:2] / key
-    if not (other / "MANIFEST.json").is_file():
-        raise StageError(f"store entry {key[:16]}... is missing: run `doit` to rebuild it")
-    return other
 
 
 SPEC = StageSpec(

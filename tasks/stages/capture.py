@@ -26,16 +26,16 @@ from typing import Any, Literal
 
 from tasks.config import ConfigValueError, option, refuse_inapplicable
 from tasks.errors import StageError
-from tasks.stages import HF, ONNX, StageSpec, StepContext
-from tasks.stages.onnx_run import (
+from tasks.runtimes.onnx import (
     ONNX_EXTRA,
     ONNX_NEEDS,
     check_onnx_against,
     head_dims,
     prompt_ids,
     require_provider,
-    torch_logits,
 )
+from tasks.runtimes.torch_lm import torch_logits
+from tasks.stages import HF, ONNX, StageSpec, StepContext
 
 # Bits onnxruntime's MatMulNBits, which the builder re-packs quantized checkpoints into, takes.
 NBITS = (2, 4, 8)
@@ -345,7 +345,7 @@ def run(config: Config, ctx: StepContext) -> dict[str, Any]:
         # the input's file could break the folder; the genai check below proves it loads.
         run_builder(config, ctx, ctx.input, quant)
         if config.lora_slots:
-            from tasks.stages.onnx_folder import model_file
+            from tasks.formats.genai import model_file
             from tasks.tune.onnx_lora import add_lora_slots
 
             slots = add_lora_slots(model_file(ctx.out))

@@ -26,18 +26,14 @@ from __future__ import annotations
 
 import bisect
 import csv
-import dataclasses
 import json
 import random
-import re
-import string
 import tempfile
-from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Literal
 
-from tasks.config import ConfigValueError, option
+from tasks.config import ConfigValueError, Narrow, option, refuse_inapplicable
 from tasks.errors import PreflightError, StageError, did_you_mean
 from tasks.fetch import (
     check_pin,
@@ -46,6 +42,7 @@ from tasks.fetch import (
     extract_member,
     pypi_download,
 )
+from tasks.formats.text import template_fields
 from tasks.stages import DATA, StageSpec, StepContext
 
 TABLES = ("tsv", "csv")
@@ -117,14 +114,7 @@ class Config:
             # Resolved here, so that writing the default out does not change the step's key.
             tabular = self.format != "text" and not self.hf_dataset
             object.__setattr__(self, "shuffle", tabular)
-        defaults = {f.name: f.default for f in dataclasses.fields(self)}
-        for key, applies, where in NARROW_SETTINGS:
-            if getattr(self, key) != defaults[key] and not applies(self):
-                raise ConfigValueError(
-                    key,
-                    f"only applies to {where}: here it would change the step's key, not the output",
-                    f"remove {key}",
-                )
+        refuse_inapplicable(self, NARROW_SETTINGS)
 
     def _check_bins(self) -> None:
         if not self.bin_field:
@@ -159,7 +149,7 @@ def _prose_file(c: Config) -> bool:
 
 # Settings only some sources or formats read: (field, does it apply to this config?, where it
 # applies). Set (different from its default) where it does not apply, one is refused.
-NARROW_SETTINGS: tuple[tuple[str, Callable[[Config], bool], str], ...] = (
+NARROW_SETTINGS: tuple[Narrow, ...] = (
     ("member", _pypi, "a pypi source"),
     ("sdist", _pypi, "a pypi source"),
     ("hf_name", _hf, "an hf_dataset source"),
@@ -176,15 +166,6 @@ NARROW_SETTINGS: tuple[tuple[str, Callable[[Config], bool], str], ...] = (
     ("bin_names", lambda c: bool(c.bin_field), "a binned field (bin_field)"),
     ("bin_into", lambda c: bool(c.bin_field), "a binned field (bin_field)"),
 )
-
-
-def template_fields(template: str) -> list[str]:
-    """The field names a text_template uses; ValueError for a malformed or positional one."""
-    names = [f for _, f, _, _ in string.Formatter().parse(template) if f is not None]
-    roots = [re.split(r"[.\[]", name)[0] for name in names]
-    if not all(roots):
-        raise ValueError("fields must be named, as in {phrase}, not {}")
-    return roots
 
 
 def run(config: Config, ctx: StepContext) -> dict[str, Any]:

@@ -20,10 +20,8 @@ from __future__ import annotations
 import dataclasses
 import importlib.util
 import json
-import math
 import statistics
 import time
-from collections.abc import Iterable
 from dataclasses import dataclass
 from pathlib import Path
 from typing import TYPE_CHECKING, Any, Literal
@@ -31,13 +29,13 @@ from typing import TYPE_CHECKING, Any, Literal
 from tasks.config import ConfigValueError, option, refuse_inapplicable
 from tasks.digest import dir_size
 from tasks.errors import PreflightError, StageError
+from tasks.formats.genai import GENAI_CONFIG
+from tasks.formats.text import read_text
+from tasks.runtimes.perplexity import text_perplexity
 from tasks.stages import HF, METRICS, ONNX, ONNX_ADAPTER, PEFT, StageSpec, StepContext
-from tasks.stages.onnx_folder import GENAI_CONFIG
 
 if TYPE_CHECKING:
-    import numpy as np
-
-    from tasks.stages.evaluate_runners import Runner
+    from tasks.runtimes.runners import Runner
 
 NOT_WEIGHTS = ("MANIFEST.json",)  # store bookkeeping, not part of what a user ships
 
@@ -93,96 +91,6 @@ NARROW_SETTINGS = (
 )
 
 
-def token_nll(logits: np.ndarray, labels: np.ndarray) -> np.ndarray:
-    """-log softmax(logits)[label] per row of logits [n, vocab], summed in float64."""
-    import numpy as np
-
-    logits = np.asarray(logits)
-    top = logits.max(axis=-1, keepdims=True)
-    # exp in the logits' own dtype, sums in float64: no float64 copy of [n, vocab] in memory.
-    log_total = np.log(np.exp(logits - top).sum(axis=-1, dtype=np.float64)) + top[:, 0]
-    return log_total - logits[np.arange(len(labels)), labels].astype(np.float64)
-
-
-def perplexity(logits: np.ndarray, labels: np.ndarray) -> float:
-    """exp(mean NLL): row i of logits predicts labels[i]."""
-    return math.exp(float(token_nll(logits, labels).mean()))
-
-
-def read_text(data_dir: Path, split: str) -> str:
-    """The split's texts joined by blank lines (one JSON object with "text" per line)."""
-    path = data_dir / f"{split}.jsonl"
-    if not path.is_file():
-        raise StageError(f"data set {data_dir} has no {path.name}: rebuild its data step")
-    lines = path.read_text(encoding="utf-8").splitlines()
-    return "\n\n".join(json.loads(line)["text"] for line in lines if line.strip())
-
-
-def special_prefix(tokenizer: Any) -> list[int]:
-    """Tokens the tokenizer puts before any text (a BOS), or []: models trained with one
-    expect it, so every window starts with it."""
-    marked = tokenizer("a").input_ids
-    plain = tokenizer("a", add_special_tokens=False).input_ids
-    return marked[: -len(plain)] if marked[-len(plain) :] == plain else []
-
-
-def token_windows(
-    ids: list[int], prefix: list[int], seq_len: int, max_tokens: int
-) -> list[list[int]]:
-    """Windows of at most seq_len tokens whose scored parts (all but the first
-    `max(1, len(prefix))` tokens) tile the text: each text token is scored once. A window's
-    context is the prefix, or without one the token just before its scored part."""
-    context = len(prefix) or 1
-    step = seq_len - context
-    if step < 1:
-        raise StageError(
-            f"seq_len {seq_len} leaves no room to score after {context} context tokens"
-        )
-    start = 0 if prefix else 1
-    end = min(len(ids), start + max_tokens)
-    return [
-        (prefix or ids[i - 1 : i]) + ids[i : min(i + step, end)] for i in range(start, end, step)
-    ]
-
-
-def score(runner: Runner, windows: Iterable[list[int]], context: int) -> dict[str, Any]:
-    """Perplexity over all scored tokens of all windows."""
-    total, count = 0.0, 0
-    for window in windows:
-        logits = runner.logits(window)
-        total += float(token_nll(logits[context - 1 : -1], window[context:]).sum())
-        count += len(window) - context
-    if count == 0:
-        raise StageError("no tokens to score: the data split is empty")
-    return {"perplexity": math.exp(total / count), "tokens_scored": count}
-
-
-def text_perplexity(
-    runner: Runner, tokenizer: Any, text: str, seq_len: int, max_tokens: int, ctx: StepContext
-) -> dict[str, Any]:
-    """Perplexity of the model over the first max_tokens tokens of text, in windows."""
-    prefix = special_prefix(tokenizer)
-    # verbose=False: the whole text is longer than the model's context, which is fine here.
-    ids = tokenizer(text, add_special_tokens=False, verbose=False).input_ids
-    windows = token_windows(ids, prefix, seq_len, max_tokens)
-    progress = ctx.progress(windows, "perplexity", total=len(windows))
-    return score(runner, progress, len(prefix) or 1)
-
-
-def heldout_perplexity(
-    folder: Path, data_dir: Path, ctx: StepContext, seq_len: int = 512, max_tokens: int = 4096
-) -> dict[str, Any]:
-    """Perplexity of a Hugging Face model folder on a data set's held-out split: what a
-    producing step (a quantizer) records about its own output."""
-    from transformers import AutoTokenizer
-
-    tokenizer = AutoTokenizer.from_pretrained(folder)
-    runner = load_runner(folder, HF, threads=0)
-    return text_perplexity(
-        runner, tokenizer, read_text(data_dir, "heldout"), seq_len, max_tokens, ctx
-    )
-
-
 def prompt_ids(tokenizer: Any, config: Config) -> list[int]:
     if config.chat_template and getattr(tokenizer, "chat_template", None):
         messages = [{"role": "user", "content": config.prompt}]
@@ -215,7 +123,7 @@ def time_generation(
 ) -> tuple[list[int], dict[str, float]]:
     """The greedy sample (stopped at EOS; also the warm-up) and the median latency of
     `repeats` runs of exactly new_tokens: EOS is ignored so every run times the same work."""
-    from tasks.stages.evaluate_runners import greedy
+    from tasks.runtimes.runners import greedy
 
     sample, _, _ = greedy(runner, prompt, config.new_tokens, eos)
     runs = [greedy(runner, prompt, config.new_tokens) for _ in range(config.repeats)]
@@ -226,7 +134,7 @@ def time_generation(
 
 
 def load_runner(folder: Path, fmt: str, threads: int, adapter: Path | None = None) -> Runner:
-    from tasks.stages.evaluate_runners import HfRunner, OrtRunner
+    from tasks.runtimes.runners import HfRunner, OrtRunner
 
     return OrtRunner(folder, threads, adapter) if fmt == ONNX else HfRunner(folder, adapter)
 
@@ -236,7 +144,7 @@ def measure(
 ) -> dict[str, Any]:
     """Load the model, score the data set if any, time generation. The model is freed on
     return, before onnxruntime-genai loads its own copy."""
-    from tasks.stages.evaluate_runners import greedy
+    from tasks.runtimes.runners import greedy
 
     started = time.perf_counter()
     runner = load_runner(model.folder, model.fmt, config.threads, model.adapter)
@@ -301,8 +209,7 @@ class Model:
 def resolve_model(ctx: StepContext) -> Model:
     """The input as a runnable model: a finetune step's PEFT adapter runs on its base model,
     an adapter step's .onnx_adapter on its shared ONNX base (both found in the store)."""
-    from tasks.stages.adapter import ADAPTER_INFO, entry_beside
-    from tasks.stages.finetune import FINETUNE_INFO
+    from tasks.formats.finetune import ADAPTER_INFO, FINETUNE_INFO, entry_beside
     from tasks.tune.examples import Format
 
     assert ctx.input is not None
@@ -340,7 +247,7 @@ def score_answers(
 def run(config: Config, ctx: StepContext) -> dict[str, Any]:
     from transformers import AutoTokenizer
 
-    from tasks.stages.evaluate_runners import genai_answers, genai_metrics, torch_threads
+    from tasks.runtimes.runners import genai_answers, genai_metrics, torch_threads
 
     model = resolve_model(ctx)
     if not config.answers:

@@ -24,11 +24,11 @@ from typing import Any, Literal
 
 from tasks.config import ConfigValueError, option, refuse_inapplicable
 from tasks.errors import StageError
+from tasks.formats.finetune import FINETUNE_INFO
 from tasks.stages import HF, StageSpec, StepContext
 from tasks.tune.lora import DEFAULT_TARGETS
 
 PEFT = "peft"  # the output format: a PEFT adapter for the input model
-FINETUNE_INFO = "finetune.json"
 
 
 @dataclass(frozen=True, kw_only=True)
@@ -135,7 +135,7 @@ def run(config: Config, ctx: StepContext) -> dict[str, Any]:
     import torch
     from transformers import AutoTokenizer
 
-    from tasks.stages.quantize.hf_common import pick_device
+    from tasks.runtimes.torch_lm import pick_device
     from tasks.tune import examples as ex
     from tasks.tune.lora import attach_lora, layers_without_gradient, load_base
     from tasks.tune.trainer import Schedule, train

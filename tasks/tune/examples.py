@@ -15,7 +15,7 @@ from pathlib import Path
 from typing import Any
 
 from tasks.errors import PreflightError, StageError, did_you_mean
-from tasks.stages.data import template_fields
+from tasks.formats.text import template_fields
 
 IGNORE = -100  # the label of a token that carries no loss (PyTorch's cross-entropy default)
 

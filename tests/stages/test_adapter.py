@@ -13,13 +13,13 @@ from stages.test_finetune import TEMPLATE, tone_records
 from workspace import Workspace
 
 from tasks.errors import RecipeError
+from tasks.formats.finetune import FINETUNE_INFO
 from tasks.recipe import load_recipe
 from tasks.stages import StepContext
 from tasks.stages.adapter import Config as AdapterConfig
 from tasks.stages.adapter import run as run_adapter
 from tasks.stages.capture import Config as CaptureConfig
 from tasks.stages.capture import run as run_capture
-from tasks.stages.finetune import FINETUNE_INFO
 from tasks.tune.onnx_lora import ADAPTER_FILE, read_slots
 
 CHAIN = """
@@ -138,7 +138,7 @@ def test_two_adapters_switch_per_request_in_one_genai_process(tmp_path, tiny_mod
 
     import onnxruntime_genai as og
 
-    from tasks.tune.peft_model import load_peft_model
+    from tasks.runtimes.torch_lm import load_peft_model
 
     # Store entries as the adapter stage finds them: store/<key[:2]>/<key>/MANIFEST.json.
     base_hf = tmp_path / "store" / "ba" / "base"

@@ -11,9 +11,9 @@ import pytest
 
 from tasks.config import ConfigValueError, parse_config
 from tasks.errors import PreflightError, RecipeError, StageError
+from tasks.runtimes.onnx import op_counts, prompt_ids
 from tasks.stages import StepContext
 from tasks.stages.capture import Config, run
-from tasks.stages.onnx_run import op_counts, prompt_ids
 
 
 def capture(model: Path, out: Path, config: Config) -> dict[str, Any]:
@@ -201,7 +201,7 @@ def test_cuda_without_a_gpu_is_refused_before_building(tiny_model, tmp_path):
 
 
 def test_kv_heads_and_head_size_come_from_the_config(tiny_model):
-    from tasks.stages.onnx_run import decoder_dims
+    from tasks.runtimes.onnx import decoder_dims
 
     assert decoder_dims(tiny_model) == {"kv_heads": 2, "head_size": 16}  # 4 heads of 64 / 4
 

@@ -14,18 +14,10 @@ import pytest
 
 from tasks.config import ConfigValueError, parse_config
 from tasks.errors import PreflightError, RecipeError, StageError
+from tasks.formats.text import read_text
+from tasks.runtimes.perplexity import perplexity, special_prefix, token_nll, token_windows
 from tasks.stages import StepContext, spec_for
-from tasks.stages.evaluate import (
-    Config,
-    perplexity,
-    prompt_ids,
-    read_text,
-    run,
-    size_bytes,
-    special_prefix,
-    token_nll,
-    token_windows,
-)
+from tasks.stages.evaluate import Config, prompt_ids, run, size_bytes
 
 # Small enough to keep the module's runs to seconds; still several windows.
 FAST = Config(data="prose", seq_len=64, max_tokens=400, new_tokens=8, repeats=2)
@@ -158,8 +150,8 @@ def test_genai_is_measured_for_a_builder_folder(onnx_metrics: dict, hf_metrics: 
 
 
 def test_genai_and_onnxruntime_greedy_tokens_match(onnx_folder: Path) -> None:
-    from tasks.stages.evaluate_runners import OrtRunner, genai_model, greedy
-    from tasks.stages.onnx_run import genai_greedy
+    from tasks.runtimes.onnx import genai_greedy
+    from tasks.runtimes.runners import OrtRunner, genai_model, greedy
 
     prompt, eos = [57, 74, 301, 223, 75, 85], frozenset({0})
     ours, _, _ = greedy(OrtRunner(onnx_folder, threads=1), prompt, 12, eos)

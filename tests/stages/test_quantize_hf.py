@@ -20,11 +20,11 @@ from workspace import Workspace, tiny_recipe
 from tasks.config import parse_config
 from tasks.errors import RecipeError, StageError
 from tasks.quant.checkpoint import load_dequantized
+from tasks.runtimes.onnx import op_counts, prompt_ids
+from tasks.runtimes.perplexity import heldout_perplexity
 from tasks.stages import StepContext, spec_for
 from tasks.stages.capture import Config as CaptureConfig
 from tasks.stages.capture import run as run_capture
-from tasks.stages.evaluate import heldout_perplexity
-from tasks.stages.onnx_run import op_counts, prompt_ids
 
 ALGORITHMS = ("rtn", "gptq", "awq", "quarot")
 # Small enough for seconds per run; group_size 32 divides every width (64 and 160).

@@ -10,11 +10,11 @@ import pytest
 
 from tasks.config import ConfigValueError, as_params
 from tasks.errors import PreflightError, StageError
+from tasks.formats.genai import external_data_files, model_file
 from tasks.stages import StepContext
-from tasks.stages.onnx_folder import external_data_files, model_file
-from tasks.stages.onnx_run import work_copy
 from tasks.stages.quantize import nvmo
 from tasks.stages.quantize.nvmo import Config
+from tasks.stages.quantize.onnx_common import work_copy
 
 
 @pytest.mark.parametrize(

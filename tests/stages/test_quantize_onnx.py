@@ -10,8 +10,8 @@ import pytest
 
 from tasks.config import ConfigValueError, parse_config
 from tasks.errors import RecipeError, StageError
+from tasks.runtimes.onnx import genai_generate, onnx_logits, op_counts, prompt_ids
 from tasks.stages import StepContext, spec_for
-from tasks.stages.onnx_run import genai_generate, onnx_logits, op_counts, prompt_ids
 from tasks.stages.quantize import bnb4
 
 
@@ -96,8 +96,8 @@ def test_an_output_with_non_finite_logits_is_refused(fp32, tmp_path):
     import onnx
     from onnx import numpy_helper
 
-    from tasks.stages.onnx_folder import model_file, save_with_external_data
-    from tasks.stages.onnx_run import check_quantized
+    from tasks.formats.genai import model_file, save_with_external_data
+    from tasks.stages.quantize.onnx_common import check_quantized
 
     out = tmp_path / "broken"
     shutil.copytree(fp32, out)

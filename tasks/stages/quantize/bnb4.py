@@ -14,15 +14,14 @@ from dataclasses import dataclass
 from typing import Any, Literal
 
 from tasks.config import ConfigValueError, option
+from tasks.formats.genai import model_file
+from tasks.runtimes.onnx import require_provider, target_provider
 from tasks.stages import StepContext
-from tasks.stages.onnx_folder import model_file
-from tasks.stages.onnx_run import (
+from tasks.stages.quantize.onnx_common import (
     NodeExclusion,
     finish_quantized,
     match_nodes,
     onnx_quantizer_spec,
-    require_provider,
-    target_provider,
 )
 
 

@@ -1,5 +1,6 @@
 """What the Hugging Face weight quantizers (rtn, gptq, awq, quarot) share: the common recipe
-keys, their checks, and the run that streams the model through tasks.quant.layerwise."""
+keys (and GPTQ's, which quarot takes too), their checks, and the run that streams the model
+through tasks.quant.layerwise."""
 
 from __future__ import annotations
 
@@ -89,6 +90,34 @@ class HFQuantConfig:
         return QuantSpec(self.bits, self.group_size, self.sym)
 
 
+@dataclass(frozen=True, kw_only=True)
+class GptqSettings(HFQuantConfig):
+    """GPTQ's keys: the gptq algorithm's, and quarot's when GPTQ quantizes the rotated weights."""
+
+    sym: bool = option(False, "symmetric (zero point fixed at the middle) or asymmetric")
+    damp_percent: float = option(0.01, "Hessian dampening, as a fraction of its mean diagonal")
+    act_order: bool = option(True, "quantize columns by decreasing activation size (desc_act)")
+    static_groups: bool = option(
+        True,
+        "with act_order: groups keep their columns and scales are fixed up front, so the "
+        "checkpoint needs no g_idx permutation (and asymmetric zero points convert to ONNX)",
+    )
+    true_sequential: bool = option(True, "within a layer, quantize q/k/v, o, gate/up, down in turn")
+
+    def __post_init__(self) -> None:
+        super().__post_init__()
+        if not 0 < self.damp_percent < 1:
+            raise ConfigValueError(
+                "damp_percent", f"{self.damp_percent} is not in (0, 1)", "use 0.01 to 0.1"
+            )
+        if self.act_order and not self.static_groups and not self.sym:
+            raise ConfigValueError(
+                "act_order", "act_order with sym = false does not survive conversion to ONNX "
+                "(onnxruntime's MatMulNBits ignores zero points when g_idx is present)",
+                "set static_groups = true, sym = true, or act_order = false",
+            )  # fmt: skip
+
+
 def hf_spec(algorithm: str, config: type, run: Any, doc: str, version: str = "1") -> StageSpec:
     return StageSpec(
         stage="quantize", algorithm=algorithm, version=version, config=config, run=run, doc=doc,
@@ -119,23 +148,12 @@ def check_group_size(src: Path, config: HFQuantConfig) -> None:
             )
 
 
-def pick_device(choice: str) -> torch.device:
-    import torch
-
-    if choice == "cuda" and not torch.cuda.is_available():
-        raise StageError(
-            'device = "cuda" but torch sees no GPU\n  fix: use device = "auto" or "cpu"'
-        )
-    cuda = choice == "cuda" or (choice == "auto" and torch.cuda.is_available())
-    return torch.device("cuda" if cuda else "cpu")
-
-
 def calibration_ids(src: Path, data_dir: Path, config: HFQuantConfig) -> torch.Tensor:
     """num_samples windows of seq_len tokens, evenly spread over the data set's train split."""
     import torch
     from transformers import AutoTokenizer
 
-    from tasks.stages.evaluate import read_text
+    from tasks.formats.text import read_text
     from tasks.stages.quantize.windows import calibration_windows
 
     tokenizer = AutoTokenizer.from_pretrained(src)
@@ -149,6 +167,7 @@ def run_quantizer(config: HFQuantConfig, ctx: StepContext, handler: Handler, lay
     from tasks.quant.checkpoint import check_layout, pack_linear, write_quantized
     from tasks.quant.layerwise import quantize_layerwise
     from tasks.quant.memory import PeakMemory
+    from tasks.runtimes.torch_lm import pick_device
 
     assert ctx.input is not None
     check_group_size(ctx.input, config)
@@ -179,7 +198,7 @@ def run_quantizer(config: HFQuantConfig, ctx: StepContext, handler: Handler, lay
     metrics = {"device": device.type, "layout": layout, "seconds_per_layer": report.seconds_per_layer,
                "quantized_linears": count, **peak.metrics()}  # fmt: skip
     if config.data and config.eval_tokens:
-        from tasks.stages.evaluate import heldout_perplexity
+        from tasks.runtimes.perplexity import heldout_perplexity
 
         metrics |= heldout_perplexity(
             ctx.out, ctx.data[config.data], ctx, max_tokens=config.eval_tokens

@@ -16,15 +16,15 @@ from pathlib import Path
 from typing import Any
 
 from tasks.stages import StepContext
-from tasks.stages.onnx_run import (
+from tasks.stages.quantize.inc_common import INC
+from tasks.stages.quantize.onnx_common import (
+    Int8Settings,
     finish_quantized,
     fp32_source,
     match_nodes,
     onnx_quantizer_spec,
     work_copy,
 )
-from tasks.stages.quantize.inc_common import INC
-from tasks.stages.quantize.ort_dynamic import Int8Settings
 
 
 @dataclass(frozen=True, kw_only=True)

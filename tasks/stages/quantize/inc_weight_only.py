@@ -19,17 +19,17 @@ from pathlib import Path
 from typing import Any, Literal
 
 from tasks.config import ConfigValueError, option
+from tasks.formats.genai import save_with_external_data
 from tasks.stages import StepContext
-from tasks.stages.onnx_folder import save_with_external_data
-from tasks.stages.onnx_run import (
+from tasks.stages.quantize.inc_common import INC
+from tasks.stages.quantize.onnx_calibration import TextCalibration, reader, token_windows
+from tasks.stages.quantize.onnx_common import (
     check_block_size,
     finish_quantized,
     fp32_source,
     onnx_quantizer_spec,
     work_copy,
 )
-from tasks.stages.quantize.inc_common import INC
-from tasks.stages.quantize.onnx_calibration import TextCalibration, reader, token_windows
 
 
 @dataclass(frozen=True, kw_only=True)

@@ -30,7 +30,8 @@ from tasks.config import ConfigValueError, option, refuse_inapplicable
 from tasks.envs import Environment
 from tasks.errors import PreflightError, StageError
 from tasks.stages import StepContext
-from tasks.stages.onnx_run import (
+from tasks.stages.quantize.onnx_calibration import TextCalibration, reader, token_windows
+from tasks.stages.quantize.onnx_common import (
     BLOCK_SIZES,
     NodeExclusion,
     check_block_size,
@@ -40,7 +41,6 @@ from tasks.stages.onnx_run import (
     onnx_quantizer_spec,
     work_copy,
 )
-from tasks.stages.quantize.onnx_calibration import TextCalibration, reader, token_windows
 
 LOCKS = Path(__file__).with_name("locks")  # refreshed with tools/lock_envs.py
 
@@ -248,7 +248,7 @@ def quantize_in_env(
     from modelopt.onnx.quantization import quantize
     from onnxruntime.quantization import CalibrationDataReader
 
-    from tasks.stages.onnx_folder import save_with_external_data
+    from tasks.formats.genai import save_with_external_data
 
     assert ctx.input is not None
     register_builder_ops()

@@ -50,7 +50,7 @@ def token_windows(config: TextCalibration, ctx: StepContext) -> list[list[int]]:
     the Hugging Face quantizers calibrate on)."""
     from tokenizers import Tokenizer
 
-    from tasks.stages.evaluate import read_text
+    from tasks.formats.text import read_text
     from tasks.stages.quantize.windows import calibration_windows
 
     assert ctx.input is not None
@@ -65,7 +65,7 @@ class DecoderFeeds:
     Mixed into each library's own reader base class inside its environment."""
 
     def __init__(self, model: Path, folder: Path, windows: list[list[int]]) -> None:
-        from tasks.stages.onnx_run import decoder_dims, empty_past_feed, ort_session
+        from tasks.runtimes.onnx import decoder_dims, empty_past_feed, ort_session
 
         session = ort_session(model, ["CPUExecutionProvider"])
         dims = decoder_dims(folder)

@@ -15,23 +15,14 @@ from typing import Any, Literal
 
 from tasks.config import ConfigValueError, option
 from tasks.stages import StepContext
-from tasks.stages.onnx_run import (
-    NodeExclusion,
+from tasks.stages.quantize.onnx_common import (
+    Int8Settings,
     finish_quantized,
     fp32_source,
     match_nodes,
     onnx_quantizer_spec,
     work_copy,
 )
-
-
-@dataclass(frozen=True, kw_only=True)
-class Int8Settings(NodeExclusion):
-    """What every dynamic int8 quantizer takes (onnxruntime's, Intel's)."""
-
-    weight_type: Literal["int8", "uint8"] = option("int8", "integer type of the weights")
-    per_channel: bool = option(False, "one scale per output channel instead of per tensor")
-    reduce_range: bool = option(False, "7-bit weights, for older x86 CPUs without VNNI")
 
 
 @dataclass(frozen=True, kw_only=True)

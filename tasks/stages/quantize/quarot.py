@@ -21,12 +21,11 @@ from typing import Any, Literal
 
 from tasks.config import option
 from tasks.stages import StepContext
-from tasks.stages.quantize.gptq import Config as GptqConfig
-from tasks.stages.quantize.hf_common import hf_spec, run_quantizer
+from tasks.stages.quantize.hf_common import GptqSettings, hf_spec, run_quantizer
 
 
 @dataclass(frozen=True, kw_only=True)
-class Config(GptqConfig):
+class Config(GptqSettings):
     """Hadamard rotation fused into the weights, then GPTQ (or RTN); the GPTQ layout. The LM
     head and the embedding come out untied (the final norm is folded into the head)."""
 
@@ -37,7 +36,7 @@ class Config(GptqConfig):
     rotate_heads: bool = option(True, "also rotate each attention head's values (v_proj/o_proj)")
 
     # GPTQ's own settings apply only when GPTQ quantizes the rotated weights.
-    NARROW_SETTINGS = GptqConfig.NARROW_SETTINGS + tuple(
+    NARROW_SETTINGS = GptqSettings.NARROW_SETTINGS + tuple(
         (key, lambda c: c.weight_quantizer == "gptq", 'weight_quantizer = "gptq"')
         for key in ("damp_percent", "act_order", "static_groups", "true_sequential")
     )

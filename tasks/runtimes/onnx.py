@@ -1,51 +1,30 @@
-"""Run a decoder once to prove a model folder works: ONNX, PyTorch and onnxruntime-genai.
+"""onnxruntime and onnxruntime-genai: sessions, empty-past feeds, logits, greedy tokens.
 
-Every stage that writes a model runs it here: one forward pass over a short prompt with an
-empty past, compared against the model it came from, and (for onnxruntime-genai folders) a few
-greedy tokens. Heavy libraries are imported inside the functions.
+Every stage that writes an ONNX model runs it here to prove the folder works: one forward pass
+over a short prompt with an empty past, compared against the model it came from, and (for
+onnxruntime-genai folders) a few greedy tokens. Heavy libraries are imported inside the functions.
 """
 
 from __future__ import annotations
 
 import json
-import math
 import os
 import time
 from collections.abc import Iterator, Sequence
 from contextlib import contextmanager
-from dataclasses import dataclass
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
-from tasks.config import option
 from tasks.errors import PreflightError, StageError
-from tasks.stages.onnx_folder import GENAI_CONFIG, copy_sidecars, model_file
+from tasks.formats.genai import GENAI_CONFIG, model_file
 
 ONNX_EXTRA = "pip install 'modelkiln[onnx]'"
 # What every step that writes an ONNX folder needs (genai: to prove the folder runs there).
 ONNX_NEEDS = {m: ONNX_EXTRA for m in ("onnxruntime", "onnx", "onnxruntime_genai")}
 
-
-def onnx_quantizer_spec(
-    algorithm: str, config: type, run: Any, doc: str, environment: Any = None,
-    version: str = "1", **extra: Any,
-) -> Any:  # fmt: skip
-    """The StageSpec every ONNX -> ONNX quantizer shares. With an environment, the quantizer
-    runs there, and the main environment's onnxruntime only checks its output."""
-    from tasks.stages import ONNX, StageSpec
-
-    return StageSpec(
-        stage="quantize", algorithm=algorithm, version=version, config=config, run=run, doc=doc,
-        inputs=(ONNX,), output=ONNX, libraries=("onnxruntime", "onnx"), needs=ONNX_NEEDS,
-        environment=environment, **extra,
-    )  # fmt: skip
-
-
 if TYPE_CHECKING:
     import numpy as np
     import onnxruntime as ort
-
-    from tasks.stages import StepContext
 
 PROMPT = "The quick brown fox jumps over the lazy dog"
 # Without a tokenizer any in-vocabulary ids do: the comparison is between two models.
@@ -158,30 +137,6 @@ def onnx_logits(folder: Path, input_ids: list[int], provider: str = "cpu") -> np
     return np.asarray(logits[0], dtype=np.float32)
 
 
-def load_causal_lm(hf_dir: Path) -> Any:
-    """The folder's causal LM in fp32 on the CPU, in eval mode. A GPTQ/AWQ checkpoint is
-    dequantized ((q - z) * s, what its ONNX conversion computes): transformers alone cannot
-    load one without gptqmodel, whose CPU kernels run in bf16."""
-    import torch
-    from transformers import AutoModelForCausalLM
-
-    from tasks.quant.checkpoint import is_quantized, load_dequantized
-
-    if is_quantized(hf_dir):
-        return load_dequantized(hf_dir, dtype=torch.float32)
-    return AutoModelForCausalLM.from_pretrained(hf_dir, dtype=torch.float32).eval()
-
-
-def torch_logits(hf_dir: Path, input_ids: list[int]) -> np.ndarray:
-    """Logits [seq, vocab] of the Hugging Face model in fp32 on the CPU."""
-    import torch
-
-    model = load_causal_lm(hf_dir)
-    with torch.no_grad():
-        logits = model(torch.tensor([input_ids])).logits[0]
-    return logits.float().numpy()
-
-
 def compare_logits(reference: np.ndarray, candidate: np.ndarray) -> dict[str, float]:
     """How far `candidate` is from `reference`: max/mean |Δlogit|, greedy-token agreement."""
     import numpy as np
@@ -258,42 +213,6 @@ def check_onnx_against(
     return metrics
 
 
-@dataclass(frozen=True, kw_only=True)
-class NodeExclusion:
-    """The setting every ONNX quantizer takes: nodes kept in float."""
-
-    SETTINGS_LAST = True  # in the docs, after the stage's own settings
-
-    nodes_to_exclude: tuple[str, ...] = option(
-        (), "nodes to keep in float, by name or glob: '/lm_head/MatMul', '*/mlp/down_proj/*'"
-    )
-
-    def __post_init__(self) -> None:
-        # A set in effect: reordering or repeating it must not change the step's key.
-        object.__setattr__(self, "nodes_to_exclude", tuple(sorted(set(self.nodes_to_exclude))))
-
-
-def match_nodes(model_path: Path, patterns: Sequence[str]) -> list[str]:
-    """Names of the nodes matching glob patterns ('*/mlp/down_proj/*'); a pattern that matches
-    nothing is an error, so a typo cannot silently quantize what it meant to keep."""
-    import fnmatch
-
-    import onnx
-
-    names = [n.name for n in onnx.load(str(model_path), load_external_data=False).graph.node]
-    matched: set[str] = set()
-    for pattern in patterns:
-        hits = fnmatch.filter(names, pattern)
-        if not hits:
-            some = [n for n in names if "MatMul" in n][:3] or names[:3]
-            raise StageError(
-                f"nodes_to_exclude: {pattern!r} matches no node of {model_path.name}\n"
-                f"  fix: use node names or glob patterns like {some}"
-            )
-        matched.update(hits)
-    return sorted(matched)
-
-
 def op_counts(model_path: Path) -> dict[str, int]:
     """How many nodes of each op type the graph has (weights are not read)."""
     import onnx
@@ -343,76 +262,3 @@ def require_provider(provider: str) -> None:
             "this machine cannot (needs onnxruntime-gpu, onnxruntime-genai-cuda and a GPU): "
             "build this step on such a machine"
         )
-
-
-def fp32_source(ctx: StepContext, quantizer: str) -> Path:
-    """The input's model file, refused before any work unless this machine can run it and it
-    computes in fp32 (what dynamic and weight-only quantizers take)."""
-    assert ctx.input is not None
-    src = model_file(ctx.input)
-    require_provider(target_provider(ctx.input))
-    if (dtype := activation_type(src)) != "float32":
-        raise StageError(
-            f"{src} computes in {dtype}; {quantizer} needs an fp32 model: "
-            'quantize a capture with precision = "fp32"'
-        )
-    return src
-
-
-BLOCK_SIZES = (16, 32, 64, 128, 256)  # what MatMulNBits and blocked DequantizeLinear take here
-
-
-def check_block_size(block_size: int) -> None:
-    from tasks.config import ConfigValueError
-
-    if block_size not in BLOCK_SIZES:
-        raise ConfigValueError(
-            "block_size", f"{block_size} is not a block size MatMulNBits takes",
-            f"use one of {', '.join(map(str, BLOCK_SIZES))}",
-        )  # fmt: skip
-
-
-@contextmanager
-def work_copy(ctx: StepContext) -> Iterator[Path]:
-    """A private copy of the input's model for a tool that writes beside what it reads; removed
-    afterwards (it lives in the step's temporary output, so a killed step leaves no stray)."""
-    import shutil
-
-    from tasks.stages.onnx_folder import private_copy
-
-    assert ctx.input is not None
-    work = ctx.out / ".work"
-    try:
-        yield private_copy(ctx.input, work)
-    finally:
-        shutil.rmtree(work, ignore_errors=True)
-
-
-def finish_quantized(ctx: StepContext, quantized_op: str) -> dict[str, Any]:
-    """The common end of an ONNX quantizer: copy the sidecars, then prove the output."""
-    assert ctx.input is not None
-    copy_sidecars(ctx.input, ctx.out)
-    metrics = check_quantized(ctx.input, ctx.out, quantized_op)
-    ctx.log(f"max |Δlogit| vs the input model: {metrics['max_abs_logit_diff']:.3g}")
-    return metrics
-
-
-def check_quantized(src: Path, out: Path, quantized_op: str) -> dict[str, Any]:
-    """Prove an ONNX quantizer's output: it has `quantized_op` nodes, loads and stays close."""
-    count = op_counts(model_file(out)).get(quantized_op, 0)
-    if count == 0:
-        found = op_counts(model_file(src))
-        raise StageError(
-            f"{model_file(src)} has no MatMul with constant weights to quantize (its ops: "
-            f"{', '.join(sorted(found))}): quantize an fp32 capture"
-        )
-    ids, provider = prompt_ids(src), target_provider(src)
-    metrics = check_onnx_against(onnx_logits(src, ids, provider), out, ids, provider)
-    metrics["quantized_nodes"] = count
-    if not math.isfinite(metrics["max_abs_logit_diff"]):  # a NaN or inf logit: never usable
-        raise StageError(
-            f"{model_file(out)} gives non-finite logits on a short prompt; its input does not: "
-            "the quantizer broke the model (try other settings, or keep the failing nodes in "
-            "float with nodes_to_exclude)"
-        )
-    return metrics

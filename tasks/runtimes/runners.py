@@ -1,4 +1,4 @@
-"""The model runners behind the evaluate stage: PyTorch, onnxruntime and onnxruntime-genai.
+"""Model runners behind one loop: PyTorch, onnxruntime and onnxruntime-genai.
 
 A runner scores a whole window with an empty cache (`logits`) and generates greedily with a
 key/value cache (`start` on the prompt, then `next` once per token), so the evaluate stage
@@ -16,16 +16,16 @@ from contextlib import contextmanager
 from pathlib import Path
 from typing import TYPE_CHECKING, Any, Protocol
 
-from tasks.stages.onnx_folder import GENAI_CONFIG, model_file
-from tasks.stages.onnx_run import (
+from tasks.formats.genai import GENAI_CONFIG, model_file
+from tasks.runtimes.onnx import (
     ORT_DTYPES,
     decoder_dims,
     empty_past_feed,
     genai_errors,
     genai_greedy,
-    load_causal_lm,
     ort_session,
 )
+from tasks.runtimes.torch_lm import load_causal_lm
 
 if TYPE_CHECKING:
     import numpy as np
@@ -66,7 +66,7 @@ class HfRunner:
     def __init__(self, folder: Path, adapter: Path | None = None) -> None:
         import torch
 
-        from tasks.tune.peft_model import load_peft_model
+        from tasks.runtimes.torch_lm import load_peft_model
 
         self.torch = torch
         self.model = load_peft_model(folder, adapter) if adapter else load_causal_lm(folder)
