@@ -6,6 +6,8 @@ I/O is stat-ing local inputs (their digests come from the stat cache) and readin
 
 from __future__ import annotations
 
+import functools
+import platform
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -108,7 +110,20 @@ def step_identity(
     }
     if (env := spec.environment_of(step.config)) is not None:  # its pins stand for the
         identity["environment"] = env.key  # libraries it runs with
+    if spec.platform_dependent:  # entries travel between machines: never serve one for another
+        identity["platform"] = platform_identity()
     return identity
+
+
+@functools.cache
+def platform_identity() -> dict[str, str]:
+    """What a step's output can depend on besides its inputs: the kernels libraries pick (by OS
+    and architecture) and the Python that ran them."""
+    return {
+        "os": platform.system().lower(),
+        "machine": platform.machine().lower(),
+        "python": ".".join(platform.python_version_tuple()[:2]),
+    }
 
 
 def _local_digest(step: Step, local: str, cache: DigestCache, file: str) -> str:

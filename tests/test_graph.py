@@ -154,3 +154,24 @@ nodes_to_exclude = ["/lm_head/MatMul"]
         "seq_len = 64, max_tokens = 256, new_tokens = 4, repeats = 1]"
     )
 
+
+def test_the_platform_is_in_the_identity_of_steps_that_depend_on_it(
+    tmp_path, tiny_model, prose_file, monkeypatch
+):
+    """An entry built on one platform is never taken for another's once stores are shared;
+    a data set, plain text handled in Python, is the same everywhere."""
+    import platform
+
+    from tasks import graph
+
+    text = tiny_recipe(tiny_model, prose_file)
+    here = keys_of(tmp_path / "x86", text)
+    graph.platform_identity.cache_clear()
+    monkeypatch.setattr(platform, "machine", lambda: "arm64")
+    try:
+        there = keys_of(tmp_path / "arm", text)
+    finally:
+        graph.platform_identity.cache_clear()
+    assert here["data.prose"] == there["data.prose"]
+    for ref in ("model", "capture.fp32", "quantize.int8", "evaluate.int8", "report"):
+        assert here[ref] != there[ref], ref

@@ -85,6 +85,10 @@ class StageSpec:
     # field holds the content digest instead of the path (cached by stat, so unchanged big files
     # are never re-read, and moving a file does not rebuild). A missing one fails at load.
     local_inputs: Callable[[Any], dict[str, str]] = lambda config: {}
+    # Whether the output can differ between platforms (OS, architecture, Python): numeric code
+    # can. Such a step's identity records the platform, so a shared store never serves an
+    # entry built on one platform to another. Only pure-Python text handling can say False.
+    platform_dependent: bool = True
 
     def environment_of(self, config: Any) -> Environment | None:
         """The Environment a step with this config runs in, or None."""

@@ -429,4 +429,5 @@ SPEC = StageSpec(
     # set is identified by its id and revision; a datasets upgrade must not rebuild them all.
     libraries=(),
     local_inputs=lambda config: {"path": config.path} if config.path else {},
+    platform_dependent=False,  # text handling in pure Python: the same bytes everywhere
 )
