@@ -281,21 +281,17 @@ def call(
         child_env.pop("VIRTUAL_ENV", None)
         # The child's stdout goes to stderr: doit's stdout lists the tasks it runs, and a
         # library's progress bar left there without a newline would swallow the next line.
-        proc = interrupt.child(subprocess.Popen(
+        status = interrupt.run_child(
             [str(python_of(folder)), "-m", "tasks.envrun", str(request)], env=child_env,
             stdout=sys.stderr.fileno(),
-        ))  # fmt: skip
-        try:
-            proc.wait()
-        finally:
-            interrupt.forget(proc)
+        )  # fmt: skip
         print(file=sys.stderr, flush=True)  # end a progress bar the child left open
         answer = json.loads(result.read_text()) if result.is_file() else None
     if answer and "error" in answer:
         raise StageError(answer["error"])
-    if proc.returncode != 0 or answer is None:
+    if status != 0 or answer is None:
         raise StageError(
             f"{function} failed in the {env.name} environment ({folder}) with exit status "
-            f"{proc.returncode}; its output is above"
+            f"{status}; its output is above"
         )
     return answer["value"]

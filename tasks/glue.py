@@ -25,7 +25,7 @@ from tasks.recipe import Step, inputs_of
 from tasks.report import REPORT_STEP
 from tasks.runner import run_step
 from tasks.stages import algorithms
-from tasks.staging import Staging, disk_usage
+from tasks.staging import Staging, disk_usage, os_problem
 from tasks.store import Store
 
 
@@ -228,8 +228,12 @@ def verify(graph: Graph, remove_damaged: bool, dry_run: bool = False) -> TaskFai
     if remove_damaged and dry_run:
         print(f"verify: would remove {count}")
     elif remove_damaged:
-        for key in [*damaged, *sorted(downstream)]:
-            store.remove_damaged(key)
+        try:
+            for key in [*damaged, *sorted(downstream)]:
+                store.remove_damaged(key)
+        except (KilnError, OSError) as err:  # a read-only store, say
+            problem = err if isinstance(err, KilnError) else os_problem(err, doing="remove")
+            return TaskFailed(f"verify: {problem}")
         print(f"verify: removed {count}; `doit` rebuilds what the recipe needs")
         return None
     return TaskFailed(

@@ -12,7 +12,7 @@ from __future__ import annotations
 import os
 import signal
 import sys
-from typing import TYPE_CHECKING
+from typing import TYPE_CHECKING, Any
 
 if TYPE_CHECKING:
     import subprocess
@@ -36,14 +36,16 @@ def building(task: str, tmp: Path | None) -> None:
         _partial[task] = tmp
 
 
-def child(proc: subprocess.Popen) -> subprocess.Popen:
-    """Track a child process, to be terminated if this run is interrupted."""
+def run_child(cmd: list[str], **popen: Any) -> int:
+    """Run a command to its end, terminated with this run if it is interrupted; its exit status."""
+    import subprocess
+
+    proc = subprocess.Popen(cmd, **popen)
     _children.add(proc)
-    return proc
-
-
-def forget(proc: subprocess.Popen) -> None:
-    _children.discard(proc)
+    try:
+        return proc.wait()
+    finally:
+        _children.discard(proc)
 
 
 def _stop(signum: int, frame: FrameType | None) -> None:

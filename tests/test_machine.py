@@ -94,6 +94,14 @@ def test_a_read_only_store_folder_alone(ws):
     assert executed(ws.doit("data").stdout) == ["data:prose"]
 
 
+def test_removing_damage_from_a_read_only_store_is_one_message(ws):
+    ws.doit("data")
+    (ws.artifacts / "recipe" / "data" / "prose" / "stray.txt").write_text("?")
+    with read_only(ws.artifacts):
+        one_message(ws.doit("verify", "--remove-damaged", check=False), "read-only")
+    assert ws.doit("verify", "--remove-damaged").returncode == 0  # writable again: removed
+
+
 # Free bytes left on a 6 MB disk: none (the digest cache and doit cannot write), then points in
 # the model, capture and quantize steps (the whole build needs about 1.5 MB).
 FREE = ["0", "96k", "700k", "1500k"]

@@ -24,6 +24,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Literal
 
+from tasks import interrupt
 from tasks.config import ConfigValueError, option, refuse_inapplicable
 from tasks.errors import StageError
 from tasks.runtimes.onnx import (
@@ -242,13 +243,13 @@ def run_builder(
         # Offline: the input is a local folder and only the model step touches the network.
         env = {**os.environ, "HF_HUB_OFFLINE": "1"}
         with log_path.open("w") as log:
-            done = subprocess.run(cmd, stdout=log, stderr=subprocess.STDOUT, env=env, check=False)
+            status = interrupt.run_child(cmd, stdout=log, stderr=subprocess.STDOUT, env=env)
     finally:
         shutil.rmtree(cache, ignore_errors=True)
-    if done.returncode != 0:  # the log stays in the failed step's directory for inspection
+    if status != 0:  # the log stays in the failed step's directory for inspection
         tail = log_path.read_text(errors="replace").splitlines()[-LOG_TAIL_LINES:]
         raise StageError(
-            f"onnxruntime-genai's model builder failed (exit {done.returncode}) on {hf_dir}; "
+            f"onnxruntime-genai's model builder failed (exit {status}) on {hf_dir}; "
             f"last lines of {log_path}:\n" + "\n".join(tail)
         )
     log_path.unlink()
