@@ -36,7 +36,7 @@ from tasks import interrupt
 from tasks.errors import StageError
 from tasks.keys import key_of
 from tasks.requirement import normalize_name
-from tasks.staging import Staging
+from tasks.staging import Staging, remove_path
 
 ENV_VERSION = "2"  # bump when the way environments are built changes (2: from hashed locks)
 LOCK_TOOL = "python tools/lock_envs.py"  # refreshes a lock from its pins
@@ -125,7 +125,8 @@ def python_of(folder: Path) -> Path:
 
 
 def is_ready(folder: Path) -> bool:
-    return (folder / MARKER).is_file() and python_of(folder).exists()
+    # A link in the folder's place is never trusted, as a linked store entry is not.
+    return (folder / MARKER).is_file() and python_of(folder).exists() and not folder.is_symlink()
 
 
 def staging(artifacts: Path) -> Staging:
@@ -151,8 +152,7 @@ def ensure(artifacts: Path, env: Environment, log: Callable[[str], None]) -> Pat
         except BaseException:
             shutil.rmtree(tmp, ignore_errors=True)  # nothing half-made stays behind
             raise
-        if folder.exists():  # a folder without a marker: never complete, safe to replace
-            shutil.rmtree(folder)
+        remove_path(folder)  # a folder without a marker (or a link): never complete
         os.rename(tmp, folder)
         log(f"{env.name} environment ready: {folder}")
     return folder
