@@ -1,8 +1,9 @@
 """Turn one TOML table into a frozen, validated config dataclass.
 
-Types come from the dataclass annotations; allowed values from `Literal[...]`. Unknown keys,
-wrong types and values that `__post_init__` rejects all become one `RecipeError` naming the
-file, the table, the key, what is allowed and the closest match.
+Types come from the dataclass annotations; allowed values from `Literal[...]`, and from the
+bounds (`ge`, `le`) and size rule (`PowerOfTwo`) an `option` declares. Unknown keys, wrong
+types, values outside those and values that `__post_init__` rejects all become one
+`RecipeError` naming the file, the table, the key, what is allowed and the closest match.
 """
 
 from __future__ import annotations
@@ -13,6 +14,7 @@ import tomllib
 import types
 import typing
 from collections.abc import Callable, Iterable
+from dataclasses import dataclass
 from typing import Any, Literal
 
 from tasks.errors import RecipeError, did_you_mean
@@ -26,12 +28,86 @@ class ConfigValueError(ValueError):
         super().__init__(f"{key}: {problem}")
 
 
-def option(default: Any, doc: str, added: bool = False) -> Any:
+@dataclass(frozen=True)
+class PowerOfTwo:
+    """The rule of a block or group size: a power of two from `least` to `most` (no maximum
+    when None), the sizes the kernels take. Only the part a recipe decides alone: that the
+    size divides the model's widths (`divides`, when set) is checked at run time, against the
+    model, before any weight is read."""
+
+    least: int
+    most: int | None = None
+    why: str = ""  # which kernels take these sizes, said after the problem
+    divides: str = ""  # what the size must also divide, e.g. "each MatMul's input size"
+
+    def accepts(self, value: int) -> bool:
+        in_range = value >= self.least and (self.most is None or value <= self.most)
+        return in_range and not value & (value - 1)
+
+    def sizes(self) -> list[int]:
+        """The sizes allowed; without a maximum, the first three."""
+        count = (self.most // self.least).bit_length() if self.most else 3
+        return [self.least << i for i in range(count)]
+
+    def describe(self) -> str:
+        sizes = f"from {self.least} to {self.most}" if self.most else f">= {self.least}"
+        return f"a power of two {sizes}"
+
+    def refusal(self, key: str, value: int) -> tuple[str, str]:
+        """(problem, fix) for a value the rule does not accept."""
+        problem = f"{key} = {value} is not {self.describe()}"
+        fix = f"use one of {', '.join(map(str, self.sizes()))}{'' if self.most else ', ...'}"
+        if self.divides:
+            fix += f" that divides {self.divides} (the step checks that before it reads any weight)"
+        return problem + (f" ({self.why})" if self.why else ""), fix
+
+
+def option(
+    default: Any,
+    doc: str,
+    added: bool = False,
+    ge: float | None = None,
+    le: float | None = None,
+    rule: PowerOfTwo | None = None,
+) -> Any:
     """A config field with its default and the one-line doc shown in docs and errors.
 
     added=True marks an option added after its stage first shipped: at its default it stays
-    out of the key, so a new option does not rebuild every step built before it existed."""
-    return dataclasses.field(default=default, metadata={"doc": doc, "added": added})
+    out of the key, so a new option does not rebuild every step built before it existed.
+    ge, le and rule bound a number: the parser refuses a recipe's value outside them, and the
+    docs print them."""
+    metadata = {"doc": doc, "added": added, "ge": ge, "le": le, "rule": rule}
+    return dataclasses.field(default=default, metadata=metadata)
+
+
+def describe_limits(field: dataclasses.Field) -> str:
+    """The bounds and rule of a field in words ("1 or more", "0 to 4"), or ""."""
+    ge, le, rule = (field.metadata.get(k) for k in ("ge", "le", "rule"))
+    if rule is not None:
+        text = rule.describe()
+        return f"{text} dividing {rule.divides}" if rule.divides else text
+    if ge is not None and le is not None:
+        return f"{ge} to {le}"
+    if ge is not None:
+        return f"{ge} or more"
+    return f"{le} or less" if le is not None else ""
+
+
+def _out_of_limits(key: str, value: Any, field: dataclasses.Field) -> tuple[str, str] | None:
+    """(problem, fix) for a number outside the field's bounds or rule; None when it is inside,
+    or unset (None, where the field is optional)."""
+    if not isinstance(value, int | float) or isinstance(value, bool):
+        return None
+    ge, le, rule = (field.metadata.get(k) for k in ("ge", "le", "rule"))
+    written = json.dumps(value)
+    fix = f"use a value from {ge} to {le}" if ge is not None and le is not None else ""
+    if ge is not None and value < ge:
+        return f"{key} = {written} is below the minimum {ge}", fix or f"use {ge} or more"
+    if le is not None and value > le:
+        return f"{key} = {written} is above the maximum {le}", fix or f"use {le} or less"
+    if rule is not None and not rule.accepts(value):
+        return rule.refusal(key, value)
+    return None
 
 
 # A setting only some configs read: (field, does it apply to this config?, where it applies).
@@ -125,7 +201,8 @@ def _wrong_value(key: str, value: Any, hint: Any) -> tuple[str, str]:
 def parse_config(cls: type, table: dict[str, Any], file: str, where: str) -> Any:
     """Build `cls` from a TOML table, or raise a RecipeError that says how to fix it."""
     hints = typing.get_type_hints(cls)
-    known = {f.name for f in dataclasses.fields(cls)}
+    fields = {f.name: f for f in dataclasses.fields(cls)}
+    known = set(fields)
     values = {}
     for key, value in table.items():
         if key not in known:
@@ -138,6 +215,8 @@ def parse_config(cls: type, table: dict[str, Any], file: str, where: str) -> Any
         ok, converted = _coerce(value, hints[key])
         if not ok:
             raise RecipeError(file, where, *_wrong_value(key, value, hints[key]))
+        if refused := _out_of_limits(key, converted, fields[key]):
+            raise RecipeError(file, where, *refused)
         values[key] = converted
     try:
         return cls(**values)
@@ -146,9 +225,10 @@ def parse_config(cls: type, table: dict[str, Any], file: str, where: str) -> Any
 
 
 def field_docs(cls: type) -> list[tuple[str, str, Any, str]]:
-    """(name, type, default, doc) for every field: the source of docs/recipes.md's tables.
-    Fields of a base class marked `SETTINGS_LAST = True` (shared settings such as calibration
-    data) come after the stage's own."""
+    """(name, type, default, doc) for every field: the source of docs/recipes.md's tables. The
+    type says the bounds and rule too ("integer, 1 or more"). Fields of a base class marked
+    `SETTINGS_LAST = True` (shared settings such as calibration data) come after the stage's
+    own."""
     hints = typing.get_type_hints(cls)
     last = {
         name
@@ -158,8 +238,13 @@ def field_docs(cls: type) -> list[tuple[str, str, Any, str]]:
     }
     fields = sorted(dataclasses.fields(cls), key=lambda f: f.name in last)
     return [
-        (f.name, describe_type(hints[f.name]), f.default, f.metadata.get("doc", "")) for f in fields
+        (f.name, _described(hints[f.name], f), f.default, f.metadata.get("doc", "")) for f in fields
     ]
+
+
+def _described(hint: Any, field: dataclasses.Field) -> str:
+    limits = describe_limits(field)
+    return f"{describe_type(hint)}, {limits}" if limits else describe_type(hint)
 
 
 def as_params(config: Any) -> dict[str, Any]:

@@ -83,8 +83,8 @@ def lock_lines(env: Environment) -> list[str]:
         text = env.lock.read_text()
     except OSError as err:
         raise StageError(
-            f"cannot read the lock of the {env.name} environment: {env.lock}: {err.strerror}\n"
-            f"  fix: generate it from the environment's pins with {LOCK_TOOL} {env.name}"
+            f"cannot read the lock of the {env.name} environment: {env.lock}: {err.strerror}",
+            f"generate it from the environment's pins with {LOCK_TOOL} {env.name}",
         ) from None
     joined = text.replace("\\\n", " ").splitlines()
     lines = (re.sub(r"(^|\s)#.*", "", line).split() for line in joined)
@@ -162,7 +162,8 @@ def _build(tmp: Path, env: Environment, started: float) -> None:
     if stale := lock_mismatches(env):
         raise StageError(
             f"the lock of the {env.name} environment ({env.lock}) does not match its pins: "
-            f"{', '.join(stale)}\n  fix: refresh it with {LOCK_TOOL} {env.name}"
+            f"{', '.join(stale)}",
+            f"refresh it with {LOCK_TOOL} {env.name}",
         )
     subprocess.run([sys.executable, "-m", "venv", str(tmp)], check=True, capture_output=True)
     log_path = tmp / "pip.log"
@@ -181,7 +182,8 @@ def _build(tmp: Path, env: Environment, started: float) -> None:
     if checked.returncode != 0:  # --no-deps trusts the lock to be complete: verify it
         raise StageError(
             f"cannot build the {env.name} environment: its lock is incomplete\n"
-            f"{checked.stdout.strip()}\n  fix: refresh it with {LOCK_TOOL} {env.name}"
+            f"{checked.stdout.strip()}",
+            f"refresh it with {LOCK_TOOL} {env.name}",
         )
     frozen = subprocess.run(
         [*pip, "freeze"], capture_output=True, text=True, check=True

@@ -7,15 +7,18 @@ from collections.abc import Iterable, Sequence
 
 
 class KilnError(Exception):
-    """Base of every error modelkiln reports to the user without a traceback."""
+    """Base of every error modelkiln reports to the user without a traceback: the problem,
+    then the fix on a line of its own, so every message reads the same way."""
+
+    def __init__(self, problem: str, fix: str = "") -> None:
+        super().__init__(f"{problem}\n  fix: {fix}" if fix else problem)
 
 
 class RecipeError(KilnError):
     """A recipe that cannot be built: bad TOML, unknown key, wrong type, dangling `from`, ..."""
 
     def __init__(self, file: str, where: str, problem: str, fix: str = "") -> None:
-        text = f"{file}: [{where}] {problem}" if where else f"{file}: {problem}"
-        super().__init__(f"{text}\n  fix: {fix}" if fix else text)
+        super().__init__(f"{file}: [{where}] {problem}" if where else f"{file}: {problem}", fix)
 
 
 class StageError(KilnError):
@@ -43,6 +46,6 @@ def check_variables(argv: Sequence[str], known: Sequence[str]) -> None:
         name = arg.split("=", 1)[0]
         if not arg.startswith("-") and "=" in arg and name not in known:
             raise KilnError(
-                f"unknown variable {name}={arg.split('=', 1)[1]!r}{did_you_mean(name, known)}\n"
-                f"  fix: the variables are {', '.join(f'{k}=...' for k in known)}"
+                f"unknown variable {name}={arg.split('=', 1)[1]!r}{did_you_mean(name, known)}",
+                f"the variables are {', '.join(f'{k}=...' for k in known)}",
             )

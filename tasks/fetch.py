@@ -117,9 +117,9 @@ def pypi_download(
             if got != sha256:
                 raise StageError(
                     f"{link.filename} ({requirement} from {source_host(link.url)}) has sha256 "
-                    f"{got}, but the recipe pins {sha256}.\n  fix: if the new file is trusted, "
-                    f'set sha256 = "{got}" in the recipe; otherwise pin the exact version that '
-                    "has the old file"
+                    f"{got}, but the recipe pins {sha256}.",
+                    f'if the new file is trusted, set sha256 = "{got}" in the recipe; otherwise '
+                    "pin the exact version that has the old file",
                 )
             os.rename(tmp, downloads / sha256)  # the folder holds the verified file alone
         finally:
@@ -185,7 +185,7 @@ def _locate(
         hits = [n for n in names if n.endswith("/" + "/".join(parts[:i]))]
         if len(hits) == 1:
             return hits[0], parts[i:]
-    raise StageError(_missing(label, "/".join(parts), names))
+    raise StageError(*_missing(label, "/".join(parts), names))
 
 
 def _open_archive(f: IO[bytes], label: str) -> zipfile.ZipFile | tarfile.TarFile:
@@ -197,7 +197,7 @@ def _open_archive(f: IO[bytes], label: str) -> zipfile.ZipFile | tarfile.TarFile
         return tarfile.open(fileobj=f, mode="r:*")
     except tarfile.TarError:
         raise StageError(
-            f"{label} is not a zip or tar archive\n  fix: point member at a file inside an archive"
+            f"{label} is not a zip or tar archive", "point member at a file inside an archive"
         ) from None
 
 
@@ -224,7 +224,8 @@ def _clean(name: str) -> str:
     return name[2:] if name.startswith("./") else name
 
 
-def _missing(label: str, wanted: str, names: list[str]) -> str:
+def _missing(label: str, wanted: str, names: list[str]) -> tuple[str, str]:
+    """(problem, fix) for a member the archive lacks, with the names closest to it."""
     base = PurePosixPath(wanted).name
     close = difflib.get_close_matches(wanted, names, n=5, cutoff=0.4)
     close += [n for n in names if PurePosixPath(n).name == base and n not in close]
@@ -233,6 +234,6 @@ def _missing(label: str, wanted: str, names: list[str]) -> str:
     if archives:
         hint += f"; archives inside it (add /<file> to descend): {', '.join(archives[:4])}"
     return (
-        f"{label} has no member {wanted!r} ({len(names)} files){hint}\n"
-        "  fix: set member to one of the names above"
+        f"{label} has no member {wanted!r} ({len(names)} files){hint}",
+        "set member to one of the names above",
     )

@@ -76,7 +76,7 @@ def find_file(name: str, version: str, sdist: bool, sha256: str, settings: Setti
             return next(link for link in found if link.sha256 == sha256)
     if not found:
         where = ", ".join(_shown(w) for w, _ in sources) or "no index (pip's no-index is set)"
-        raise StageError(_nothing_found(f"{name}=={version}", sdist, where, listed, failed))
+        raise StageError(*_nothing_found(f"{name}=={version}", sdist, where, listed, failed))
     # The index gives other digests (or none): download one to check, and name what it got.
     return min([link for link in found if not link.sha256] or found, key=_preference)
 
@@ -112,11 +112,12 @@ def _parse_filename(filename: str, project: str) -> tuple[str, bool] | None:
 
 def _nothing_found(
     pin: str, sdist: bool, where: str, listed: dict[str, tuple[str, bool]], failed: list[str]
-) -> str:
+) -> tuple[str, str]:
+    """(problem, fix) when the index has no file for the pin: what it lists instead."""
     if failed and not listed:
         return (
-            f"cannot read the package index for {pin}: {'; '.join(failed)}\n  fix: check the "
-            "network and pip's index settings (`pip config list`, PIP_INDEX_URL)"
+            f"cannot read the package index for {pin}: {'; '.join(failed)}",
+            "check the network and pip's index settings (`pip config list`, PIP_INDEX_URL)",
         )
     kind = "sdist" if sdist else "wheel"
     version = version_key(pin.split("==")[1])
@@ -133,7 +134,7 @@ def _nothing_found(
     fix = "pin a version listed there, or check the name"
     if same:
         fix = "set sdist = false (only wheels exist)" if sdist else "set sdist = true"
-    return f"no {kind} of {pin} on {where} ({has}){unread}\n  fix: {fix}"
+    return f"no {kind} of {pin} on {where} ({has}){unread}", fix
 
 
 def _shown(url: str) -> str:
@@ -273,8 +274,8 @@ def _open(url: str, settings: Settings, accept: str) -> HTTPResponse | addinfour
         cert = Path(settings.cert) if settings.cert else None
         if cert is not None and not cert.exists():
             raise StageError(
-                f"pip's cert setting names {cert}, which does not exist\n  fix: correct it "
-                "(`pip config list`, PIP_CERT) or remove it"
+                f"pip's cert setting names {cert}, which does not exist",
+                "correct it (`pip config list`, PIP_CERT) or remove it",
             )
         context = ssl.create_default_context(
             cafile=str(cert) if cert and cert.is_file() else None,
@@ -305,6 +306,7 @@ def download(link: Link, target: Path, settings: Settings) -> str:
     except (urllib.error.URLError, OSError) as err:
         raise StageError(
             f"downloading {link.filename} from {_shown(link.url)} failed: "
-            f"{getattr(err, 'reason', err)}\n  fix: check the network and run the build again"
+            f"{getattr(err, 'reason', err)}",
+            "check the network and run the build again",
         ) from None
     return digest.hexdigest()

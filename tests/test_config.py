@@ -1,10 +1,18 @@
+import dataclasses
 from dataclasses import dataclass
 from typing import Literal
 
 import pytest
 
-from tasks.config import ConfigValueError, as_params, field_docs, option, parse_config
-from tasks.errors import RecipeError
+from tasks.config import (
+    ConfigValueError,
+    PowerOfTwo,
+    as_params,
+    field_docs,
+    option,
+    parse_config,
+)
+from tasks.errors import KilnError, PreflightError, RecipeError, StageError
 
 
 @dataclass(frozen=True, kw_only=True)
@@ -60,6 +68,105 @@ def test_bad_values_name_file_table_key_and_fix(table, expected):
     text = str(err.value)
     assert text.startswith("r.toml: [quantize.x]")
     assert expected in text
+
+
+@dataclass(frozen=True, kw_only=True)
+class Bounded:
+    bits: int = option(4, "bits", ge=2, le=8)
+    samples: int = option(16, "calibration sequences", ge=1)
+    damp: float = option(0.01, "dampening", ge=0, le=0.5)
+    level: int | None = option(None, "unset: the tool's choice", ge=0, le=4)
+    group_size: int = option(128, "columns per scale", rule=PowerOfTwo(16, divides="the widths"))
+    block_size: int = option(32, "weights per scale", rule=PowerOfTwo(16, 256, why="the kernels"))
+
+
+def parse_bounded(table):
+    return parse_config(Bounded, table, "r.toml", "quantize.gptq")
+
+
+@pytest.mark.parametrize(
+    ("table", "problem", "fix"),
+    [
+        ({"bits": 9}, "bits = 9 is above the maximum 8", "use a value from 2 to 8"),
+        ({"bits": 1}, "bits = 1 is below the minimum 2", "use a value from 2 to 8"),
+        ({"samples": 0}, "samples = 0 is below the minimum 1", "use 1 or more"),
+        ({"damp": 0.75}, "damp = 0.75 is above the maximum 0.5", "use a value from 0 to 0.5"),
+        ({"level": 5}, "level = 5 is above the maximum 4", "use a value from 0 to 4"),
+    ],
+)
+def test_a_value_out_of_bounds_names_the_bound_and_the_range(table, problem, fix):
+    with pytest.raises(RecipeError) as err:
+        parse_bounded(table)
+    assert str(err.value) == f"r.toml: [quantize.gptq] {problem}\n  fix: {fix}"
+
+
+def test_values_on_the_bounds_and_unset_optionals_pass():
+    config = parse_bounded({"bits": 8, "samples": 1, "damp": 0, "level": None})
+    assert (config.bits, config.samples, config.damp, config.level) == (8, 1, 0.0, None)
+    assert parse_bounded({"bits": 2, "level": 0, "damp": 0.5}).level == 0
+
+
+@pytest.mark.parametrize("group_size", [-1, 0, 8, 48, 96])
+def test_a_group_size_not_a_power_of_two_from_16_is_refused(group_size):
+    with pytest.raises(RecipeError) as err:
+        parse_bounded({"group_size": group_size})
+    assert str(err.value) == (
+        f"r.toml: [quantize.gptq] group_size = {group_size} is not a power of two >= 16\n"
+        "  fix: use one of 16, 32, 64, ... that divides the widths (the step checks that "
+        "before it reads any weight)"
+    )
+
+
+@pytest.mark.parametrize("block_size", [8, 48, 512])
+def test_a_block_size_outside_the_kernels_sizes_says_which_they_take(block_size):
+    with pytest.raises(RecipeError) as err:
+        parse_bounded({"block_size": block_size})
+    assert str(err.value).endswith(
+        f"block_size = {block_size} is not a power of two from 16 to 256 (the kernels)\n"
+        "  fix: use one of 16, 32, 64, 128, 256"
+    )
+
+
+@pytest.mark.parametrize("size", [16, 32, 1024])
+def test_powers_of_two_from_16_pass(size):
+    assert parse_bounded({"group_size": size}).group_size == size
+    assert parse_bounded({"block_size": min(size, 256)}).block_size == min(size, 256)
+
+
+def test_docs_show_bounds_and_rules_with_the_type():
+    kinds = {name: kind for name, kind, *_ in field_docs(Bounded)}
+    assert kinds == {
+        "bits": "integer, 2 to 8",
+        "samples": "integer, 1 or more",
+        "damp": "number, 0 to 0.5",
+        "level": "integer, 0 to 4",
+        "group_size": "integer, a power of two >= 16 dividing the widths",
+        "block_size": "integer, a power of two from 16 to 256",
+    }
+
+
+def test_every_stage_default_is_inside_its_own_bounds():
+    from tasks.stages import REGISTRY, spec_for
+
+    for stage, algorithms in REGISTRY.items():
+        for algorithm in algorithms:
+            for f in dataclasses.fields(spec_for(stage, algorithm).config):
+                ge, le, rule = (f.metadata.get(k) for k in ("ge", "le", "rule"))
+                if f.default is None:
+                    continue
+                assert ge is None or f.default >= ge, (stage, algorithm, f.name)
+                assert le is None or f.default <= le, (stage, algorithm, f.name)
+                assert rule is None or rule.accepts(f.default), (stage, algorithm, f.name)
+
+
+@pytest.mark.parametrize("error", [KilnError, StageError, PreflightError])
+def test_stage_errors_take_a_fix_and_format_it_like_recipe_errors(error):
+    assert str(error("model.gguf is truncated", "download it again")) == (
+        "model.gguf is truncated\n  fix: download it again"
+    )
+    assert str(error("model.gguf is truncated")) == "model.gguf is truncated"
+    recipe = RecipeError("r.toml", "model", "model.gguf is truncated", "download it again")
+    assert str(recipe) == "r.toml: [model] model.gguf is truncated\n  fix: download it again"
 
 
 def test_field_docs_cover_every_field():

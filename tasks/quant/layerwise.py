@@ -109,8 +109,8 @@ def check_keep_float(skeleton: torch.nn.Module, keep: tuple[str, ...]) -> None:
             suffixes = {n.split(".", 3)[-1] if n.startswith(LAYERS) else n for n in linears}
             raise StageError(
                 f"modules_to_not_convert: {k!r} matches no linear of the model"
-                f"{did_you_mean(k, suffixes)}\n"
-                f"  fix: name linears in full or by a suffix: {', '.join(sorted(suffixes))}"
+                f"{did_you_mean(k, suffixes)}",
+                f"name linears in full or by a suffix: {', '.join(sorted(suffixes))}",
             )
 
 

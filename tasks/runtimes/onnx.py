@@ -15,12 +15,15 @@ from contextlib import contextmanager
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
+from tasks.config import PowerOfTwo
 from tasks.errors import PreflightError, StageError
 from tasks.formats.genai import GENAI_CONFIG, model_file
 
 ONNX_EXTRA = "pip install 'modelkiln[onnx]'"
 # What every step that writes an ONNX folder needs (genai: to prove the folder runs there).
 ONNX_NEEDS = {m: ONNX_EXTRA for m in ("onnxruntime", "onnx", "onnxruntime_genai")}
+# The block sizes onnxruntime's MatMulNBits (and blocked DequantizeLinear) take.
+NBITS_BLOCK_SIZE = PowerOfTwo(16, 256, why="the block sizes onnxruntime's MatMulNBits takes")
 
 if TYPE_CHECKING:
     import numpy as np

@@ -17,9 +17,7 @@ def pick_device(choice: str) -> torch.device:
     import torch
 
     if choice == "cuda" and not torch.cuda.is_available():
-        raise StageError(
-            'device = "cuda" but torch sees no GPU\n  fix: use device = "auto" or "cpu"'
-        )
+        raise StageError('device = "cuda" but torch sees no GPU', 'use device = "auto" or "cpu"')
     cuda = choice == "cuda" or (choice == "auto" and torch.cuda.is_available())
     return torch.device("cuda" if cuda else "cpu")
 

@@ -67,7 +67,9 @@ class Config:
     encoding: str = option("utf-8-sig", "the file's encoding (the default drops a byte-order mark)")
     start_marker: str = option("", "text: keep only what follows the line containing this")
     end_marker: str = option("", "text: and only what precedes the line containing this")
-    record_chars: int = option(2000, "text: join paragraphs into records of up to this many chars")
+    record_chars: int = option(
+        2000, "text: join paragraphs into records of up to this many chars", ge=1
+    )
     bin_field: str = option("", "a numeric field to cut into named buckets (a label)", added=True)
     bin_edges: tuple[float, ...] = option(
         (), "bin_field: ascending cut points; a value on an edge goes to the bucket above", True
@@ -82,7 +84,9 @@ class Config:
         "and HF data sets (a contiguous held-out part: no neighbouring text leaks into training)",
     )  # fmt: skip
     seed: int = option(0, "seed of the shuffle")
-    max_records: int = option(0, "keep only the first N records (after any shuffle); 0 keeps all")
+    max_records: int = option(
+        0, "keep only the first N records (after any shuffle); 0 keeps all", ge=0
+    )
 
     def __post_init__(self) -> None:
         sources = [k for k in ("path", "pypi", "hf_dataset") if getattr(self, k)]
@@ -101,15 +105,12 @@ class Config:
                 "text_template", str(err), "write {phrase}; {{ for a brace"
             ) from None
         self._check_bins()
-        for key, ok, rule in (
-            ("heldout_fraction", 0 <= self.heldout_fraction < 1, "at least 0 and below 1"),
-            ("record_chars", self.record_chars > 0, "positive"),
-            ("max_records", self.max_records >= 0, "0 (all) or more"),
-        ):
-            if not ok:
-                raise ConfigValueError(
-                    key, f"{getattr(self, key)} is not allowed", f"make it {rule}"
-                )
+        if not 0 <= self.heldout_fraction < 1:  # 1 itself would leave nothing to train on
+            raise ConfigValueError(
+                "heldout_fraction",
+                f"{self.heldout_fraction} is not allowed",
+                "make it at least 0 and below 1",
+            )
         if self.shuffle is None:
             # Resolved here, so that writing the default out does not change the step's key.
             tabular = self.format != "text" and not self.hf_dataset
@@ -204,7 +205,7 @@ def _records(config: Config, ctx: StepContext) -> list[Record]:
     if config.path:
         path = Path(config.path)
         if not path.is_file():
-            raise StageError(f"{path} is not a file\n  fix: set path (relative to {Path.cwd()})")
+            raise StageError(f"{path} is not a file", f"set path (relative to {Path.cwd()})")
         return _read(path, config)
     downloads = downloads_dir(ctx.artifacts)
     archive = pypi_download(config.pypi, config.sha256, downloads, config.sdist, ctx.log)
@@ -221,8 +222,8 @@ def _read(path: Path, config: Config) -> list[Record]:
         return _table(path, config)
     except UnicodeDecodeError as err:
         raise StageError(
-            f"{path.name} is not valid {config.encoding} ({err.reason} at byte {err.start})\n"
-            "  fix: set encoding to the file's encoding, e.g. 'latin-1'"
+            f"{path.name} is not valid {config.encoding} ({err.reason} at byte {err.start})",
+            "set encoding to the file's encoding, e.g. 'latin-1'",
         ) from None
 
 
@@ -262,8 +263,8 @@ def _find(lines: list[str], marker: str, begin: int, name: str, key: str) -> int
     hint = f" (lines that look like markers: {starred})" if starred else ""
     raise StageError(
         f"no line of {name} contains {key} {marker!r}"
-        + (" after the start marker" if begin else "")
-        + f"\n  fix: copy the marker from the file{hint}, or remove {key}"
+        + (" after the start marker" if begin else ""),
+        f"copy the marker from the file{hint}, or remove {key}",
     )
 
 
@@ -298,15 +299,15 @@ def _table(path: Path, config: Config) -> list[Record]:
                 if len(row) != len(header):
                     raise StageError(
                         f"{path.name} line {rows.line_num} has {len(row)} fields, expected "
-                        f"{len(header)} ({', '.join(header)})\n  fix: "
-                        + ("check columns and the delimiter" if config.columns else
-                           "set columns = [...] if the file has no header row")
+                        f"{len(header)} ({', '.join(header)})",
+                        "check columns and the delimiter" if config.columns else
+                        "set columns = [...] if the file has no header row",
                     )  # fmt: skip
                 records.append(dict(zip(header, row, strict=True)))
         except csv.Error as err:  # e.g. a field over csv's limit: an unclosed quote ran on
             raise StageError(
-                f"{path.name} line {rows.line_num} is not valid {config.format}: {err}\n"
-                "  fix: check format and the file's quotes (a quote left open runs to the end)"
+                f"{path.name} line {rows.line_num} is not valid {config.format}: {err}",
+                "check format and the file's quotes (a quote left open runs to the end)",
             ) from None
     return records
 
@@ -331,8 +332,9 @@ def _hf_records(config: Config) -> list[Record]:
         raise StageError(
             f"cannot load the data set {config.hf_dataset!r} (hf_name {config.hf_name!r}, "
             f"hf_split {config.hf_split!r}, hf_revision {config.hf_revision!r}): "
-            f"{type(err).__name__}: {err}\n  fix: check those names on the data set's page "
-            "on huggingface.co, and that the hub is reachable"
+            f"{type(err).__name__}: {err}",
+            "check those names on the data set's page on huggingface.co, and that the hub is "
+            "reachable",
         ) from None
     return [dict(record) for record in data]
 
@@ -345,7 +347,8 @@ def _binned(records: list[Record], config: Config) -> list[Record]:
     if config.bin_field not in fields:
         raise StageError(
             f"bin_field names {config.bin_field!r}{did_you_mean(config.bin_field, fields)}, but "
-            f"the records have the fields {fields}\n  fix: use one of those names in bin_field"
+            f"the records have the fields {fields}",
+            "use one of those names in bin_field",
         )
     out = []
     for number, record in enumerate(records, start=1):
@@ -354,7 +357,8 @@ def _binned(records: list[Record], config: Config) -> list[Record]:
         except (KeyError, TypeError, ValueError):
             raise StageError(
                 f"record {number}: {config.bin_field} = {record.get(config.bin_field)!r} is not "
-                "a number\n  fix: point bin_field at a numeric field"
+                "a number",
+                "point bin_field at a numeric field",
             ) from None
         name = config.bin_names[bisect.bisect_right(config.bin_edges, value)]
         out.append({**record, config.bin_into: name})
@@ -364,7 +368,7 @@ def _binned(records: list[Record], config: Config) -> list[Record]:
 def _with_text(records: list[Record], config: Config) -> tuple[list[Record], int]:
     """Records with "text" first (from text_field or text_template), and how many were empty."""
     if not records:
-        raise StageError("the data set has no records\n  fix: check the source, format and markers")
+        raise StageError("the data set has no records", "check the source, format and markers")
     fields = list(dict.fromkeys(key for record in records for key in record))
     wanted = template_fields(config.text_template) or [config.text_field]
     missing = [f for f in wanted if f not in fields]
@@ -372,8 +376,9 @@ def _with_text(records: list[Record], config: Config) -> tuple[list[Record], int
         key = "text_template" if config.text_template else "text_field"
         raise StageError(
             f"{key} names {missing[0]!r}{did_you_mean(missing[0], fields)}, but the records have "
-            f"the fields {fields}\n  fix: use those names in {key}"
-            + ("; or name the columns with columns = [...]" if config.format in TABLES else "")
+            f"the fields {fields}",
+            f"use those names in {key}"
+            + ("; or name the columns with columns = [...]" if config.format in TABLES else ""),
         )
     out, skipped = [], 0
     for number, record in enumerate(records, start=1):
@@ -387,8 +392,8 @@ def _with_text(records: list[Record], config: Config) -> tuple[list[Record], int
             # Missing in this record only, or a format spec that does not fit the value
             # ("{score:.1f}" on a tsv string).
             raise StageError(
-                f"cannot build the text of record {number}: {type(err).__name__}: {err}\n"
-                "  fix: make every record have the fields, or drop format specs from text_template"
+                f"cannot build the text of record {number}: {type(err).__name__}: {err}",
+                "make every record have the fields, or drop format specs from text_template",
             ) from None
         if not str(text).strip():
             skipped += 1
@@ -404,8 +409,8 @@ def _split(records: list[Record], fraction: float) -> tuple[list[Record], list[R
         held = 1
     if len(records) - held < 1:
         raise StageError(
-            f"only {len(records)} records: none left to train on\n"
-            "  fix: add data, lower heldout_fraction, or (prose) lower record_chars"
+            f"only {len(records)} records: none left to train on",
+            "add data, lower heldout_fraction, or (prose) lower record_chars",
         )
     return records[: len(records) - held], records[len(records) - held :]
 

@@ -50,20 +50,20 @@ class Config:
         "", "the field that is the answer: the loss covers only the text from it on, and "
         "evaluate scores it; empty: the loss covers the whole text",
     )  # fmt: skip
-    r: int = option(16, "LoRA rank")
-    alpha: int = option(32, "LoRA alpha (the update is scaled by alpha / r)")
+    r: int = option(16, "LoRA rank", ge=1)
+    alpha: int = option(32, "LoRA alpha (the update is scaled by alpha / r)", ge=1)
     dropout: float = option(0.05, "dropout on the LoRA input")
     target_modules: tuple[str, ...] = option(
         DEFAULT_TARGETS, "module names to adapt (default: every linear of the decoder)"
     )
     learning_rate: float = option(2e-4, "peak learning rate (AdamW)")
     warmup_steps: int = option(10, "steps of linear warm-up, then linear decay to zero")
-    max_steps: int = option(100, "optimizer steps")
-    batch_size: int = option(8, "examples per forward pass")
-    grad_accum: int = option(1, "forward passes per optimizer step")
-    seq_len: int = option(256, "examples are cut to this many tokens")
-    eval_every: int = option(20, "held-out loss every this many steps (and at the end)")
-    eval_samples: int = option(64, "held-out examples the loss is measured on")
+    max_steps: int = option(100, "optimizer steps", ge=1)
+    batch_size: int = option(8, "examples per forward pass", ge=1)
+    grad_accum: int = option(1, "forward passes per optimizer step", ge=1)
+    seq_len: int = option(256, "examples are cut to this many tokens", ge=1)
+    eval_every: int = option(20, "held-out loss every this many steps (and at the end)", ge=1)
+    eval_samples: int = option(64, "held-out examples the loss is measured on (0: none)", ge=0)
     seed: int = option(0, "seed of the shuffle, dropout and LoRA initialisation")
     device: Literal["auto", "cpu", "cuda"] = option(
         "auto", "where to train: auto takes a GPU when there is one"
@@ -87,14 +87,7 @@ class Config:
             raise ConfigValueError(
                 "prompt_field", "only applies with chat_template = true", "remove it"
             )
-        for key in ("r", "alpha", "max_steps", "batch_size", "grad_accum", "seq_len"):
-            if getattr(self, key) < 1:
-                raise ConfigValueError(
-                    key, f"{getattr(self, key)} is not allowed", "make it 1 or more"
-                )
         for key, ok in (
-            ("eval_every", self.eval_every >= 1),
-            ("eval_samples", self.eval_samples >= 0),
             ("warmup_steps", 0 <= self.warmup_steps < self.max_steps),
             ("learning_rate", self.learning_rate > 0),
             ("dropout", 0 <= self.dropout < 1),
@@ -111,8 +104,6 @@ NARROW_SETTINGS = (
 )
 
 _RULES = {
-    "eval_every": "make it 1 or more",
-    "eval_samples": "make it 0 (no held-out loss) or more",
     "warmup_steps": "make it at least 0 and below max_steps",
     "learning_rate": "make it positive, e.g. 2e-4",
     "dropout": "make it at least 0 and below 1",

@@ -142,7 +142,7 @@ def _load(config: Config, ctx: StepContext, tmp: Path) -> tuple[Any, Any]:
         if config.file:
             if not (root / config.file).is_file():
                 raise StageError(
-                    f"{root / config.file} does not exist\n  fix: set file to a .gguf in {root}"
+                    f"{root / config.file} does not exist", f"set file to a .gguf in {root}"
                 )
             return _load_gguf(str(root), config.file, {}, ctx)
         check_local_dir(root)
@@ -158,18 +158,18 @@ def check_local_dir(root: Path) -> None:
     from safetensors import SafetensorError, safe_open
 
     if not root.is_dir():
-        raise StageError(f"{root} is not a directory\n  fix: point source at a model directory")
+        raise StageError(f"{root} is not a directory", "point source at a model directory")
     if not (root / "config.json").is_file():
         raise StageError(
-            f"{root} has no config.json, so it is not a Hugging Face model directory\n"
-            "  fix: point source at a directory written by save_pretrained, or set file = '<name>.gguf'"
+            f"{root} has no config.json, so it is not a Hugging Face model directory",
+            "point source at a directory written by save_pretrained, or set file = '<name>.gguf'",
         )
     index = root / "model.safetensors.index.json"
     if index.is_file():
         shards = sorted(set(json.loads(index.read_text())["weight_map"].values()))
         missing = [s for s in shards if not (root / s).is_file()]
         if missing:
-            raise StageError(f"{index} names missing shards {missing}\n  fix: download them again")
+            raise StageError(f"{index} names missing shards {missing}", "download them again")
     for path in sorted(root.glob("*.safetensors")):
         try:
             # safe_open checks the header and that the data covers the file exactly.
@@ -177,8 +177,8 @@ def check_local_dir(root: Path) -> None:
                 f.keys()
         except (SafetensorError, OSError) as err:
             raise StageError(
-                f"{path} is not a valid safetensors file ({err}): it is truncated or corrupt\n"
-                "  fix: download it again, or re-save the model with save_pretrained"
+                f"{path} is not a valid safetensors file ({err}): it is truncated or corrupt",
+                "download it again, or re-save the model with save_pretrained",
             ) from None
 
 
@@ -192,13 +192,15 @@ def _load_hf(where: str, dtype: str, hub: dict[str, str], ctx: StepContext) -> t
         tokenizer = AutoTokenizer.from_pretrained(where, **hub)
     except OSError as err:
         raise StageError(
-            f"cannot load {where!r}: {err}\n  fix: check the directory or hub id "
-            "(a local path that does not exist is taken for a hub id; start it with './')"
+            f"cannot load {where!r}: {err}",
+            "check the directory or hub id (a local path that does not exist is taken for a hub "
+            "id; start it with './')",
         ) from None
     except ValueError as err:  # what transformers raises for a model_type it does not know
         raise StageError(
-            f"transformers cannot load {where!r}: {err}\n  fix: check config.json's model_type, "
-            "or upgrade transformers if the architecture is newer than it"
+            f"transformers cannot load {where!r}: {err}",
+            "check config.json's model_type, or upgrade transformers if the architecture is "
+            "newer than it",
         ) from None
     return model, tokenizer
 
@@ -218,8 +220,9 @@ def _load_gguf(where: str, name: str, hub: dict[str, str], ctx: StepContext) -> 
         raise StageError(f"cannot load {name} from {where!r}: {err}") from None
     except ValueError as err:  # what transformers raises for an architecture it cannot map
         raise StageError(
-            f"transformers cannot read {name}: {err}\n  fix: use a GGUF of an architecture "
-            "transformers supports, or the model's safetensors release"
+            f"transformers cannot read {name}: {err}",
+            "use a GGUF of an architecture transformers supports, or the model's safetensors "
+            "release",
         ) from None
     # Same class and config, minus the GGUF quantization record that blocks save_pretrained.
     settings = loaded.config.to_dict()

@@ -74,7 +74,8 @@ def check_fields(fmt: Format, records: list[dict[str, Any]], data_name: str, key
         if name not in available:
             raise StageError(
                 f"{key} names the field {name!r}{did_you_mean(name, available)}, but data set "
-                f"{data_name!r} has the fields {available}\n  fix: use one of those in {key}"
+                f"{data_name!r} has the fields {available}",
+                f"use one of those in {key}",
             )
 
 
@@ -84,7 +85,7 @@ def prompt_part(template: str, record: dict[str, Any], answer_field: str) -> str
     with_marker = template.format_map({**record, answer_field: marker})
     if marker not in with_marker:
         raise StageError(
-            f"text_template has no {{{answer_field}}}\n  fix: add it, or unset answer_field"
+            f"text_template has no {{{answer_field}}}", "add it, or unset answer_field"
         )
     return with_marker[: with_marker.index(marker)]
 
@@ -100,7 +101,8 @@ def make_example(fmt: Format, record: dict[str, Any], tokenizer: Any) -> Example
         if not full.startswith(prompt):
             raise StageError(
                 "the tokenizer's chat template renders the conversation without the prompt as "
-                "its start, so the answer cannot be told apart\n  fix: use text_template"
+                "its start, so the answer cannot be told apart",
+                "use text_template",
             )
         return Example(prompt, full[len(prompt) :], gold)
     if not fmt.answer_field:

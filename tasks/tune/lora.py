@@ -28,8 +28,8 @@ def load_base(hf_dir: Path, method: str, device: torch.device) -> Any:
     if is_quantized(hf_dir):
         if method == "qlora":
             raise StageError(
-                f"{hf_dir} is already quantized; qlora would quantize it again to NF4\n"
-                '  fix: use method = "lora": its adapter trains against these quantized weights'
+                f"{hf_dir} is already quantized; qlora would quantize it again to NF4",
+                'use method = "lora": its adapter trains against these quantized weights',
             )
         return load_dequantized(hf_dir, dtype=torch.float32).to(device)
     if method == "lora":
@@ -77,8 +77,8 @@ def attach_lora(model: Any, r: int, alpha: int, dropout: float, targets: tuple[s
             {n.rsplit(".", 1)[-1] for n, m in model.named_modules() if _is_linear(m)} - {"lm_head"}
         )
         raise StageError(
-            f"target_modules names {missing}, which the model does not have\n"
-            f"  fix: use some of its linear layers: {linear}"
+            f"target_modules names {missing}, which the model does not have",
+            f"use some of its linear layers: {linear}",
         )
     config = LoraConfig(
         r=r, lora_alpha=alpha, lora_dropout=dropout, target_modules=list(targets),

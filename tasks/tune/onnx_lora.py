@@ -182,8 +182,8 @@ def adapter_tensors(
     if unplaced:
         raise StageError(
             f"the ONNX base has no LoRA slot for {len(unplaced)} adapted modules "
-            f"({', '.join(unplaced[:3])}{', ...' if len(unplaced) > 3 else ''})\n  fix: adapt "
-            "only decoder projections (q/k/v/o_proj, gate/up/down_proj) in target_modules"
+            f"({', '.join(unplaced[:3])}{', ...' if len(unplaced) > 3 else ''})",
+            "adapt only decoder projections (q/k/v/o_proj, gate/up/down_proj) in target_modules",
         )
     return tensors
 

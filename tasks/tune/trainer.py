@@ -87,8 +87,8 @@ def train(
 
     if len(train_rows) < schedule.batch_size:
         raise StageError(
-            f"{len(train_rows)} training examples, fewer than batch_size {schedule.batch_size}\n"
-            "  fix: lower batch_size or add data"
+            f"{len(train_rows)} training examples, fewer than batch_size {schedule.batch_size}",
+            "lower batch_size or add data",
         )
     torch.manual_seed(schedule.seed)
     params = [p for p in model.parameters() if p.requires_grad]
@@ -111,8 +111,7 @@ def train(
             check_first_step()  # gradients are there to inspect only before the update
         if not math.isfinite(loss_sum):
             raise StageError(
-                f"the training loss became {loss_sum} at step {step + 1}\n"
-                "  fix: lower learning_rate"
+                f"the training loss became {loss_sum} at step {step + 1}", "lower learning_rate"
             )
         optimizer.step()
         optimizer.zero_grad(set_to_none=True)

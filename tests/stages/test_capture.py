@@ -131,8 +131,8 @@ def test_quantized_input_needs_int4(tmp_path):
     [
         ({"precision": "fp16"}, "fp16 does not run on the CPU"),
         ({"ort_genai": False, "precision": "int4"}, "torch.onnx writes fp32"),
-        ({"precision": "int4", "int4_block_size": 48}, "48 is not a block size"),
-        ({"precision": "int4", "int4_accuracy_level": 5}, "5 is not 0 to 4"),
+        ({"precision": "int4", "int4_block_size": 48}, "48 is not a power of two from 16 to 256"),
+        ({"precision": "int4", "int4_accuracy_level": 5}, "5 is above the maximum 4"),
         ({"int4_block_size": 64}, 'int4_block_size: only applies to precision = "int4"'),
         ({"int4_accuracy_level": 1}, 'int4_accuracy_level: only applies to precision = "int4"'),
         ({"extra_options": ["block_size=64"]}, "set int4_block_size instead"),

@@ -287,7 +287,8 @@ def test_bits_5_lists_the_allowed_widths(algorithm):
 @pytest.mark.parametrize("group_size", [-1, 0, 48])
 def test_group_size_must_be_a_power_of_two_from_16(algorithm, group_size):
     message = recipe_error(algorithm, group_size=group_size, data="prose")
-    assert f"group_size: {group_size} is not a power of two >= 16" in message
+    assert f"group_size = {group_size} is not a power of two >= 16" in message
+    assert "that divides the model's layer widths" in message
 
 
 @pytest.mark.parametrize("algorithm", ALGORITHMS)

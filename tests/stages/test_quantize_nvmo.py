@@ -8,8 +8,8 @@ import shutil
 
 import pytest
 
-from tasks.config import ConfigValueError, as_params
-from tasks.errors import PreflightError, StageError
+from tasks.config import ConfigValueError, as_params, parse_config
+from tasks.errors import PreflightError, RecipeError, StageError
 from tasks.formats.genai import external_data_files, model_file
 from tasks.stages import StepContext
 from tasks.stages.quantize import nvmo
@@ -27,14 +27,25 @@ from tasks.stages.quantize.onnx_common import work_copy
         ({"method": "rtn_dq", "data": "d"}, "data", "rtn_dq uses no calibration data"),
         ({"method": "awq_clip"}, "data", "awq_clip calibrates on data"),
         ({"mode": "int8", "method": "max"}, "data", "max calibrates on data"),
-        ({"method": "rtn_dq", "block_size": 48}, "block_size", "16, 32, 64, 128, 256"),
-        ({"method": "awq_clip", "data": "d", "num_samples": 0}, "num_samples", "1 or more"),
     ],
 )
 def test_settings_it_cannot_run_are_refused_with_the_fix(settings, field, says):
     with pytest.raises(ConfigValueError) as err:
         Config(**settings)
     assert err.value.key == field and says in f"{err.value.problem} {err.value.fix}"
+
+
+@pytest.mark.parametrize(
+    ("settings", "says"),
+    [
+        ({"method": "rtn_dq", "block_size": 48}, "fix: use one of 16, 32, 64, 128, 256 that"),
+        ({"method": "awq_clip", "data": "d", "num_samples": 0}, "fix: use 1 or more"),
+    ],
+)
+def test_values_out_of_bounds_are_refused_by_the_parser(settings, says):
+    with pytest.raises(RecipeError) as err:
+        parse_config(Config, settings, "recipe.toml", "quantize.nvmo")
+    assert says in str(err.value)
 
 
 def test_gpu_calibration_has_its_own_environment_and_leaves_cpu_keys_alone():

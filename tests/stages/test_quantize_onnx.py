@@ -8,7 +8,7 @@ from typing import Any
 
 import pytest
 
-from tasks.config import ConfigValueError, parse_config
+from tasks.config import parse_config
 from tasks.errors import RecipeError, StageError
 from tasks.runtimes.onnx import genai_generate, onnx_logits, op_counts, prompt_ids
 from tasks.stages import StepContext, spec_for
@@ -115,9 +115,7 @@ def test_an_output_with_non_finite_logits_is_refused(fp32, tmp_path):
 
 @pytest.mark.parametrize("block_size", [8, 48, 0, -64])
 def test_bnb4_block_size_must_be_a_power_of_two_from_16(block_size):
-    with pytest.raises(ConfigValueError, match="power of two"):
-        bnb4.Config(block_size=block_size)
-    with pytest.raises(RecipeError, match="block_size"):
+    with pytest.raises(RecipeError, match=f"block_size = {block_size} is not a power of two"):
         parse_config(bnb4.Config, {"block_size": block_size}, "recipe.toml", "quantize.bnb4")
 
 

@@ -13,7 +13,7 @@ from __future__ import annotations
 from dataclasses import dataclass
 from typing import Any, Literal
 
-from tasks.config import ConfigValueError, option
+from tasks.config import PowerOfTwo, option
 from tasks.formats.genai import model_file
 from tasks.runtimes.onnx import require_provider, target_provider
 from tasks.stages import StepContext
@@ -30,17 +30,8 @@ class Config(NodeExclusion):
     """4-bit block-wise quantization of constant MatMul weights (MatMulBnb4)."""
 
     quant_type: Literal["nf4", "fp4"] = option("nf4", "4-bit NormalFloat or 4-bit float")
-    block_size: int = option(64, "weights per scale: a power of two, at least 16")
-
-    def __post_init__(self) -> None:
-        super().__post_init__()
-        # The kernels take power-of-two blocks of 16 or more (bitsandbytes uses 64).
-        if self.block_size < 16 or self.block_size & (self.block_size - 1):
-            raise ConfigValueError(
-                "block_size",
-                f"{self.block_size} is not a power of two >= 16",
-                "use 16, 32, 64 (the default), 128 or 256",
-            )
+    # The kernels take power-of-two blocks of 16 or more (bitsandbytes uses 64).
+    block_size: int = option(64, "weights per scale", rule=PowerOfTwo(16))
 
 
 def run(config: Config, ctx: StepContext) -> dict[str, Any]:

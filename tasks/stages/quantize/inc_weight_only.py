@@ -18,13 +18,13 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Literal
 
-from tasks.config import ConfigValueError, option
+from tasks.config import option
 from tasks.formats.genai import save_with_external_data
+from tasks.runtimes.onnx import NBITS_BLOCK_SIZE
 from tasks.stages import StepContext
 from tasks.stages.quantize.inc_common import INC
 from tasks.stages.quantize.onnx_calibration import TextCalibration, reader, token_windows
 from tasks.stages.quantize.onnx_common import (
-    check_block_size,
     finish_quantized,
     fp32_source,
     onnx_quantizer_spec,
@@ -40,17 +40,14 @@ class Config(TextCalibration):
         "rtn", "rtn needs no data; awq and gptq calibrate"
     )
     bits: Literal[4, 8] = option(4, "bits per weight")
-    block_size: int = option(32, "weights per scale: 16, 32, 64, 128 or 256")
+    block_size: int = option(32, "weights per scale", rule=NBITS_BLOCK_SIZE)
     sym: bool = option(True, "symmetric (no zero points)")
-    accuracy_level: int = option(0, "MatMulNBits compute type: 0 default, 1 fp32, 4 int8")
+    accuracy_level: int = option(
+        0, "MatMulNBits compute type: 0 default, 1 fp32, 4 int8", ge=0, le=4
+    )
     quantize_lm_head: bool = option(False, "quantize the last MatMul (the LM head) too")
 
     def __post_init__(self) -> None:
-        check_block_size(self.block_size)
-        if self.accuracy_level not in range(5):
-            raise ConfigValueError(
-                "accuracy_level", f"{self.accuracy_level} is not 0 to 4", "use 0"
-            )
         self.check_calibration(
             self.method != "rtn", self.method, 'remove data, or set method = "awq"'
         )

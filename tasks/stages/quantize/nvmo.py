@@ -22,19 +22,18 @@ own, where `awq_lite` and `awq_full` run; the output is checked on the CPU as al
 from __future__ import annotations
 
 import re
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from pathlib import Path
 from typing import Any, Literal
 
 from tasks.config import ConfigValueError, option, refuse_inapplicable
 from tasks.envs import Environment
 from tasks.errors import PreflightError, StageError
+from tasks.runtimes.onnx import NBITS_BLOCK_SIZE
 from tasks.stages import StepContext
 from tasks.stages.quantize.onnx_calibration import TextCalibration, reader, token_windows
 from tasks.stages.quantize.onnx_common import (
-    BLOCK_SIZES,
     NodeExclusion,
-    check_block_size,
     finish_quantized,
     fp32_source,
     match_nodes,
@@ -99,6 +98,9 @@ GPU_ONLY = {
     "awq_full": "it runs awq_lite first, whose CPU (numpy) path crashes in ModelOpt 0.47",
 }
 NEVER = {"rtn": "its output does not load in onnxruntime's CPU provider"}
+# ModelOpt's int4 blocks: MatMulNBits' sizes, and each must divide the MatMuls it quantizes
+# (check_blocks_divide, at run time).
+BLOCK_SIZE = replace(NBITS_BLOCK_SIZE, divides="each MatMul's input size")
 
 
 @dataclass(frozen=True, kw_only=True)
@@ -109,7 +111,7 @@ class Config(TextCalibration, NodeExclusion):
     method: str = option(
         "", "int4: awq_clip (calibrates; the default) or rtn_dq; int8: entropy (default) or max"
     )
-    block_size: int = option(128, "int4: weights per scale (16 to 256, dividing each MatMul's K)")
+    block_size: int = option(128, "int4: weights per scale", rule=BLOCK_SIZE)
     use_zero_point: bool = option(False, "int4: asymmetric blocks with zero points")
     device: Literal["cpu", "cuda"] = option(
         "cpu", "where ModelOpt calibrates: cuda adds awq_lite and awq_full", added=True
@@ -136,8 +138,6 @@ class Config(TextCalibration, NodeExclusion):
                 "method", f"{self.method!r} is not a method of mode {self.mode!r}",
                 f"use one of {', '.join(METHODS[self.mode])}",
             )  # fmt: skip
-        if self.mode == "int4":
-            check_block_size(self.block_size)
         self.check_calibration(
             self.method != "rtn_dq", self.method, 'remove data, or set method = "awq_clip"'
         )
@@ -178,8 +178,8 @@ def require_cuda() -> None:
 
     if shutil.which("nvidia-smi") is None:
         raise PreflightError(
-            'device = "cuda" needs an NVIDIA GPU and its driver (no nvidia-smi here)\n'
-            '  fix: set device = "cpu" (method awq_clip or rtn_dq), or build on a GPU machine'
+            'device = "cuda" needs an NVIDIA GPU and its driver (no nvidia-smi here)',
+            'set device = "cpu" (method awq_clip or rtn_dq), or build on a GPU machine',
         )
 
 
@@ -197,10 +197,11 @@ def check_blocks_divide(model: Path, block_size: int, exclude: set[str]) -> None
     bad = {name: k for name, k in sizes.items() if k % block_size}
     if bad:
         name, k = next(iter(bad.items()))
-        fits = [b for b in BLOCK_SIZES if all(s % b == 0 for s in sizes.values())]
+        fits = [b for b in BLOCK_SIZE.sizes() if all(s % b == 0 for s in sizes.values())]
         raise StageError(
             f"block_size {block_size} does not divide the input size {k} of {name} "
-            f"({len(bad)} MatMuls like it)\n  fix: set block_size to one of {fits}"
+            f"({len(bad)} MatMuls like it)",
+            f"set block_size to one of {fits}",
         )
 
 

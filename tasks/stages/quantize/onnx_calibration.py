@@ -22,8 +22,8 @@ class TextCalibration:
     SETTINGS_LAST = True  # in the docs, after the stage's own settings
 
     data: str = option("", "the [data.<name>] set whose train split calibrates")
-    num_samples: int = option(8, "calibration sequences")
-    seq_len: int = option(256, "tokens per calibration sequence")
+    num_samples: int = option(8, "calibration sequences", ge=1)
+    seq_len: int = option(256, "tokens per calibration sequence", ge=1)
 
     def check_calibration(self, calibrates: bool, what: str, fix_without: str) -> None:
         """`what` calibrates or not; refuse a missing or a pointless `data`, and calibration
@@ -38,11 +38,6 @@ class TextCalibration:
         refuse_inapplicable(
             self, [(key, lambda _: calibrates, where) for key in ("num_samples", "seq_len")]
         )
-        for key in ("num_samples", "seq_len"):
-            if getattr(self, key) < 1:
-                raise ConfigValueError(
-                    key, f"{getattr(self, key)} is not allowed", "make it 1 or more"
-                )
 
 
 def token_windows(config: TextCalibration, ctx: StepContext) -> list[list[int]]:

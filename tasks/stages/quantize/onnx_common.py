@@ -10,7 +10,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Literal
 
-from tasks.config import ConfigValueError, option
+from tasks.config import option
 from tasks.errors import StageError
 from tasks.formats.genai import copy_sidecars, model_file, private_copy
 from tasks.runtimes.onnx import (
@@ -68,8 +68,8 @@ def match_nodes(model_path: Path, patterns: Sequence[str]) -> list[str]:
         if not hits:
             some = [n for n in names if "MatMul" in n][:3] or names[:3]
             raise StageError(
-                f"nodes_to_exclude: {pattern!r} matches no node of {model_path.name}\n"
-                f"  fix: use node names or glob patterns like {some}"
+                f"nodes_to_exclude: {pattern!r} matches no node of {model_path.name}",
+                f"use node names or glob patterns like {some}",
             )
         matched.update(hits)
     return sorted(matched)
@@ -96,17 +96,6 @@ def fp32_source(ctx: StepContext, quantizer: str) -> Path:
             'quantize a capture with precision = "fp32"'
         )
     return src
-
-
-BLOCK_SIZES = (16, 32, 64, 128, 256)  # what MatMulNBits and blocked DequantizeLinear take here
-
-
-def check_block_size(block_size: int) -> None:
-    if block_size not in BLOCK_SIZES:
-        raise ConfigValueError(
-            "block_size", f"{block_size} is not a block size MatMulNBits takes",
-            f"use one of {', '.join(map(str, BLOCK_SIZES))}",
-        )  # fmt: skip
 
 
 @contextmanager

@@ -12,7 +12,8 @@ def calibration_windows(ids: list[int], num_samples: int, seq_len: int) -> list[
     if len(ids) < num_samples * seq_len:
         raise StageError(
             f"calibration needs {num_samples} x {seq_len} tokens but the train split has "
-            f"{len(ids)}\n  fix: lower num_samples or seq_len, or use a larger data set"
+            f"{len(ids)}",
+            "lower num_samples or seq_len, or use a larger data set",
         )
     import torch
 
