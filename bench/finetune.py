@@ -33,7 +33,8 @@ def build(artifacts: Path) -> None:
 
 
 def metrics(link: Path) -> dict:
-    return json.loads((link / "MANIFEST.json").read_text())["metrics"]
+    entry = link.resolve()  # the manifest lies beside the entry the link points at
+    return json.loads(entry.with_name(f"{entry.name}.json").read_text())["metrics"]
 
 
 def pct(value: float | None) -> str:

@@ -34,6 +34,7 @@ def main() -> None:
     from tasks.envs import managed_envs
     from tasks.recipe import load_recipe
     from tasks.staging import disk_usage
+    from tasks.store import read_manifest
 
     links = args.artifacts / RECIPE.stem
     recipe = load_recipe(RECIPE)
@@ -44,11 +45,11 @@ def main() -> None:
     print("|---|---|---:|---:|---:|---:|---:|---:|---:|---:|")
     base = None
     for step in recipe.of_stage("evaluate"):
-        m = json.loads((links / "evaluate" / step.name / "MANIFEST.json").read_text())["metrics"]
+        m = read_manifest(links / "evaluate" / step.name)["metrics"]
         base = base or m["perplexity"]
         source = recipe.steps[step.source]
         algorithm = source.spec.algorithm or "fp32 capture"
-        built = json.loads((links / Path(*step.source.split(".", 1)) / "MANIFEST.json").read_text())
+        built = read_manifest(links / Path(*step.source.split(".", 1)))
         diff = built["metrics"].get("max_abs_logit_diff") if source.stage == "quantize" else None
         print(
             f"| {step.source} | {algorithm} | {m['size_bytes'] / 1e6:.1f} | {m['perplexity']:.2f} | "

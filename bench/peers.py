@@ -158,7 +158,7 @@ def main() -> None:
     os.environ["OMP_NUM_THREADS"] = str(args.threads)  # before torch loads, here and children
     model = (args.artifacts / "default" / "model").resolve()
     data = (args.artifacts / "default" / "data" / "botchan").resolve()
-    if not (model / "MANIFEST.json").is_file() or not (data / "MANIFEST.json").is_file():
+    if not all(p.with_name(f"{p.name}.json").is_file() for p in (model, data)):  # manifests
         raise SystemExit("build the default recipe's model and data first: doit model data")
     peers = run_peer(peer_env(args.artifacts), model, data, args)
     bench = load_bench_quantize()

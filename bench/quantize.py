@@ -71,7 +71,7 @@ def main() -> None:
     args = parser.parse_args()
     model = (args.artifacts / "default" / "model").resolve()
     data = (args.artifacts / "default" / "data" / "botchan").resolve()
-    if not (model / "MANIFEST.json").is_file() or not (data / "MANIFEST.json").is_file():
+    if not all(p.with_name(f"{p.name}.json").is_file() for p in (model, data)):  # manifests
         raise SystemExit("build the default recipe's model and data first: doit model data")
     work = Path(tempfile.mkdtemp(prefix="kiln-quant-"))
     started = time.perf_counter()

@@ -12,6 +12,7 @@ import json
 import shutil
 from collections.abc import Iterator
 from functools import partial
+from pathlib import Path
 from typing import Any
 
 from doit.exceptions import TaskFailed
@@ -174,11 +175,25 @@ def _gc(graph: Graph, dry_run: bool) -> None:
     freed += _gc_environments(graph, live, verb, dry_run)
     areas = (store.staging, envs.staging(store.root), Staging(downloads_dir(store.root)))
     stale = [found for area in areas for found in area.sweep(dry_run)]
+    stale += _gc_unfinished(store, dry_run)
     for tmp, size in stale:
         freed += size
         print(f"{verb} unfinished build {tmp.parent.parent.name}/{tmp.name}")
     print(f"{removed} entries, {len(stale)} unfinished builds: "
           f"{'would free' if dry_run else 'freed'} {freed / 1e6:.1f} MB")  # fmt: skip
+
+
+def _gc_unfinished(store: Store, dry_run: bool) -> list[tuple[Path, int]]:
+    """Entries a killed build or removal left without their manifest (or the reverse)."""
+    found = []
+    for key in store.unfinished():
+        with store.lock(key, wait=False) as held:
+            if held and not store.is_complete(key):
+                entry = store.entry(key)
+                found.append((entry, disk_usage(entry) if entry.is_dir() else 0))
+                if not dry_run:
+                    store.remove(key)
+    return found
 
 
 def _gc_environments(graph: Graph, live: set[str], verb: str, dry_run: bool) -> int:

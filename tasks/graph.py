@@ -77,8 +77,8 @@ def check_artifacts(artifacts: Path) -> None:
     """The artifacts root must be a directory (made if missing); it may be read-only."""
     if artifacts.exists() and not artifacts.is_dir():
         raise KilnError(
-            f"artifacts={artifacts} is a file, not a directory\n  fix: point artifacts= at a "
-            "directory (it is made if missing)"
+            f"artifacts={artifacts} is a file, not a directory",
+            fix="point artifacts= at a directory (it is made if missing)",
         )
     try:
         artifacts.mkdir(parents=True, exist_ok=True)

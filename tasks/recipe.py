@@ -8,6 +8,7 @@ cycles, an input of the wrong format) is a RecipeError raised here, before anyth
 
 from __future__ import annotations
 
+import graphlib
 import re
 import tomllib
 from dataclasses import dataclass
@@ -217,28 +218,13 @@ def _format_fix(step: Step, upstream: Step, steps: dict[str, Step]) -> tuple[str
 
 
 def _order(steps: dict[str, Step], file: str) -> dict[str, Step]:
-    """Steps with every input before its users; a cycle is a RecipeError naming it."""
-    done: dict[str, Step] = {}
-    visiting: list[str] = []
-
-    def visit(ref: str) -> None:
-        if ref in done:
-            return
-        if ref in visiting:
-            cycle = " -> ".join([*visiting[visiting.index(ref) :], ref])
-            raise RecipeError(
-                file,
-                ref,
-                f"the steps form a cycle: {cycle}",
-                "make one of them read from another step",
-            )
-        visiting.append(ref)
-        step = steps[ref]
-        for dep in inputs_of(step):
-            visit(dep)
-        visiting.pop()
-        done[ref] = step
-
-    for ref in steps:
-        visit(ref)
-    return done
+    """Steps with every input before its users (graphlib); a cycle is a RecipeError naming it."""
+    sorter = graphlib.TopologicalSorter({ref: inputs_of(step) for ref, step in steps.items()})
+    try:
+        return {ref: steps[ref] for ref in sorter.static_order()}
+    except graphlib.CycleError as err:
+        cycle = list(reversed(err.args[1]))  # each step, then the step it reads from
+        raise RecipeError(
+            file, cycle[0], f"the steps form a cycle: {' -> '.join(cycle)}",
+            "make one of them read from another step",
+        ) from None  # fmt: skip

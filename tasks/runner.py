@@ -70,21 +70,21 @@ def _build(graph: Graph, ref: str, task: str) -> dict[str, Any] | None:
         print(f"  {task}: another process is building {key[:12]}..., waiting", file=sys.stderr)
 
     link = graph.link(ref)
-    with store.lock(key, on_wait=waiting):
-        if store.is_complete(key):
+    with store.build(key, on_wait=waiting) as build:
+        if build is None:  # built by another process while this one waited
             store.link(link, key)
             return None
         # Until the new entry exists the link must not show the old one as current; the old
         # target stays reachable (for `explain`, and safe from `gc`) as a hidden link.
         store.set_aside(link)
-        tmp = store.new_tmp(key)
-        interrupt.building(task, tmp)
+        interrupt.building(task, build.folder)
         started = time.time()
         try:
-            metrics = _run(graph, ref, task, tmp)
+            metrics = _run(graph, ref, task, build.folder)
         except BaseException:
-            print(f"  {task}: failed after writing {disk_usage(tmp) / 1e6:.1f} MB; partial output "
-                  f"left in {tmp} (`doit gc` removes it)", file=sys.stderr)  # fmt: skip
+            print(f"  {task}: failed after writing {disk_usage(build.folder) / 1e6:.1f} MB; "
+                  f"partial output left in {build.folder} (`doit gc` removes it)",
+                  file=sys.stderr)  # fmt: skip
             raise
         manifest = {
             "key": key,
@@ -96,7 +96,7 @@ def _build(graph: Graph, ref: str, task: str) -> dict[str, Any] | None:
             "python": platform.python_version(),
             "platform": platform.platform(),
         }
-        store.publish(key, tmp, manifest)
+        build.publish(manifest)
         interrupt.building(task, None)
         store.link(link, key)  # under the lock: gc never sees a new entry without its link
         store.forget_previous(link)
@@ -112,7 +112,10 @@ def _run(graph: Graph, ref: str, task: str, tmp: Path) -> dict[str, Any]:
     for key, name in inputs.items():
         _refuse_damaged_input(graph, name, key)
     scratch = graph.store.new_tmp(graph.keys[ref], "scratch")
-    ctx = StepContext(task=task, out=tmp, artifacts=graph.store.root, scratch=scratch)
+    ctx = StepContext(
+        task=task, out=tmp, artifacts=graph.store.root, scratch=scratch,
+        find_entry=graph.store.complete_entry,
+    )  # fmt: skip
     if step.source:
         ctx.input = graph.entry(step.source)
     for data_ref in step.data:
@@ -135,9 +138,9 @@ def _refuse_damaged_input(graph: Graph, name: str, key: str) -> None:
     if changed or added:
         raise StageError(
             f"its input {name} ({graph.store.entry(key)}) changed since it was built "
-            f"({', '.join((changed + added)[:5])}), so nothing is built from it\n  fix: run "
-            "`doit verify --remove-damaged` (it removes the damaged entry and what was built "
-            "from it), then `doit` to rebuild them"
+            f"({', '.join((changed + added)[:5])}), so nothing is built from it",
+            fix="run `doit verify --remove-damaged` (it removes the damaged entry and what was "
+            "built from it), then `doit` to rebuild them",
         )
 
 

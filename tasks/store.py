@@ -1,12 +1,19 @@
-"""The artifact store: one immutable directory per key, complete only once MANIFEST.json exists.
+"""The artifact store: one immutable directory per key, complete only once its manifest exists.
 
 Layout under the artifacts root:
-    store/<key[:2]>/<key>/      a finished entry: the step's files and MANIFEST.json
+    store/<key[:2]>/<key>/      an entry: the step's files and nothing else
+    store/<key[:2]>/<key>.json  its manifest, written last: the pointer that makes it complete
     store/.tmp/, store/.locks/  builds in progress and per-key locks (tasks/staging.py)
     <recipe>/<stage>/<name>     symlinks to the current entries, for people and scripts
 
-The manifest records every file's size, mtime and xxh3, the step's identity (whose hash is the
-key) and a SHA-256 of its own fields, so that an edit to any of them is seen by `verify`.
+The manifest sits beside the entry, not in it, so an entry holds exactly what the step made:
+a stage reads its inputs, and a user copies a folder to ship it, with no bookkeeping to skip.
+It records every file's size, mtime and xxh3, the step's identity (whose hash is the key) and a
+SHA-256 of its own fields, so that an edit to any of them is seen by `verify`.
+
+`EntryStore` is what the runner and the maintenance tasks need from a store; `Store` is the local
+one. Entries of the earlier layout (MANIFEST.json inside the entry) are moved to the new one when
+first looked up on a writable store.
 """
 
 from __future__ import annotations
@@ -17,17 +24,19 @@ import json
 import os
 import shutil
 import stat
+import sys
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
+from typing import Any, Protocol
 
 from tasks.digest import hash_file
 from tasks.errors import StoreError
 from tasks.keys import canonical_json, key_of
 from tasks.staging import KEY, Staging, os_problem, real_dir, remove_path
 
-MANIFEST = "MANIFEST.json"
+OLD_MANIFEST = "MANIFEST.json"  # inside the entry, before the manifest moved beside it
+PENDING = ".manifest-pending"  # in a build folder: the manifest on its way beside the entry
 DIGEST_FIELD = "manifest_sha256"
 # Folders of the artifacts root that are not a recipe's links.
 RESERVED = ("store", "cache", "downloads", "envs")
@@ -37,6 +46,33 @@ def manifest_digest(manifest: dict[str, Any]) -> str:
     """SHA-256 of every field but the digest itself."""
     fields = {k: v for k, v in manifest.items() if k != DIGEST_FIELD}
     return hashlib.sha256(canonical_json(fields).encode()).hexdigest()
+
+
+class EntryStore(Protocol):
+    """A store of immutable entries by key: what a build, `gc` and `verify` need. The local
+    Store implements it; a remote one (a bucket, a shared disk) implements the same calls."""
+
+    def is_complete(self, key: str) -> bool: ...
+    def manifest(self, key: str) -> dict[str, Any]: ...
+    def entry(self, key: str) -> Path: ...  # the entry's files (a local copy for a remote)
+    def build(
+        self, key: str, on_wait: Callable[[], None] | None = None
+    ) -> contextlib.AbstractContextManager[Build | None]: ...
+    def built_keys(self) -> list[str]: ...
+    def remove(self, key: str) -> None: ...
+    def verify(self, key: str) -> list[str]: ...
+
+
+@dataclass(frozen=True)
+class Build:
+    """A build of one key in progress, under its lock: fill `folder`, then `publish`."""
+
+    store: Store
+    key: str
+    folder: Path
+
+    def publish(self, manifest: dict[str, Any]) -> Path:
+        return self.store.publish(self.key, self.folder, manifest)
 
 
 @dataclass(frozen=True)
@@ -54,13 +90,26 @@ class Store:
     def entry(self, key: str) -> Path:
         return self.store_dir / key[:2] / key
 
+    def manifest_path(self, key: str) -> Path:
+        return self.store_dir / key[:2] / f"{key}.json"
+
     def is_complete(self, key: str) -> bool:
-        entry = self.entry(key)
-        # An entry replaced by a link is damage, never a complete entry.
-        return (entry / MANIFEST).is_file() and not entry.is_symlink()
+        """The manifest is a file and the entry a folder; a link in either place is damage,
+        never a complete entry. Two stats: this runs for every step of a no-op `doit`."""
+        if _is(self.manifest_path(key), stat.S_ISREG):
+            return _is(self.entry(key), stat.S_ISDIR)
+        return self._upgrade(key)
+
+    def complete_entry(self, key: str) -> Path:
+        """The entry of a key that must be complete (one named by another entry's files)."""
+        if not self.is_complete(key):
+            raise StoreError(
+                f"store entry {key[:16]}... is missing", fix="run `doit` to rebuild it"
+            )
+        return self.entry(key)
 
     def manifest(self, key: str) -> dict[str, Any]:
-        path = self.entry(key) / MANIFEST
+        path = self.manifest_path(key)
         try:
             manifest = json.loads(path.read_text())
         except (OSError, UnicodeDecodeError, json.JSONDecodeError) as err:
@@ -71,9 +120,31 @@ class Store:
             raise StoreError(f"{path} is not a JSON object; run `doit verify --remove-damaged`")
         return manifest
 
+    def _upgrade(self, key: str) -> bool:
+        """Move the manifest of an entry of the earlier layout beside it (one rename, under
+        the key's lock); whether the entry is complete now. A read-only store stays as it is."""
+        entry = self.entry(key)
+        if not (_is(entry, stat.S_ISDIR) and _is(entry / OLD_MANIFEST, stat.S_ISREG)):
+            return False
+        try:
+            with self.lock(key, wait=False) as held:
+                if held and not self.manifest_path(key).exists():
+                    os.rename(entry / OLD_MANIFEST, self.manifest_path(key))
+                    _fsync_dir(entry.parent)
+        except (OSError, StoreError):
+            _warn_old_layout(self.store_dir)
+            return False
+        return _is(self.manifest_path(key), stat.S_ISREG)
+
     def built_keys(self) -> list[str]:
         """Every complete entry in the store (links and strays are left to `verify`)."""
-        return [k for k, path in self._entries() if path.is_dir() and self.is_complete(k)]
+        return [k for k, _ in self._entries() if KEY.match(k) and self.is_complete(k)]
+
+    def unfinished(self) -> list[str]:
+        """Keys with an entry folder but no manifest, or a manifest but no folder: a build that
+        stopped between its two renames, or a removal between its two steps."""
+        names = {name.removesuffix(".json") for name, _ in self._entries()}
+        return [k for k in sorted(names) if KEY.match(k) and not self.is_complete(k)]
 
     def _entries(self) -> Iterator[tuple[str, Path]]:
         """(name, path) of everything in the shard folders, in order."""
@@ -95,30 +166,39 @@ class Store:
     def new_tmp(self, key: str, kind: str = "") -> Path:
         return self.staging.new_tmp(key, kind)
 
+    @contextlib.contextmanager
+    def build(self, key: str, on_wait: Callable[[], None] | None = None) -> Iterator[Build | None]:
+        """Hold key's lock for a build: None when the entry is complete (another process built
+        it while this one waited), else a Build with a fresh temporary folder."""
+        with self.lock(key, on_wait):
+            yield None if self.is_complete(key) else Build(self, key, self.new_tmp(key))
+
     def publish(self, key: str, tmp: Path, manifest: dict[str, Any]) -> Path:
-        """Hash and sync tmp's files, write the manifest last, then rename tmp into place."""
+        """Hash and sync tmp's files, rename tmp into place, then its manifest beside it: the
+        entry is complete at that last rename, and a crash before it leaves an incomplete one."""
         manifest = {**manifest, "files": describe_files(tmp)}
         manifest[DIGEST_FIELD] = manifest_digest(manifest)
-        path = tmp / MANIFEST
-        with open(path, "w") as fh:
+        with open(tmp / PENDING, "w") as fh:
             json.dump(manifest, fh, indent=1, sort_keys=True)
             fh.flush()
             os.fsync(fh.fileno())
-        entry = self.entry(key)
+        entry, path = self.entry(key), self.manifest_path(key)
         real_dir(entry.parent)
-        remove_path(entry)  # a directory without a manifest (or a link): never complete
+        remove_path(path)  # a manifest without its entry, or a link: never complete
+        remove_path(entry)  # an entry without its manifest (or a link)
         os.rename(tmp, entry)
+        os.rename(entry / PENDING, path)
         _fsync_dir(entry.parent)
         return entry
 
     def remove(self, key: str) -> None:
         """Remove an entry (hold its key's lock). A link in its place is removed, not followed."""
+        remove_path(self.manifest_path(key))  # first: from here on the entry is incomplete
         entry = self.entry(key)
         if entry.is_symlink() or not entry.is_dir():
             remove_path(entry)
             return
-        # Move aside first, so a crash mid-delete never leaves a manifest over missing files.
-        doomed = self.new_tmp(key, "deleting")
+        doomed = self.new_tmp(key, "deleting")  # one rename, then the slow part out of sight
         os.replace(entry, doomed)
         shutil.rmtree(doomed)
 
@@ -131,13 +211,14 @@ class Store:
         if link.is_symlink() and not self.owns_link(link):
             raise StoreError(
                 f"{link} is a link to {os.readlink(link)}, which is not a store entry: modelkiln "
-                "only replaces links it made\n  fix: move it away, then run `doit` again"
+                "only replaces links it made",
+                fix="move it away, then run `doit` again",
             )
         if link.exists() and not link.is_symlink():
             what = "directory" if link.is_dir() else "file"
             raise StoreError(
-                f"{link} is a {what}, not a link made by modelkiln, so it is left as it is\n"
-                f"  fix: move it away (the link to {self.entry(key).name[:16]}... goes there)"
+                f"{link} is a {what}, not a link made by modelkiln, so it is left as it is",
+                fix=f"move it away (the link to {self.entry(key).name[:16]}... goes there)",
             )
         try:
             link.parent.mkdir(parents=True, exist_ok=True)
@@ -206,25 +287,31 @@ class Store:
                 mtime,
             ):
                 changed.append(record["path"])
-        recorded = {r["path"] for r in files} | {MANIFEST}
+        recorded = {r["path"] for r in files}
         present = {rel for rel, _ in walk_entry(entry)}
         return changed, sorted(present - recorded)
 
     def verify(self, key: str) -> list[str]:
         """Re-hash an entry from disk (bypassing every cache); one line per problem."""
-        entry = self.entry(key)
-        if entry.is_symlink():
-            return [f"{entry}: a symbolic link (to {os.readlink(entry)}), not an entry"]
-        if not (entry / MANIFEST).is_file():
-            return [f"{entry}: no {MANIFEST} (deleted, or a build left unfinished)"]
+        entry, path = self.entry(key), self.manifest_path(key)
+        for where in (entry, path):
+            if where.is_symlink():
+                return [f"{where}: a symbolic link (to {os.readlink(where)}), not an entry"]
+        if not self.is_complete(key):
+            if not entry.is_dir():
+                return [f"{path}: a manifest without its entry {entry} (deleted, or a removal "
+                        "left unfinished)"]  # fmt: skip
+            if (entry / OLD_MANIFEST).is_file():
+                return [f"{entry}: in the layout of an earlier modelkiln ({OLD_MANIFEST} inside); "
+                        "it is converted on the next `doit` with write access to the store"]  # fmt: skip
+            return [f"{entry}: no manifest {path.name} beside it (a build left unfinished)"]
         try:
             manifest = self.manifest(key)
             recorded = {f["path"]: f for f in manifest["files"]}
         except (StoreError, KeyError, TypeError) as err:
-            return [f"{entry / MANIFEST}: unreadable ({err})"]
-        problems = _manifest_problems(entry, key, manifest)
+            return [f"{path}: unreadable ({err})"]
+        problems = _manifest_problems(path, key, manifest)
         present = dict(walk_entry(entry))
-        present.pop(MANIFEST, None)
         problems += [f"{entry / p}: missing" for p in sorted(set(recorded) - set(present))]
         for rel in sorted(set(present) - set(recorded)):
             problems.append(f"{entry / rel}: {present[rel] or 'not in the manifest'}")
@@ -244,12 +331,15 @@ class Store:
         for shard in self._shards():
             if shard.is_symlink() or not shard.is_dir() or len(shard.name) != 2:
                 found[str(shard)] = [f"{shard}: unexpected in the store"]
+        seen = set()
         for name, path in self._entries():
-            if KEY.match(name) and name.startswith(path.parent.name):
-                if problems := self.verify(name):
-                    found[name] = problems
-            else:
+            key = name.removesuffix(".json")
+            if not (KEY.match(key) and key.startswith(path.parent.name)):
                 found[str(path)] = [f"{path}: unexpected in the store (not an entry's name)"]
+            elif key not in seen:  # an entry and its manifest: checked once
+                seen.add(key)
+                if problems := self.verify(key):
+                    found[key] = problems
         return found
 
     def dependents(self, keys: set[str]) -> set[str]:
@@ -276,8 +366,7 @@ class Store:
             remove_path(Path(key))
 
 
-def _manifest_problems(entry: Path, key: str, manifest: dict[str, Any]) -> list[str]:
-    path = entry / MANIFEST
+def _manifest_problems(path: Path, key: str, manifest: dict[str, Any]) -> list[str]:
     problems = []
     if DIGEST_FIELD not in manifest:
         problems.append(
@@ -348,6 +437,39 @@ def describe_files(root: Path) -> list[dict[str, Any]]:
             {"path": rel, "size": st.st_size, "mtime_ns": st.st_mtime_ns, "xxh3": hash_file(path)}
         )
     return files
+
+
+def _is(path: Path, kind: Callable[[int], bool]) -> bool:
+    """Whether path is there and of kind (stat.S_ISDIR, ...), links not followed."""
+    try:
+        return kind(os.lstat(path).st_mode)
+    except OSError:
+        return False
+
+
+def manifest_file(entry: Path) -> Path:
+    """Where the manifest of the entry a path leads to (an entry, or a link to one) lies: for
+    scripts and tests that start from `artifacts/<recipe>/<stage>/<name>`."""
+    entry = entry.resolve()
+    return entry.parent / f"{entry.name}.json"
+
+
+def read_manifest(entry: Path) -> dict[str, Any]:
+    return json.loads(manifest_file(entry).read_text())
+
+
+_warned: set[Path] = set()
+
+
+def _warn_old_layout(store_dir: Path) -> None:
+    if store_dir not in _warned:
+        _warned.add(store_dir)
+        print(
+            f"warning: {store_dir} holds entries of an earlier modelkiln's layout and cannot be "
+            "converted here (read-only?): they count as not built until `doit` runs once with "
+            "write access to it",
+            file=sys.stderr,
+        )
 
 
 def _fsync_dir(path: Path) -> None:

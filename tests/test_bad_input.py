@@ -10,6 +10,7 @@ import pytest
 from workspace import ROOT, Workspace, tiny_recipe
 
 from tasks.graph import load_graph
+from tasks.store import manifest_file
 
 LOAD_ERRORS = [
     ("malformed", lambda r: r.replace("[quantize.int8]", "[quantize.int8"), "not valid TOML"),
@@ -117,7 +118,7 @@ def test_corrupt_safetensors_fails_cleanly_and_keeps_what_was_built(
     assert proc.returncode != 0
     assert "model.safetensors" in proc.stdout + proc.stderr
     assert "Traceback" not in proc.stdout + proc.stderr
-    assert (ws.artifacts / "recipe" / "data" / "prose" / "MANIFEST.json").is_file()
+    assert manifest_file(ws.artifacts / "recipe" / "data" / "prose").is_file()
 
 
 def test_sha256_mismatch_of_a_fetched_file(tmp_path, tiny_model):

@@ -3,13 +3,12 @@
 
 from __future__ import annotations
 
-import json
 import os
 import signal
 
 from workspace import Workspace, executed, tiny_recipe
 
-from tasks.store import MANIFEST
+from tasks.store import read_manifest
 
 INT4 = '\n[capture.int4]\nprecision = "int4"\n'
 
@@ -26,8 +25,8 @@ def flip_byte(path, keep_mtime: bool) -> None:
 def keys(ws: Workspace) -> dict[str, str]:
     """Task -> key of every complete entry."""
     out = {}
-    for manifest in (ws.artifacts / "store").glob(f"??/*/{MANIFEST}"):
-        out[json.loads(manifest.read_text())["built_as"]["task"]] = manifest.parent.name
+    for entry in (ws.artifacts / "store").glob("??/*.json"):
+        out[read_manifest(entry.with_suffix(""))["built_as"]["task"]] = entry.stem
     return out
 
 

@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import json
 import math
 
 import pytest
@@ -11,6 +10,7 @@ from workspace import ROOT, Workspace, executed, tiny_recipe
 from tasks.formats.genai import model_file
 from tasks.recipe import load_recipe
 from tasks.runtimes.onnx import op_counts
+from tasks.store import read_manifest
 
 pytestmark = pytest.mark.slow
 
@@ -25,9 +25,7 @@ def default_build(tmp_path_factory):
 
 
 def metrics(ws: Workspace, name: str) -> dict:
-    return json.loads((ws.artifacts / "recipe" / "evaluate" / name / "MANIFEST.json").read_text())[
-        "metrics"
-    ]
+    return read_manifest(ws.artifacts / "recipe" / "evaluate" / name)["metrics"]
 
 
 def test_every_step_builds_and_the_table_is_printed(default_build):
@@ -88,7 +86,7 @@ def test_modelopt_calibrated_int4_and_int8_on_the_tiny_model(default_build, tiny
     for name, op in (("nv-awq", "DequantizeLinear"), ("nv-int8", "QuantizeLinear")):
         folder = ws.artifacts / "tiny" / "quantize" / name
         assert op_counts(model_file(folder)).get(op, 0) > 0, name
-        built = json.loads((folder / "MANIFEST.json").read_text())["metrics"]
+        built = read_manifest(folder)["metrics"]
         assert built["top1_agreement"] > 0.5, (name, built)
     assert tiny.doit("verify").returncode == 0  # the capture they read is unchanged
 
@@ -143,9 +141,7 @@ def test_the_tone_adapter_answers_and_matches_its_peft_model(default_build):
     assert after["answer_accuracy"] >= 0.7, after["answer_accuracy"]
     assert after["answer_accuracy"] > before["answer_accuracy"] + 0.3
     assert after["answer_accuracy"] > after["answer_majority_share"]
-    adapter = json.loads(
-        (ws.artifacts / "recipe" / "adapter" / "awq-tone" / "MANIFEST.json").read_text()
-    )["metrics"]
+    adapter = read_manifest(ws.artifacts / "recipe" / "adapter" / "awq-tone")["metrics"]
     # int4 kernels set the floor: the adapter adds no more error than the base alone has.
     floor = adapter["base_vs_torch"]["max_abs_logit_diff"]
     assert adapter["vs_peft"]["max_abs_logit_diff"] <= max(2 * floor, 1e-3)

@@ -111,7 +111,7 @@ def test_gc_and_verify_handle_an_unreadable_manifest(tmp_path, tiny_model, prose
     tmp = store.new_tmp(stray)
     (tmp / "w.bin").write_bytes(b"x")
     store.publish(stray, tmp, {})
-    (store.entry(stray) / "MANIFEST.json").write_text("{")
+    store.manifest_path(stray).write_text("{")
 
     damage = verify(graph, remove_damaged=False, dry_run=False)
     assert damage is not None  # a TaskFailed naming the damage
@@ -120,6 +120,24 @@ def test_gc_and_verify_handle_an_unreadable_manifest(tmp_path, tiny_model, prose
     assert "(unreadable manifest)" in capsys.readouterr().out and store.is_complete(stray)
     assert verify(graph, remove_damaged=True, dry_run=False) is None
     assert not store.is_complete(stray)
+
+
+def test_gc_removes_an_entry_left_without_its_manifest(tmp_path, tiny_model, prose_file, capsys):
+    from tasks.glue import gc
+
+    path = tmp_path / "recipe.toml"
+    path.write_text(tiny_recipe(tiny_model, prose_file))
+    graph = load_graph(path, tmp_path / "artifacts")
+    store, key = graph.store, "ee" * 32
+    tmp = store.new_tmp(key)
+    (tmp / "w.bin").write_bytes(b"x" * 1000)
+    store.publish(key, tmp, {})
+    store.manifest_path(key).unlink()  # killed between the folder's rename and the manifest's
+    gc(graph, dry_run=True)
+    assert "would remove unfinished build" in capsys.readouterr().out
+    assert store.entry(key).is_dir()
+    gc(graph, dry_run=False)
+    assert not store.entry(key).exists() and store.unfinished() == []
 
 
 def test_doit_list_shows_steps_in_recipe_order_with_their_settings_in_toml(

@@ -13,6 +13,8 @@ import pytest
 from stages.test_finetune import tone_records
 from workspace import Workspace
 
+from tasks.store import read_manifest
+
 # Every stage that writes files, on the tiny model (gptq, awq and quarot write through rtn's
 # writer; inc-* and nvmo need environments of their own, too slow to build here). The adapter
 # adds capture.rtn-lora (the builder at int4 on an HF-quantized input). Evaluate is left out:
@@ -68,7 +70,7 @@ def link(ws: Workspace, ref: str) -> Path:
 
 
 def files(entry: Path) -> dict[str, Any]:
-    manifest = json.loads((entry / "MANIFEST.json").read_text())
+    manifest = read_manifest(entry)
     return {f["path"]: f["xxh3"] for f in manifest["files"]}
 
 

@@ -13,7 +13,7 @@ from pathlib import Path
 import pytest
 from workspace import Workspace, executed, tiny_recipe
 
-from tasks.store import MANIFEST
+from tasks.store import manifest_file
 
 
 def _mount(*args: str) -> None:
@@ -144,7 +144,7 @@ def test_an_interrupt_is_one_line_and_leaves_nothing_complete(ws, signum, status
     assert "removing unfinished build store/" in ws.doit("gc").stdout
     assert not list((ws.artifacts / "store" / ".tmp").iterdir())
     assert executed(ws.doit("capture:fp32").stdout) == ["capture:fp32"]
-    assert (ws.artifacts / "recipe" / "capture" / "fp32" / MANIFEST).is_file()
+    assert manifest_file(ws.artifacts / "recipe" / "capture" / "fp32").is_file()
 
 
 @pytest.mark.parametrize("occupant", ["directory", "file"])

@@ -2,6 +2,7 @@
 
 import json
 import os
+import shutil
 import subprocess
 import sys
 import textwrap
@@ -10,7 +11,7 @@ import pytest
 
 from tasks.errors import StoreError
 from tasks.keys import key_of
-from tasks.store import DIGEST_FIELD, MANIFEST, Store, manifest_digest
+from tasks.store import DIGEST_FIELD, OLD_MANIFEST, Store, manifest_digest, read_manifest
 
 IDENTITY = {"stage": "quantize", "params": {"bits": 4}}
 KEY = key_of(IDENTITY)
@@ -34,7 +35,8 @@ def test_entry_is_complete_only_after_publish(tmp_path):
     assert not store.is_complete(KEY)
     entry = store.publish(KEY, tmp, {"key": KEY, "identity": IDENTITY})
     assert store.is_complete(KEY) and not tmp.exists()
-    manifest = json.loads((entry / MANIFEST).read_text())
+    manifest = read_manifest(entry)
+    assert sorted(os.listdir(entry)) == ["w.bin"]  # the step's files and nothing else
     assert manifest["files"] == [{"path": "w.bin", "size": 1, "xxh3": manifest["files"][0]["xxh3"],
                                   "mtime_ns": (entry / "w.bin").stat().st_mtime_ns}]  # fmt: skip
     assert manifest[DIGEST_FIELD] == manifest_digest(manifest)
@@ -57,11 +59,15 @@ def _flip_byte(entry):
 
 def _edit_manifest(field, value):
     def edit(entry):
-        manifest = json.loads((entry / MANIFEST).read_text())
+        manifest = read_manifest(entry)
         manifest[field] = value(manifest) if callable(value) else value
-        (entry / MANIFEST).write_text(json.dumps(manifest))
+        _manifest_file(entry).write_text(json.dumps(manifest))
 
     return edit
+
+
+def _manifest_file(entry):
+    return entry.parent / f"{entry.name}.json"
 
 
 def _replace_by_link(entry):
@@ -99,7 +105,15 @@ DAMAGE = {
         _edit_manifest(DIGEST_FIELD, None),
         "edited (its fields no longer match",
     ),
-    "manifest deleted": (lambda e: (e / MANIFEST).unlink(), "no MANIFEST.json"),
+    "manifest deleted": (lambda e: _manifest_file(e).unlink(), "no manifest"),
+    "entry deleted": (lambda e: shutil.rmtree(e), "a manifest without its entry"),
+    "manifest replaced by a link": (
+        lambda e: (
+            _manifest_file(e).rename(e.parents[3] / "elsewhere.json"),
+            _manifest_file(e).symlink_to(e.parents[3] / "elsewhere.json"),
+        ),
+        "a symbolic link",
+    ),
 }
 
 
@@ -306,7 +320,7 @@ def _try_lock(root):
 def test_unreadable_manifest_is_a_store_error(tmp_path):
     store = Store(tmp_path)
     entry = build(store)
-    (entry / MANIFEST).write_text("{")
+    _manifest_file(entry).write_text("{")
     with pytest.raises(StoreError, match="doit verify"):
         store.manifest(KEY)
     assert "unreadable" in store.verify(KEY)[0]
@@ -331,3 +345,44 @@ def test_links_skip_the_reserved_folders(tmp_path):
     (tmp_path / "r").mkdir()
     (tmp_path / "r" / "mine").symlink_to("/etc")  # a link the user made: not the store's
     assert store.links() == {}
+
+
+def test_a_build_stopped_between_its_two_renames_is_unfinished_and_rebuilt(tmp_path):
+    store = Store(tmp_path)
+    entry = build(store)
+    _manifest_file(entry).unlink()  # as if killed after the folder's rename, before the manifest's
+    assert not store.is_complete(KEY) and store.unfinished() == [KEY]
+    assert store.built_keys() == []
+    with store.build(KEY) as again:
+        assert again is not None
+        (again.folder / "w.bin").write_bytes(b"weights")
+        again.publish({"key": KEY, "identity": IDENTITY})
+    assert store.is_complete(KEY) and store.verify(KEY) == [] and store.unfinished() == []
+
+
+def test_build_yields_none_when_the_key_is_complete(tmp_path):
+    store = Store(tmp_path)
+    build(store)
+    with store.build(KEY) as again:
+        assert again is None
+
+
+def test_an_entry_of_the_earlier_layout_is_converted_when_looked_up(tmp_path):
+    store = Store(tmp_path)
+    entry = build(store)
+    manifest = read_manifest(entry)
+    _manifest_file(entry).rename(entry / OLD_MANIFEST)  # MANIFEST.json inside, as before
+    with store.lock(KEY):  # busy (or read-only): left as it is, and said so
+        assert not store.is_complete(KEY)
+        assert "earlier modelkiln" in store.verify(KEY)[0]
+    assert store.is_complete(KEY)
+    assert not (entry / OLD_MANIFEST).exists() and read_manifest(entry) == manifest
+    assert store.verify(KEY) == []
+
+
+def test_removal_takes_the_manifest_first(tmp_path):
+    store = Store(tmp_path)
+    entry = build(store)
+    with store.lock(KEY):
+        store.remove(KEY)
+    assert not entry.exists() and not _manifest_file(entry).exists()

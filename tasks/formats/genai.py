@@ -32,7 +32,7 @@ def model_file(folder: Path) -> Path:
 def copy_sidecars(src: Path, dst: Path) -> None:
     """Copy everything but the model and its external data (tokenizer, genai_config, ...)."""
     model = model_file(src)
-    skip = {model.name, f"{model.name}.data", "MANIFEST.json"}
+    skip = {model.name, f"{model.name}.data"}
     skip |= {p.name for p in src.glob(f"{model.stem}*.data")}
     for path in src.iterdir():
         if path.is_file() and path.name not in skip:

@@ -15,7 +15,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
-from tasks.errors import PreflightError
+from tasks.errors import PreflightError, StageError
 
 if TYPE_CHECKING:
     from tasks.envs import Environment
@@ -136,6 +136,15 @@ class StepContext:
     # Room for files the output does not keep (an unpacked download), on the store's disk;
     # removed after the step, and by `doit gc` after a killed one. None outside a build.
     scratch: Path | None = None
+    # The store's lookup of a complete entry by key (None outside a build); see entry().
+    find_entry: Callable[[str], Path] | None = None
+
+    def entry(self, key: str) -> Path:
+        """The output of another step, by the key an input recorded (a fine-tune's base model):
+        the store finds it, so no stage knows how the store is laid out."""
+        if self.find_entry is None:
+            raise StageError(f"{self.task}: no store to find entry {key[:16]}... in")
+        return self.find_entry(key)
 
     def log(self, message: str) -> None:
         print(f"  {self.task}: {message}", file=sys.stderr, flush=True)

@@ -25,7 +25,7 @@ from typing import Any
 
 from tasks.config import option
 from tasks.errors import RecipeError, StageError
-from tasks.formats.finetune import ADAPTER_INFO, FINETUNE_INFO, entry_beside
+from tasks.formats.finetune import ADAPTER_INFO, FINETUNE_INFO
 from tasks.runtimes.onnx import ONNX_NEEDS
 from tasks.stages import ONNX, ONNX_ADAPTER, PEFT, StageSpec, Step, StepContext, spec_for
 
@@ -144,7 +144,7 @@ def run(config: Config, ctx: StepContext) -> dict[str, Any]:
     assert ctx.input is not None
     base = ctx.steps["base"]
     info = json.loads((ctx.input / FINETUNE_INFO).read_text())
-    hf_base = entry_beside(ctx.input, info["base_key"])
+    hf_base = ctx.entry(info["base_key"])
     slots = read_slots(model_file(base))
     if not slots:
         raise StageError(f"{base} has no LoRA inputs: capture it with lora_slots = true")

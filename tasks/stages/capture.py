@@ -28,6 +28,7 @@ from tasks import interrupt
 from tasks.config import ConfigValueError, option, refuse_inapplicable
 from tasks.errors import StageError
 from tasks.runtimes.onnx import (
+    NBITS_BLOCK_SIZE,
     ONNX_EXTRA,
     ONNX_NEEDS,
     check_onnx_against,
@@ -40,7 +41,6 @@ from tasks.stages import HF, ONNX, StageSpec, StepContext
 
 # Bits onnxruntime's MatMulNBits, which the builder re-packs quantized checkpoints into, takes.
 NBITS = (2, 4, 8)
-BLOCK_SIZES = (16, 32, 64, 128, 256)
 LOG_TAIL_LINES = 40
 # Builder extra options (and their deprecated int4_ aliases) that this step's own fields set.
 INT4_KEYS = {"block_size": "int4_block_size", "accuracy_level": "int4_accuracy_level"}
@@ -65,11 +65,13 @@ class Config:
     ort_genai: bool = option(True, "use onnxruntime-genai's model builder (else torch.onnx)")
     precision: Literal["fp32", "fp16", "int4"] = option("fp32", "weights' precision (builder)")
     execution_provider: Literal["cpu", "cuda"] = option("cpu", "provider the builder targets")
-    int4_block_size: int = option(32, "int4 block size: 16, 32, 64, 128 or 256 (builder)")
+    int4_block_size: int = option(32, "int4 block size (builder)", rule=NBITS_BLOCK_SIZE)
     int4_accuracy_level: int | None = option(
         None,
         "int4 MatMul compute type: 0 default, 1 fp32, 2 fp16, 3 bf16, 4 int8; unset: 4 for a "
         "float input, 1 for a GPTQ/AWQ input (so it converts exactly) (builder)",
+        ge=0,
+        le=4,
     )
     extra_options: tuple[str, ...] = option(
         (),
@@ -88,7 +90,6 @@ class Config:
             raise ConfigValueError(
                 "lora_slots", "needs the builder's graph names", "set ort_genai = true"
             )
-        self._check_int4()
         self._check_extra_options()
         refuse_inapplicable(self, NARROW_SETTINGS)
         if not self.ort_genai and (self.precision, self.execution_provider) != ("fp32", "cpu"):
@@ -105,18 +106,6 @@ class Config:
                 "precision",
                 "fp16 does not run on the CPU in onnxruntime-genai",
                 'use precision = "fp32" or "int4" on the CPU, or execution_provider = "cuda"',
-            )
-
-    def _check_int4(self) -> None:
-        if self.int4_block_size not in BLOCK_SIZES:
-            raise ConfigValueError(
-                "int4_block_size",
-                f"{self.int4_block_size} is not a block size MatMulNBits takes",
-                f"use one of {', '.join(map(str, BLOCK_SIZES))}",
-            )
-        if self.int4_accuracy_level is not None and self.int4_accuracy_level not in range(5):
-            raise ConfigValueError(
-                "int4_accuracy_level", f"{self.int4_accuracy_level} is not 0 to 4", "use 4 (int8)"
             )
 
     def _check_extra_options(self) -> None:
@@ -164,7 +153,8 @@ def check_quantization(hf_dir: Path, config: Config) -> dict[str, Any] | None:
     if needed:
         raise StageError(
             f"{path} is quantized ({quant.get('quant_method')}, {bits} bits): only the builder "
-            f'captures it, with precision = "int4"\n  fix: set {" and ".join(needed)}'
+            'captures it, with precision = "int4"',
+            fix=f"set {' and '.join(needed)}",
         )
     # GPTQ and AWQ store a packed linear as <name>.qweight, so <name>.weight is a float one.
     floats = float_projections(hf_dir) if quant.get("quant_method") in ("gptq", "awq") else []
@@ -331,7 +321,7 @@ def copy_hf_sidecars(hf_dir: Path, out: Path) -> None:
     """Copy config and tokenizer files: everything in the HF folder except its weights."""
     for path in hf_dir.iterdir():
         weights = path.suffix in WEIGHT_SUFFIXES or path.name.endswith(".index.json")
-        if path.is_file() and not weights and path.name != "MANIFEST.json":
+        if path.is_file() and not weights:
             shutil.copy2(path, out / path.name)
 
 

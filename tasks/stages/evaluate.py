@@ -26,7 +26,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import TYPE_CHECKING, Any, Literal
 
-from tasks.config import ConfigValueError, option, refuse_inapplicable
+from tasks.config import option, refuse_inapplicable
 from tasks.digest import dir_size
 from tasks.errors import PreflightError, StageError
 from tasks.formats.genai import GENAI_CONFIG
@@ -37,8 +37,6 @@ from tasks.stages import HF, METRICS, ONNX, ONNX_ADAPTER, PEFT, StageSpec, StepC
 if TYPE_CHECKING:
     from tasks.runtimes.runners import Runner
 
-NOT_WEIGHTS = ("MANIFEST.json",)  # store bookkeeping, not part of what a user ships
-
 
 @dataclass(frozen=True, kw_only=True)
 class Config:
@@ -48,30 +46,28 @@ class Config:
     split: Literal["heldout", "train"] = option(
         "heldout", "split to score; 'train' is for debugging only: report held-out perplexity"
     )
-    seq_len: int = option(512, "tokens per perplexity window (context the model sees)")
-    max_tokens: int = option(4096, "tokens scored, at most, in non-overlapping windows")
+    seq_len: int = option(512, "tokens per perplexity window (context the model sees)", ge=2)
+    max_tokens: int = option(4096, "tokens scored, at most, in non-overlapping windows", ge=1)
     prompt: str = option("What is the capital of France?", "prompt for the latency runs")
     chat_template: bool = option(True, "wrap the prompt in the tokenizer's chat template, if any")
-    new_tokens: int = option(32, "greedy tokens generated per latency run")
-    repeats: int = option(3, "timed latency runs; the median is reported")
-    threads: int = option(1, "CPU threads (torch and onnxruntime); 1 is steadiest on shared CPUs")
+    new_tokens: int = option(
+        32, "greedy tokens generated per latency run (decode speed needs a second token)", ge=2
+    )
+    repeats: int = option(3, "timed latency runs; the median is reported", ge=1)
+    threads: int = option(
+        1, "CPU threads (torch and onnxruntime); 1 is steadiest on shared CPUs", ge=1
+    )
     answers: int = option(
         200, "held-out records whose answer is scored, when the model is a fine-tune with an "
-        "answer_field (or prompts_from is set); 0: none", added=True,
+        "answer_field (or prompts_from is set); 0: none", added=True, ge=0,
     )  # fmt: skip
-    answer_tokens: int = option(8, "greedy tokens generated per answer", added=True)
+    answer_tokens: int = option(8, "greedy tokens generated per answer", added=True, ge=1)
     prompts_from: str = option(
         "", "a finetune step: score this (base) model on its prompts and answers, for a "
         "before-training figure", added=True,
     )  # fmt: skip
 
     def __post_init__(self) -> None:
-        minimums = {"seq_len": 2, "max_tokens": 1, "new_tokens": 2, "repeats": 1, "threads": 1}
-        minimums |= {"answers": 0, "answer_tokens": 1}
-        for key, least in minimums.items():
-            if getattr(self, key) < least:
-                fix = "decode speed needs a second token" if key == "new_tokens" else ""
-                raise ConfigValueError(key, f"must be at least {least}", fix)
         refuse_inapplicable(self, NARROW_SETTINGS)
 
 
@@ -114,8 +110,8 @@ def eos_ids(folder: Path, tokenizer: Any) -> frozenset[int]:
 
 
 def size_bytes(folder: Path) -> int:
-    """Bytes a user ships: the folder's files less the store's bookkeeping."""
-    return dir_size(folder, exclude=NOT_WEIGHTS)
+    """Bytes a user ships: every file of the folder (a store entry holds only the step's)."""
+    return dir_size(folder)
 
 
 def time_generation(
@@ -209,7 +205,7 @@ class Model:
 def resolve_model(ctx: StepContext) -> Model:
     """The input as a runnable model: a finetune step's PEFT adapter runs on its base model,
     an adapter step's .onnx_adapter on its shared ONNX base (both found in the store)."""
-    from tasks.formats.finetune import ADAPTER_INFO, FINETUNE_INFO, entry_beside
+    from tasks.formats.finetune import ADAPTER_INFO, FINETUNE_INFO
     from tasks.tune.examples import Format
 
     assert ctx.input is not None
@@ -221,11 +217,11 @@ def resolve_model(ctx: StepContext) -> Model:
         answers = answers if answers.answer_field else None
     if (ctx.input / ADAPTER_INFO).is_file():
         info = json.loads((ctx.input / ADAPTER_INFO).read_text())
-        base = entry_beside(ctx.input, info["base_key"])
+        base = ctx.entry(info["base_key"])
         return Model(base, ONNX, ctx.input / info["adapter"], answers)
     if (ctx.input / FINETUNE_INFO).is_file():
         info = json.loads((ctx.input / FINETUNE_INFO).read_text())
-        return Model(entry_beside(ctx.input, info["base_key"]), HF, ctx.input, answers)
+        return Model(ctx.entry(info["base_key"]), HF, ctx.input, answers)
     fmt = ONNX if any(ctx.input.glob("*.onnx")) else HF
     return Model(ctx.input, fmt, None, answers)
 
@@ -237,7 +233,7 @@ def score_answers(
     from tasks.tune.examples import answer_accuracy, read_records
 
     if not config.data:
-        raise StageError("scoring answers needs data\n  fix: set data = the fine-tune's data set")
+        raise StageError("scoring answers needs data", fix="set data = the fine-tune's data set")
     records = read_records(ctx.data[config.data], "heldout")[: config.answers]
     return answer_accuracy(
         generate, tokenizer, records, model.answers, ctx.progress(records, "answers")

@@ -20,6 +20,7 @@ from tasks.stages.adapter import Config as AdapterConfig
 from tasks.stages.adapter import run as run_adapter
 from tasks.stages.capture import Config as CaptureConfig
 from tasks.stages.capture import run as run_capture
+from tasks.store import read_manifest
 from tasks.tune.onnx_lora import ADAPTER_FILE, read_slots
 
 CHAIN = """
@@ -103,7 +104,7 @@ def test_the_onnx_base_with_the_adapter_matches_the_peft_model(tmp_path, tiny_mo
     ws = chain(tmp_path, tiny_model, base=base)
     ws.doit("adapter")
     entry = ws.artifacts / "recipe" / "adapter" / "a"
-    metrics = json.loads((entry / "MANIFEST.json").read_text())["metrics"]
+    metrics = read_manifest(entry)["metrics"]
     assert metrics["slots_filled"] == 10  # qkv, o, gate, up, down in 2 layers
     assert metrics["vs_peft"]["max_abs_logit_diff"] <= 1e-3
     assert metrics["vs_peft"]["top1_agreement"] == 1.0
@@ -140,10 +141,8 @@ def test_two_adapters_switch_per_request_in_one_genai_process(tmp_path, tiny_mod
 
     from tasks.runtimes.torch_lm import load_peft_model
 
-    # Store entries as the adapter stage finds them: store/<key[:2]>/<key>/MANIFEST.json.
-    base_hf = tmp_path / "store" / "ba" / "base"
+    base_hf = tmp_path / "base"  # found by the key its fine-tunes record, as the store would
     shutil.copytree(tiny_model, base_hf)
-    (base_hf / "MANIFEST.json").write_text("{}")
     onnx_base = tmp_path / "onnx-base"
     onnx_base.mkdir()
     run_capture(CaptureConfig(lora_slots=True),
@@ -155,7 +154,7 @@ def test_two_adapters_switch_per_request_in_one_genai_process(tmp_path, tiny_mod
         out = tmp_path / name
         out.mkdir()
         ctx = StepContext(f"adapter:{name}", out, tmp_path, input=peft_dir,
-                          steps={"base": onnx_base})  # fmt: skip
+                          steps={"base": onnx_base}, find_entry={"base": base_hf}.__getitem__)  # fmt: skip
         metrics = run_adapter(AdapterConfig(), ctx)
         assert metrics["vs_peft"]["max_abs_logit_diff"] <= 1e-3
         adapters[name] = (out / ADAPTER_FILE, load_peft_model(base_hf, peft_dir))

@@ -12,7 +12,7 @@ from typing import Any
 
 import pytest
 
-from tasks.config import ConfigValueError, parse_config
+from tasks.config import parse_config
 from tasks.errors import PreflightError, RecipeError, StageError
 from tasks.formats.text import read_text
 from tasks.runtimes.perplexity import perplexity, special_prefix, token_nll, token_windows
@@ -89,8 +89,8 @@ def test_windows_score_every_text_token_once() -> None:
 
 
 def test_config_is_validated() -> None:
-    with pytest.raises(ConfigValueError, match="new_tokens"):
-        Config(new_tokens=1)
+    with pytest.raises(RecipeError, match="new_tokens = 1 is below the minimum 2"):
+        parse_config(Config, {"new_tokens": 1}, "r.toml", "evaluate.x")
     with pytest.raises(RecipeError, match="split"):
         parse_config(Config, {"split": "test"}, "r.toml", "evaluate.x")
     assert spec_for("evaluate", None).data_fields == ("data",)
@@ -111,14 +111,11 @@ def test_chat_template_wraps_the_prompt(tiny_model: Path) -> None:
     assert prompt_ids(tokenizer, Config(chat_template=False)) == plain
 
 
-def test_size_counts_files_but_not_the_manifest(tmp_path: Path) -> None:
+def test_size_counts_every_file_of_the_folder(tmp_path: Path) -> None:
     (tmp_path / "sub").mkdir()
     (tmp_path / "a.bin").write_bytes(b"x" * 10)
     (tmp_path / "sub" / "b.bin").write_bytes(b"x" * 5)
-    (tmp_path / "MANIFEST.json").write_text("{}")
     assert size_bytes(tmp_path) == 15
-    (tmp_path / "sub" / "MANIFEST.json").write_text("{}")  # only the store's own is left out
-    assert size_bytes(tmp_path) == 17
 
 
 def test_hf_and_onnx_score_the_same_tokens_alike(hf_metrics: dict, onnx_metrics: dict) -> None:

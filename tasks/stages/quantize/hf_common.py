@@ -10,7 +10,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import TYPE_CHECKING, Any, Literal
 
-from tasks.config import ConfigValueError, option, refuse_inapplicable
+from tasks.config import ConfigValueError, PowerOfTwo, option, refuse_inapplicable
 from tasks.errors import StageError
 from tasks.stages import HF, StageSpec, StepContext
 
@@ -23,6 +23,12 @@ if TYPE_CHECKING:
 LIBRARIES = ("torch", "transformers", "safetensors")
 NEEDS = {"torch": "pip install modelkiln", "safetensors": "pip install modelkiln"}
 CALIBRATING = 'an algorithm that calibrates (gptq, awq; quarot with weight_quantizer = "gptq")'
+# No -1 (one group per output channel): onnxruntime's MatMulNBits fails to load it, so
+# write_quantized refuses it, and a recipe should not find out after the whole run.
+GROUP_SIZE = PowerOfTwo(
+    16, why="onnxruntime's MatMulNBits block sizes; -1, per output channel, does not load there",
+    divides="the model's layer widths",
+)  # fmt: skip
 
 
 @dataclass(frozen=True, kw_only=True)
@@ -30,13 +36,11 @@ class HFQuantConfig:
     """Keys every Hugging Face quantizer takes."""
 
     bits: Literal[2, 3, 4, 8] = option(4, "bits per weight")
-    # No -1 (one group per output channel): onnxruntime's MatMulNBits fails to load it, so
-    # write_quantized refuses it, and a recipe should not find out after the whole run.
-    group_size: int = option(128, "input columns sharing a scale: a power of two >= 16")
+    group_size: int = option(128, "input columns sharing a scale", rule=GROUP_SIZE)
     sym: bool = option(True, "symmetric (zero point fixed at the middle) or asymmetric")
     data: str = option("", "calibration data set: a [data.<name>] table (its train split)")
-    num_samples: int = option(16, "calibration sequences")
-    seq_len: int = option(512, "tokens per calibration sequence")
+    num_samples: int = option(16, "calibration sequences", ge=1)
+    seq_len: int = option(512, "tokens per calibration sequence", ge=16)
     modules_to_not_convert: tuple[str, ...] = option(
         ("lm_head",), "modules left in float (names or suffixes)"
     )
@@ -56,23 +60,11 @@ class HFQuantConfig:
     )  # fmt: skip
 
     def __post_init__(self) -> None:
-        if self.group_size < 16 or self.group_size & (self.group_size - 1):
-            raise ConfigValueError(
-                "group_size",
-                f"{self.group_size} is not a power of two >= 16 (onnxruntime's MatMulNBits "
-                "block sizes; -1, per output channel, does not load there)",
-                "use 32, 64 or 128: one that divides the model's layer widths (the step checks "
-                "that before it reads any weight)",
-            )
         if "lm_head" not in self.modules_to_not_convert:
             raise ConfigValueError(
                 "modules_to_not_convert", "the LM head is always kept in float here",
                 'keep "lm_head" in the list',
             )  # fmt: skip
-        if self.num_samples < 1 or self.seq_len < 16:
-            raise ConfigValueError(
-                "num_samples", "needs num_samples >= 1 and seq_len >= 16", "raise them"
-            )
         if self.needs_data() and not self.data:
             raise ConfigValueError(
                 "data",
@@ -144,7 +136,7 @@ def check_group_size(src: Path, config: HFQuantConfig) -> None:
                 "this model cannot be written in a layout onnxruntime loads"
             )
             raise StageError(
-                f"group_size {config.group_size} does not divide {what} = {width}\n  fix: {fix}"
+                f"group_size {config.group_size} does not divide {what} = {width}", fix=fix
             )
 
 
@@ -208,7 +200,7 @@ def run_quantizer(config: HFQuantConfig, ctx: StepContext, handler: Handler, lay
 
 
 def _copy_tokenizer(src: Path, dst: Path) -> None:
-    skip = {"config.json", "MANIFEST.json", "model.safetensors.index.json"}
+    skip = {"config.json", "model.safetensors.index.json"}
     for path in src.iterdir():
         if path.is_file() and path.suffix != ".safetensors" and path.name not in skip:
             shutil.copy2(path, dst / path.name)
