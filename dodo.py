@@ -19,7 +19,7 @@ from doit import get_var
 
 from tasks import interrupt
 from tasks.errors import KilnError, check_variables
-from tasks.glue import explain, gc, report_task, stage_tasks, step_task, verify
+from tasks.glue import explain, gc, pull, push, report_task, stage_tasks, step_task, verify
 from tasks.graph import load_graph
 from tasks.jobs import doit_jobs, share_cpus
 from tasks.stages import algorithms
@@ -30,10 +30,12 @@ interrupt.install()  # Ctrl-C, SIGTERM: one line and exit 130/143, no traceback
 # get_var gives None outside a doit run (a plain import of this file), hence the `or`.
 RECIPE = Path(get_var("recipe") or "recipes/default.toml")
 ARTIFACTS = Path(get_var("artifacts") or "artifacts")
+# The shared remote store for this run (else MODELKILN_REMOTE/_PUSH, else the recipe's [store]).
+OVERRIDES = {"remote": get_var("remote"), "push": get_var("push")}
 
 try:
-    check_variables(sys.argv[1:], ("recipe", "artifacts"))  # `recipie=x.toml` must not build x
-    GRAPH = load_graph(RECIPE, ARTIFACTS)
+    check_variables(sys.argv[1:], ("recipe", "artifacts", "remote", "push"))  # not `recipie=`
+    GRAPH = load_graph(RECIPE, ARTIFACTS, OVERRIDES)
 except KilnError as err:
     sys.exit(f"modelkiln: {err}")
 except OSError as err:  # the machine's: a full disk, a read-only or forbidden path
@@ -117,7 +119,25 @@ def task_gc():
     """remove store entries no recipe points at (--dry-run: only list them with sizes)"""
     dry_run = {"name": "dry_run", "long": "dry-run", "type": bool, "default": False,
                "help": "list what would be removed, remove nothing"}  # fmt: skip
-    return {"actions": [(gc, [GRAPH])], "params": [dry_run], "uptodate": [False], "verbosity": 2}
+    remote = {"name": "remote", "long": "remote", "type": bool, "default": False,
+              "help": "collect the remote store instead: entries none of the recipes named "
+              "(default: this one) means, and uploads no manifest names"}  # fmt: skip
+    grace = {"name": "grace_hours", "long": "grace-hours", "type": float, "default": 24.0,
+             "help": "with --remote: keep unnamed uploads younger than this (a push in flight)"}  # fmt: skip
+    return {"actions": [(gc, [GRAPH])], "params": [dry_run, remote, grace], "pos_arg": "recipes",
+            "uptodate": [False], "verbosity": 2}  # fmt: skip
+
+
+def task_push():
+    """upload the recipe's entries built here (or the named steps') to the remote store"""
+    return {"actions": [(push, [GRAPH])], "pos_arg": "names", "uptodate": [False],
+            "verbosity": 2}  # fmt: skip
+
+
+def task_pull():
+    """download the recipe's entries (or the named steps') from the remote store, build nothing"""
+    return {"actions": [(pull, [GRAPH])], "pos_arg": "names", "uptodate": [False],
+            "verbosity": 2}  # fmt: skip
 
 
 def task_verify():
@@ -126,5 +146,7 @@ def task_verify():
               "help": "remove damaged entries and those built from them, so `doit` rebuilds them"}  # fmt: skip
     dry_run = {"name": "dry_run", "long": "dry-run", "type": bool, "default": False,
                "help": "with --remove-damaged: list what would be removed, remove nothing"}  # fmt: skip
-    return {"actions": [(verify, [GRAPH])], "params": [remove, dry_run], "uptodate": [False],
-            "verbosity": 2}  # fmt: skip
+    remote = {"name": "remote", "long": "remote", "type": bool, "default": False,
+              "help": "verify the remote store's entries instead (downloads every file)"}  # fmt: skip
+    return {"actions": [(verify, [GRAPH])], "params": [remove, dry_run, remote],
+            "uptodate": [False], "verbosity": 2}  # fmt: skip

@@ -20,11 +20,12 @@ from doit.exceptions import TaskFailed
 from tasks import envs
 from tasks.errors import KilnError, StoreError, did_you_mean
 from tasks.fetch import downloads_dir
-from tasks.graph import Graph
+from tasks.graph import Graph, load_graph
 from tasks.keys import canonical_json, diff_identities
 from tasks.recipe import Step, inputs_of
+from tasks.remote import RemoteStore
 from tasks.report import REPORT_STEP
-from tasks.runner import run_step
+from tasks.runner import run_step, transfer_bar
 from tasks.stages import algorithms
 from tasks.staging import Staging, disk_usage, os_problem
 from tasks.store import Store
@@ -104,18 +105,10 @@ def report_task(graph: Graph) -> dict[str, Any]:
 
 def explain(graph: Graph, names: list[str]) -> TaskFailed | None:
     """Why each step would run: never built, or which part of its identity changed."""
-    by_task = {graph.task(ref): ref for ref in graph.keys}
-    names = [n if n in by_task else n.replace(".", ":", 1) for n in names]  # quantize.int8 too
-    unknown = [n for n in names if n not in by_task]
-    if unknown:
-        return TaskFailed(
-            "explain: " + "; ".join(f"no step {n}{did_you_mean(n, by_task)}" for n in unknown)
-            + "\n  fix: `doit list` names every step"
-        )  # fmt: skip
     task_of_key = {key: graph.task(ref) for ref, key in graph.keys.items()}
     try:
-        for name in names or list(by_task):
-            print(f"{name}: {_why(graph, by_task[name], task_of_key)}")
+        for ref in _refs(graph, names):
+            print(f"{graph.task(ref)}: {_why(graph, ref, task_of_key)}")
     except KilnError as err:
         return TaskFailed(str(err))
     return None
@@ -145,13 +138,99 @@ def _describe(change: tuple[str, Any, Any], task_of_key: dict[str, str]) -> str:
     return f"{path}: {_short(canonical_json(old))} -> {_short(canonical_json(new))}"
 
 
-def gc(graph: Graph, dry_run: bool) -> TaskFailed | None:
+def gc(
+    graph: Graph, dry_run: bool, remote: bool = False, grace_hours: float = 24.0,
+    recipes: list[str] | None = None,
+) -> TaskFailed | None:  # fmt: skip
     """Remove store entries that no link (of any recipe built here) or this recipe points at,
-    unused environments, and builds left by dead processes."""
+    unused environments, and builds left by dead processes. --remote: the remote's entries that
+    none of the given recipes (default: this one) means, and uploads no manifest names."""
     try:
-        _gc(graph, dry_run)
+        if remote:
+            _gc_remote(graph, dry_run, grace_hours, recipes or [])
+        else:
+            _gc(graph, dry_run)
     except KilnError as err:
         return TaskFailed(f"gc: {err}")
+    return None
+
+
+def _gc_remote(graph: Graph, dry_run: bool, grace_hours: float, recipes: list[str]) -> None:
+    remote = _need_remote(graph)
+    keep = set(graph.keys.values())
+    for path in recipes:  # every recipe whose entries the remote serves stays whole
+        keep |= set(load_graph(Path(path), graph.store.root).keys.values())
+    removed = remote.gc(keep, grace_hours * 3600, dry_run)
+    for where, size in removed:
+        print(f"{'would remove' if dry_run else 'removing'} {where} {size / 1e6:9.1f} MB")
+    total = sum(size for _, size in removed) / 1e6
+    print(f"{len(removed)} remote entries and uploads: "
+          f"{'would free' if dry_run else 'freed'} {total:.1f} MB")  # fmt: skip
+
+
+def _need_remote(graph: Graph) -> RemoteStore:
+    if graph.remote is None:
+        raise KilnError(
+            "no remote store is set",
+            fix='add [store] remote = "s3://bucket/prefix" to the recipe, or pass remote=<url> '
+            "(or set MODELKILN_REMOTE)",
+        )
+    return graph.remote
+
+
+def _refs(graph: Graph, names: list[str]) -> list[str]:
+    """The named steps' refs (`quantize:int8`, `quantize.int8`), or every step's."""
+    by_task = {graph.task(ref): ref for ref in graph.keys}
+    names = [n if n in by_task else n.replace(".", ":", 1) for n in names]
+    if unknown := [n for n in names if n not in by_task]:
+        raise KilnError(
+            "; ".join(f"no step {n}{did_you_mean(n, by_task)}" for n in unknown),
+            fix="`doit list` names every step",
+        )
+    return [by_task[n] for n in names] if names else list(graph.keys)
+
+
+def push(graph: Graph, names: list[str]) -> TaskFailed | None:
+    """Upload the recipe's entries built here (or the named steps') that the remote lacks."""
+    try:
+        remote = _need_remote(graph)
+        counts: dict[str, int] = {}
+        for ref in _refs(graph, names):
+            task, key = graph.task(ref), graph.keys[ref]
+            if not graph.store.is_complete(key):
+                status = "not built here"
+            else:
+                with transfer_bar(task, "pushing") as progress:
+                    status = remote.push(graph.store, key, progress)
+            counts[status] = counts.get(status, 0) + 1
+            print(f"{task}: {status}")
+    except KilnError as err:
+        return TaskFailed(f"push: {err}")
+    print("push: " + ", ".join(f"{n} {status}" for status, n in sorted(counts.items())))
+    return None
+
+
+def pull(graph: Graph, names: list[str]) -> TaskFailed | None:
+    """Download the recipe's entries (or the named steps') that the remote has and this store
+    lacks, and link them, without building anything."""
+    try:
+        remote = _need_remote(graph)
+        counts: dict[str, int] = {}
+        for ref in _refs(graph, names):
+            task, key = graph.task(ref), graph.keys[ref]
+            if graph.store.is_complete(key):
+                status = "here already"
+            else:
+                with transfer_bar(task, "pulling") as progress:
+                    pulled = remote.pull(graph.store, key, progress)
+                status = "pulled" if pulled else "not on the remote"
+            if graph.store.is_complete(key):
+                graph.store.link(graph.link(ref), key)
+            counts[status] = counts.get(status, 0) + 1
+            print(f"{task}: {status}")
+    except KilnError as err:
+        return TaskFailed(f"pull: {err}")
+    print("pull: " + ", ".join(f"{n} {status}" for status, n in sorted(counts.items())))
     return None
 
 
@@ -223,9 +302,14 @@ def _built_as(store: Store, key: str) -> str:
         return "(unreadable manifest)"
 
 
-def verify(graph: Graph, remove_damaged: bool, dry_run: bool = False) -> TaskFailed | None:
+def verify(
+    graph: Graph, remove_damaged: bool, dry_run: bool = False, remote: bool = False
+) -> TaskFailed | None:
     """Re-hash every store entry against its manifest (no cache), name each problem and the
-    entries built from damaged ones; --remove-damaged removes them all (--dry-run: lists)."""
+    entries built from damaged ones; --remove-damaged removes them all (--dry-run: lists).
+    --remote: the remote's entries instead (downloads each file once to hash it)."""
+    if remote:
+        return _verify_remote(graph, remove_damaged, dry_run)
     store = graph.store
     try:
         damaged = store.audit()
@@ -253,4 +337,30 @@ def verify(graph: Graph, remove_damaged: bool, dry_run: bool = False) -> TaskFai
         return None
     return TaskFailed(
         f"verify: {count}; run `doit verify --remove-damaged`, then `doit` to rebuild them"
+    )
+
+
+def _verify_remote(graph: Graph, remove_damaged: bool, dry_run: bool) -> TaskFailed | None:
+    try:
+        remote = _need_remote(graph)
+        keys = remote.built_keys()
+        damaged = {key: problems for key in keys if (problems := remote.verify(key))}
+        for problems in damaged.values():
+            print("\n".join(problems))
+        if not damaged:
+            print(f"verify: all {len(keys)} remote entries match their manifests")
+            return None
+        if remove_damaged and not dry_run:
+            for key in damaged:
+                remote.remove(key)
+            print(f"verify: removed {len(damaged)} damaged remote entries; a push replaces them")
+            return None
+    except KilnError as err:
+        return TaskFailed(f"verify: {err}")
+    if dry_run:
+        print(f"verify: would remove {len(damaged)} damaged remote entries")
+        return None
+    return TaskFailed(
+        f"verify: {len(damaged)} damaged remote entries; `doit verify --remote "
+        "--remove-damaged` removes them (a push replaces them)"
     )

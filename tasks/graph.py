@@ -7,6 +7,7 @@ I/O is stat-ing local inputs (their digests come from the stat cache) and readin
 from __future__ import annotations
 
 import functools
+import os
 import platform
 from dataclasses import dataclass
 from pathlib import Path
@@ -17,6 +18,7 @@ from tasks.digest import DigestCache
 from tasks.errors import KilnError, RecipeError
 from tasks.keys import key_of, library_versions
 from tasks.recipe import Recipe, Step, load_recipe
+from tasks.remote import RemoteStore
 from tasks.report import REPORT_STEP, report_identity
 from tasks.staging import os_problem
 from tasks.store import RESERVED, Store
@@ -28,6 +30,7 @@ class Graph:
     store: Store
     identities: dict[str, dict[str, Any]]  # by step ref, plus "report"
     keys: dict[str, str]
+    remote: RemoteStore | None = None  # the shared store: asked only about keys missing here
 
     def step(self, ref: str) -> Step:
         return self.recipe.steps[ref]
@@ -46,7 +49,10 @@ class Graph:
         return [s.ref for s in self.recipe.of_stage("evaluate")]
 
 
-def load_graph(recipe_path: Path, artifacts: Path) -> Graph:
+def load_graph(
+    recipe_path: Path, artifacts: Path, overrides: dict[str, str | None] | None = None
+) -> Graph:
+    """overrides: the run's `remote=`/`push=` (doit variables, else MODELKILN_REMOTE/_PUSH)."""
     recipe = load_recipe(recipe_path)
     if recipe.name in RESERVED or recipe.name.startswith("."):
         raise RecipeError(
@@ -70,7 +76,34 @@ def load_graph(recipe_path: Path, artifacts: Path) -> Graph:
     }
     identities[REPORT_STEP] = report_identity(recipe.name, rows)
     keys[REPORT_STEP] = key_of(identities[REPORT_STEP])
-    return Graph(recipe, store, identities, keys)
+    return Graph(recipe, store, identities, keys, remote_of(recipe, overrides or {}))
+
+
+def remote_of(recipe: Recipe, overrides: dict[str, str | None]) -> RemoteStore | None:
+    """The recipe's [store] settings with this run's overrides: a CI job sets the remote and
+    push for one run; `remote=` (empty) turns it off. Contacts nothing."""
+    settings = dict(recipe.store)
+    for name in ("remote", "push"):
+        value = overrides.get(name)
+        value = os.environ.get(f"MODELKILN_{name.upper()}") if value is None else value
+        if value is None:
+            continue
+        if name == "push":
+            if value.lower() not in PUSH_WORDS:
+                raise KilnError(
+                    f"push={value!r} is not a yes or no",
+                    fix=f"use push=true or push=false (or {', '.join(sorted(PUSH_WORDS))})",
+                )
+            settings["push"] = PUSH_WORDS[value.lower()]
+        else:
+            settings["remote"] = value
+    if not settings.get("remote"):
+        return None
+    return RemoteStore.from_settings(settings)
+
+
+PUSH_WORDS = {"true": True, "1": True, "yes": True, "on": True,
+              "false": False, "0": False, "no": False, "off": False}  # fmt: skip
 
 
 def check_artifacts(artifacts: Path) -> None:

@@ -11,12 +11,13 @@ from __future__ import annotations
 import graphlib
 import re
 import tomllib
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
 from tasks.config import parse_config
-from tasks.errors import RecipeError, did_you_mean
+from tasks.errors import KilnError, RecipeError, did_you_mean
+from tasks.remote import check_remote_settings
 from tasks.stages import (
     DATA,
     FORMAT_NAMES,
@@ -38,6 +39,7 @@ class Recipe:
     steps: dict[str, Step]  # by ref, inputs before the steps that use them
     written: tuple[str, ...] = ()  # refs in the file's order (steps it implies last)
     implied: frozenset[str] = frozenset()  # refs of steps the recipe adds by itself
+    store: dict[str, Any] = field(default_factory=dict)  # [store]: the remote store's settings
 
     @property
     def name(self) -> str:
@@ -70,11 +72,24 @@ def load_recipe(path: Path) -> Recipe:
     steps = _order(parsed, file)
     _check_formats(file, steps)
     implied = {r for r, st in parsed.items() if st.name and st.name not in raw.get(st.stage, {})}
-    return Recipe(path, steps, tuple(parsed), frozenset(implied))
+    return Recipe(path, steps, tuple(parsed), frozenset(implied), _store_settings(raw, file))
+
+
+def _store_settings(raw: dict[str, Any], file: str) -> dict[str, Any]:
+    """The [store] table: where the shared remote store is. Never part of a key."""
+    table = raw.get("store", {})
+    if not isinstance(table, dict):
+        raise RecipeError(file, "", "store is a value, not a table", "write [store] remote = ...")
+    try:
+        if table:
+            check_remote_settings(table)
+    except KilnError as err:
+        raise RecipeError(file, "store", str(err)) from None
+    return table
 
 
 def _parse_steps(raw: dict[str, Any], file: str) -> dict[str, Step]:
-    allowed = ["model", "data", *STEP_STAGES]
+    allowed = ["model", "data", *STEP_STAGES, "store"]
     for top in raw:
         if top not in allowed:
             raise RecipeError(

@@ -6,10 +6,12 @@ failure is never cached. Errors the user can act on come back as one message, no
 
 from __future__ import annotations
 
+import contextlib
 import platform
 import shutil
 import sys
 import time
+from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
@@ -19,9 +21,11 @@ from tasks import interrupt
 from tasks.errors import KilnError, StageError
 from tasks.graph import Graph
 from tasks.recipe import inputs_of
+from tasks.remote import Progress, RemoteStore
 from tasks.report import REPORT_STEP, make_rows, text_table, write_report
 from tasks.stages import StepContext
 from tasks.staging import FILESYSTEM_ERRORS, disk_usage, os_problem, remove_path
+from tasks.store import Build, Store
 
 LOW_SPACE = 64 << 20  # bytes: below this, a failed step is reported as a full disk
 
@@ -74,6 +78,10 @@ def _build(graph: Graph, ref: str, task: str) -> dict[str, Any] | None:
         if build is None:  # built by another process while this one waited
             store.link(link, key)
             return None
+        if graph.remote is not None and _pulled(graph.remote, task, build):
+            store.link(link, key)
+            print(f"  {task}: pulled from {graph.remote.url} -> {link}", file=sys.stderr)
+            return None
         # Until the new entry exists the link must not show the old one as current; the old
         # target stays reachable (for `explain`, and safe from `gc`) as a hidden link.
         store.set_aside(link)
@@ -101,7 +109,57 @@ def _build(graph: Graph, ref: str, task: str) -> dict[str, Any] | None:
         store.link(link, key)  # under the lock: gc never sees a new entry without its link
         store.forget_previous(link)
     print(f"  {task}: built in {manifest['timings']['seconds']:.1f} s -> {link}", file=sys.stderr)
+    if graph.remote is not None and graph.remote.push_enabled:
+        _push(graph.remote, store, key, task)
     return metrics
+
+
+def _pulled(remote: RemoteStore, task: str, build: Build) -> bool:
+    """Whether the remote had the key and its entry is now published here. A remote that
+    fails (unreachable, a damaged entry) costs a warning and a local build, not the run."""
+    try:
+        with transfer_bar(task, "pulling") as progress:
+            return remote.pull_into(build, build.key, progress) is not None
+    except KilnError as err:
+        print(f"  {task}: not pulled, building it here: {err}", file=sys.stderr)
+        return False
+
+
+def _push(remote: RemoteStore, store: Store, key: str, task: str) -> None:
+    """Upload a step just built. A failed push fails the step (a nightly job must see it),
+    while the local entry stays built: `doit push` uploads it later."""
+    try:
+        with transfer_bar(task, "pushing") as progress:
+            status = remote.push(store, key, progress)
+    except KilnError as err:
+        raise StageError(
+            f"built here, but not pushed to {remote.url}: {err}",
+            fix=f"`doit push {task}` uploads it once the remote works again",
+        ) from None
+    if status == "lost":
+        print(f"  {task}: another machine pushed {key[:12]}... first; its entry stays on the "
+              "remote, this one here", file=sys.stderr)  # fmt: skip
+
+
+@contextlib.contextmanager
+def transfer_bar(task: str, verb: str) -> Iterator[Progress]:
+    """A byte progress bar for a download or upload, drawn once the size is known."""
+    from tqdm import tqdm
+
+    bar: Any = None
+
+    def progress(done: int, total: int) -> None:
+        nonlocal bar
+        if bar is None:
+            bar = tqdm(total=total, unit="B", unit_scale=True, desc=f"  {task}: {verb}",
+                       file=sys.stderr, leave=False, mininterval=0.5 if sys.stderr.isatty() else 30)  # fmt: skip
+        bar.update(done - bar.n)
+
+    try:
+        yield progress
+    finally:
+        if bar is not None:
+            bar.close()
 
 
 def _run(graph: Graph, ref: str, task: str, tmp: Path) -> dict[str, Any]:

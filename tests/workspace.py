@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import os
 import re
 import subprocess
 import sys
@@ -77,9 +78,12 @@ class Workspace:
         ]
 
     def doit(
-        self, *args: str, check: bool = True, timeout: int = 600
+        self, *args: str, check: bool = True, timeout: int = 600, env: dict | None = None
     ) -> subprocess.CompletedProcess:
-        proc = subprocess.run(self.argv(*args), capture_output=True, text=True, timeout=timeout)
+        environ = {**os.environ, **env} if env else None  # env: added to this process's
+        proc = subprocess.run(
+            self.argv(*args), capture_output=True, text=True, timeout=timeout, env=environ
+        )
         if check and proc.returncode != 0:
             raise AssertionError(f"doit {' '.join(args)} failed:\n{proc.stdout}\n{proc.stderr}")
         return proc

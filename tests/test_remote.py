@@ -1,0 +1,370 @@
+"""The remote store: push, pull, races between pushers, gc and verify, on S3 (a moto server on
+127.0.0.1) and on a shared disk (file://), through the same code."""
+
+import json
+import logging
+import subprocess
+import sys
+import textwrap
+import uuid
+
+import pytest
+
+from tasks.errors import KilnError, StoreError
+from tasks.keys import key_of
+from tasks.remote import RemoteStore, check_remote_settings
+from tasks.store import DIGEST_FIELD, Store, manifest_digest
+
+IDENTITY = {"stage": "quantize", "params": {"bits": 4}}
+KEY = key_of(IDENTITY)
+
+
+class Killed(BaseException):
+    """A kill in the middle of a push: nothing after it runs, not even cleanup."""
+
+
+@pytest.fixture(scope="module")
+def moto_endpoint():
+    moto_server = pytest.importorskip("moto.server")
+    logging.getLogger("werkzeug").setLevel(logging.ERROR)  # one log line per request otherwise
+    server = moto_server.ThreadedMotoServer(ip_address="127.0.0.1", port=0, verbose=False)
+    server.start()
+    host, port = server.get_host_and_port()
+    yield f"http://{host}:{port}"
+    server.stop()
+
+
+@pytest.fixture(params=["s3", "file"])
+def remote_url(request, tmp_path, monkeypatch):
+    """(url, settings) of an empty remote; a fresh bucket per test on the moto server."""
+    if request.param == "file":
+        return {"remote": f"file://{tmp_path}/remote"}
+    endpoint = request.getfixturevalue("moto_endpoint")
+    for name, value in {
+        "AWS_ACCESS_KEY_ID": "testing",
+        "AWS_SECRET_ACCESS_KEY": "testing",
+        "AWS_DEFAULT_REGION": "us-east-1",
+        "AWS_SHARED_CREDENTIALS_FILE": str(tmp_path / "no-credentials"),
+        "AWS_CONFIG_FILE": str(tmp_path / "no-config"),
+    }.items():
+        monkeypatch.setenv(name, value)
+    monkeypatch.delenv("AWS_PROFILE", raising=False)
+    bucket = f"kiln-{uuid.uuid4().hex[:12]}"
+    RemoteStore(f"s3://{bucket}", endpoint_url=endpoint).fs.mkdir(bucket)
+    return {"remote": f"s3://{bucket}/team/models", "endpoint_url": endpoint}
+
+
+@pytest.fixture
+def remote(remote_url):
+    return RemoteStore.from_settings({**remote_url, "push": True})
+
+
+def another(remote):
+    """A second machine's view of the same remote."""
+    return RemoteStore(remote.url, endpoint_url=remote.endpoint_url)
+
+
+def build(store, identity=None, payload=b"weights"):
+    identity = identity or IDENTITY
+    key = key_of(identity)
+    tmp = store.new_tmp(key)
+    (tmp / "w.bin").write_bytes(payload)
+    (tmp / "sub").mkdir()
+    (tmp / "sub" / "config.json").write_text("{}")
+    store.publish(key, tmp, {"key": key, "identity": identity, "metrics": {"ppl": 9.5}})
+    return key
+
+
+def digests(store, key):
+    return [(f["path"], f["size"], f["xxh3"]) for f in store.manifest(key)["files"]]
+
+
+def uploads(remote, key):
+    """The upload folders of key on the remote."""
+    files = remote._find(f"{remote.root}/uploads/{key}")
+    return sorted({path.split(f"/uploads/{key}/")[1].split("/")[0] for path in files})
+
+
+def manifests(remote):
+    return remote._find(f"{remote.root}/entries")
+
+
+def no_leftovers(store):
+    tmp = store.store_dir / ".tmp"
+    return not tmp.exists() or not list(tmp.iterdir())
+
+
+def rewrite_manifest(remote, key, edit, keep_digest=False):
+    manifest = remote.manifest(key)
+    edit(manifest)
+    if not keep_digest:
+        manifest[DIGEST_FIELD] = manifest_digest(manifest)
+    remote.fs.pipe_file(remote.manifest_path(key), json.dumps(manifest).encode())
+
+
+def test_push_then_pull_gives_the_same_entry(remote, tmp_path):
+    here, there = Store(tmp_path / "here"), Store(tmp_path / "there")
+    key = build(here, payload=b"weights" * 1000)
+    seen = []
+    assert (
+        remote.push(here, key, progress=lambda done, total: seen.append((done, total))) == "pushed"
+    )
+    assert seen[-1] == (7002, 7002) and seen == sorted(seen)
+    assert remote.is_complete(key) and remote.built_keys() == [key] and remote.verify(key) == []
+    assert another(remote).push(here, key) == "present"  # nothing uploaded twice
+    assert len(uploads(remote, key)) == 1
+
+    assert another(remote).pull(there, key) == there.entry(key)
+    assert there.verify(key) == [] and digests(there, key) == digests(here, key)
+    pulled = there.manifest(key)
+    assert pulled["pulled_from"] == remote.url and pulled["metrics"] == {"ppl": 9.5}
+    assert not {"upload", "pushed_at", "pushed_from"} & set(pulled) and no_leftovers(there)
+    assert remote.pull(there, key) == there.entry(key)  # complete here: nothing downloaded
+
+
+def test_pull_into_a_build_the_runner_holds(remote, tmp_path):
+    here, there = Store(tmp_path / "here"), Store(tmp_path / "there")
+    key = build(here)
+    remote.push(here, key)
+    path = f"{remote.upload_path(key, remote.manifest(key)['upload'])}/sub/config.json"
+    good = remote.fs.cat_file(path)
+    remote.fs.pipe_file(path, b"[]")  # same size, other bytes
+    with there.build(key) as held:
+        with pytest.raises(StoreError, match="config.json: content differs"):
+            remote.pull_into(held, key)
+        assert held.folder.is_dir() and not list(held.folder.iterdir())  # emptied, still its
+    remote.fs.pipe_file(path, good)
+    with there.build(key) as held:
+        assert remote.pull_into(held, key) == there.entry(key)
+    assert there.verify(key) == [] and digests(there, key) == digests(here, key)
+
+
+def test_a_key_the_remote_lacks_is_not_pulled(remote, tmp_path):
+    store = Store(tmp_path / "here")
+    assert remote.pull(store, KEY) is None
+    assert not store.is_complete(KEY) and no_leftovers(store)
+
+
+def test_a_tampered_remote_file_is_refused(remote, tmp_path):
+    here, there = Store(tmp_path / "here"), Store(tmp_path / "there")
+    key = build(here)
+    remote.push(here, key)
+    path = f"{remote.upload_path(key, remote.manifest(key)['upload'])}/w.bin"
+    data = bytearray(remote.fs.cat_file(path))
+    data[0] ^= 1  # one byte, same size
+    remote.fs.pipe_file(path, bytes(data))
+    with pytest.raises(StoreError, match="w.bin: content differs from the manifest"):
+        remote.pull(there, key)
+    assert not there.is_complete(key) and no_leftovers(there)
+    assert [line for line in remote.verify(key) if "content changed" in line]
+
+
+@pytest.mark.parametrize(
+    "edit, problem",
+    [
+        (lambda m: m["identity"].update(params={"bits": 8}), "does not hash to the entry's key"),
+        (lambda m: m["files"][0].update(path="../../escaped.bin"), "cannot be used"),
+        (lambda m: m.update(upload="../other"), "names no valid upload"),
+    ],
+    ids=["identity", "path-outside", "upload-id"],
+)
+def test_a_manifest_that_does_not_match_its_key_is_refused(remote, tmp_path, edit, problem):
+    here, there = Store(tmp_path / "here"), Store(tmp_path / "there")
+    key = build(here)
+    remote.push(here, key)
+    rewrite_manifest(remote, key, edit)
+    with pytest.raises(StoreError, match=problem):
+        remote.pull(there, key)
+    assert not there.is_complete(key) and no_leftovers(there)
+    assert not (tmp_path / "escaped.bin").exists()
+
+
+def test_an_edited_manifest_is_refused(remote, tmp_path):
+    here, there = Store(tmp_path / "here"), Store(tmp_path / "there")
+    key = build(here)
+    remote.push(here, key)
+    rewrite_manifest(remote, key, lambda m: m.update(metrics={"ppl": 1.0}), keep_digest=True)
+    with pytest.raises(StoreError, match="edited"):
+        remote.pull(there, key)
+    assert not there.is_complete(key)
+    assert any("edited" in line for line in remote.verify(key))
+
+
+def test_two_pushers_of_one_key_leave_one_entry(remote, tmp_path, monkeypatch):
+    first, second = Store(tmp_path / "a"), Store(tmp_path / "b")
+    build(first, payload=b"bytes of machine a")
+    build(second, payload=b"bytes of machine b, longer")
+    late = another(remote)
+    monkeypatch.setattr(late, "is_complete", lambda key: False)  # it looked before a published
+    assert remote.push(first, KEY) == "pushed"
+    assert late.push(second, KEY) == "lost"
+    assert len(manifests(remote)) == 1
+    assert uploads(remote, KEY) == [remote.manifest(KEY)["upload"]]  # the loser's files are gone
+    there = Store(tmp_path / "there")
+    remote.pull(there, KEY)
+    assert digests(there, KEY) == digests(first, KEY) and remote.verify(KEY) == []
+
+
+def test_a_server_that_ignores_the_condition_still_leaves_one_consistent_entry(
+    remote, tmp_path, monkeypatch
+):
+    """a's manifest is overwritten by b's between a's put and its read-back: a sees that it
+    lost and removes its files; the entry is b's, whole."""
+    first, second = Store(tmp_path / "a"), Store(tmp_path / "b")
+    build(first, payload=b"bytes of machine a")
+    build(second, payload=b"bytes of machine b, longer")
+    late = another(remote)
+
+    def plain_put(self, path, data):  # the condition is not honoured: a plain overwrite
+        if self._local_disk:
+            self.fs.makedirs(self.fs._parent(path), exist_ok=True)
+        self.fs.pipe_file(path, data)
+
+    def put_then_b_overwrites(path, data):
+        plain_put(remote, path, data)
+        assert late.push(second, KEY) == "pushed"  # lands before a reads its manifest back
+
+    monkeypatch.setattr(RemoteStore, "_create", plain_put)
+    monkeypatch.setattr(late, "is_complete", lambda key: False)
+    monkeypatch.setattr(remote, "_create", put_then_b_overwrites)
+    assert remote.push(first, KEY) == "lost"
+    assert len(manifests(remote)) == 1
+    assert uploads(remote, KEY) == [remote.manifest(KEY)["upload"]]
+    assert remote.verify(KEY) == []
+    there = Store(tmp_path / "there")
+    remote.pull(there, KEY)
+    assert digests(there, KEY) == digests(second, KEY) and there.verify(KEY) == []
+
+
+def test_a_push_killed_midway_shows_no_entry_and_gc_removes_it_after_the_grace(
+    remote, tmp_path, monkeypatch
+):
+    here = Store(tmp_path / "here")
+    key = build(here)
+    real_put, calls = remote.fs.put_file, []
+
+    def put_then_die(*args, **kwargs):
+        if calls:
+            raise Killed
+        calls.append(args)
+        return real_put(*args, **kwargs)
+
+    with monkeypatch.context() as patch, pytest.raises(Killed):
+        patch.setattr(remote.fs, "put_file", put_then_die)
+        remote.push(here, key)
+    assert not remote.is_complete(key) and remote.built_keys() == []
+    assert remote.pull(Store(tmp_path / "there"), key) is None
+    assert len(uploads(remote, key)) == 1  # the orphan: one file of two
+    assert remote.gc(keep=set(), grace_seconds=3600) == []  # a pusher may still be uploading
+    [(folder, size)] = remote.gc(keep=set(), grace_seconds=0, dry_run=True)
+    assert f"/uploads/{key}/" in folder and size > 0 and len(uploads(remote, key)) == 1
+    assert remote.gc(keep=set(), grace_seconds=0) == [(folder, size)]
+    assert uploads(remote, key) == []
+
+
+def test_a_failed_push_removes_its_own_files(remote, tmp_path, monkeypatch):
+    here = Store(tmp_path / "here")
+    key = build(here)
+
+    def refuse(*args, **kwargs):
+        raise PermissionError("access denied")
+
+    with monkeypatch.context() as patch, pytest.raises(StoreError, match="cannot upload to"):
+        patch.setattr(remote.fs, "put_file", refuse)
+        remote.push(here, key)
+    assert not remote.is_complete(key) and uploads(remote, key) == []
+
+
+def test_gc_keeps_the_entries_in_keep(remote, tmp_path):
+    here = Store(tmp_path / "here")
+    kept = build(here)
+    dropped = build(here, {"stage": "quantize", "params": {"bits": 8}}, b"other weights")
+    remote.push(here, kept)
+    remote.push(here, dropped)
+    listed = remote.gc(keep={kept}, grace_seconds=0, dry_run=True)
+    assert listed == [(remote.where(remote.manifest_path(dropped)), len(b"other weights") + 2)]
+    assert remote.built_keys() == sorted([kept, dropped])  # a dry run removes nothing
+    assert remote.gc(keep={kept}, grace_seconds=0) == listed
+    assert remote.built_keys() == [kept] and remote.verify(kept) == []
+    assert uploads(remote, dropped) == [] and len(uploads(remote, kept)) == 1
+
+
+def test_verify_names_damage(remote, tmp_path):
+    here = Store(tmp_path / "here")
+    key = build(here)
+    remote.push(here, key)
+    folder = remote.upload_path(key, remote.manifest(key)["upload"])
+    remote.fs.pipe_file(f"{folder}/w.bin", b"truncated")
+    remote.fs.rm(f"{folder}/sub/config.json")
+    remote.fs.pipe_file(f"{folder}/stray.txt", b"?")
+    problems = remote.verify(key)
+    assert any("w.bin: size 9 != 7" in p for p in problems)
+    assert any("config.json: missing" in p for p in problems)
+    assert any("stray.txt: not in the manifest" in p for p in problems)
+    remote.remove(key)
+    assert not remote.is_complete(key) and uploads(remote, key) == []
+    assert remote.verify(key) == [f"{remote.where(remote.manifest_path(key))}: missing"]
+
+
+def test_a_damaged_local_entry_is_not_pushed(remote, tmp_path):
+    here = Store(tmp_path / "here")
+    key = build(here)
+    (here.entry(key) / "w.bin").write_bytes(b"changed")
+    with pytest.raises(StoreError, match="changed since it was built"):
+        remote.push(here, key)
+    assert not remote.is_complete(key)
+
+
+@pytest.mark.parametrize(
+    "settings",
+    [
+        {"key": "AKIAIOSFODNN7EXAMPLE"},
+        {"secret": "s3cr3t"},
+        {"aws_access_key_id": "x"},
+        {"aws_secret_access_key": "x"},
+        {"token": "x"},
+        {"password": "x"},
+        {"remote": "s3://AKIAIOSFODNN7EXAMPLE:s3cr3t@bucket/models"},
+        {"endpoint_url": "https://user:s3cr3t@minio.example:9000"},
+        {"profile": "AKIAIOSFODNN7EXAMPLE"},
+    ],
+)
+def test_a_secret_in_the_settings_is_refused(settings):
+    with pytest.raises(KilnError, match="AWS_ACCESS_KEY_ID") as err:
+        check_remote_settings({"remote": "s3://bucket/models", **settings})
+    assert "s3cr3t" not in str(err.value)  # the message never repeats the secret
+
+
+def test_settings_are_checked():
+    check_remote_settings(
+        {"remote": "s3://b/p", "push": True, "endpoint_url": "http://127.0.0.1:9000",
+         "profile": "ci", "region": "eu-west-1"}
+    )  # fmt: skip
+    with pytest.raises(KilnError, match="did you mean push"):
+        check_remote_settings({"remote": "s3://b/p", "pusj": True})
+    with pytest.raises(KilnError, match="is not a bool"):
+        check_remote_settings({"remote": "s3://b/p", "push": "yes"})
+    with pytest.raises(KilnError, match="not a URL"):
+        check_remote_settings({"remote": "bucket/models"})
+
+
+def test_a_remote_store_imports_nothing_until_used(tmp_path):
+    code = textwrap.dedent("""
+        import sys
+        from tasks.remote import RemoteStore
+        remote = RemoteStore.from_settings(
+            {"remote": "s3://bucket/models", "endpoint_url": "http://127.0.0.1:1"})
+        print(remote.url)
+        print(sorted(m for m in ("fsspec", "s3fs", "botocore", "aiobotocore") if m in sys.modules))
+    """)
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True)
+    assert out.stdout.splitlines() == ["s3://bucket/models", "[]"]
+
+
+def test_both_stores_implement_the_entry_store_calls():
+    from tasks.store import EntryStore, Store
+
+    calls = [name for name in vars(EntryStore) if not name.startswith("_")]
+    assert sorted(calls) == ["built_keys", "is_complete", "manifest", "remove", "verify"]
+    for cls in (Store, RemoteStore):
+        assert all(callable(getattr(cls, name, None)) for name in calls), cls
