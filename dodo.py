@@ -30,11 +30,11 @@ interrupt.install()  # Ctrl-C, SIGTERM: one line and exit 130/143, no traceback
 # get_var gives None outside a doit run (a plain import of this file), hence the `or`.
 RECIPE = Path(get_var("recipe") or "recipes/default.toml")
 ARTIFACTS = Path(get_var("artifacts") or "artifacts")
-# The shared remote store for this run (else MODELKILN_REMOTE/_PUSH, else the recipe's [store]).
-OVERRIDES = {"remote": get_var("remote"), "push": get_var("push")}
+# The shared remote store for this run (else MODELKILN_<NAME>, else the recipe's [store]).
+OVERRIDES = {name: get_var(name) for name in ("remote", "push", "remote_only")}
 
 try:
-    check_variables(sys.argv[1:], ("recipe", "artifacts", "remote", "push"))  # not `recipie=`
+    check_variables(sys.argv[1:], ("recipe", "artifacts", *OVERRIDES))  # not `recipie=`
     GRAPH = load_graph(RECIPE, ARTIFACTS, OVERRIDES)
 except KilnError as err:
     sys.exit(f"modelkiln: {err}")

@@ -52,7 +52,8 @@ class Graph:
 def load_graph(
     recipe_path: Path, artifacts: Path, overrides: dict[str, str | None] | None = None
 ) -> Graph:
-    """overrides: the run's `remote=`/`push=` (doit variables, else MODELKILN_REMOTE/_PUSH)."""
+    """overrides: the run's `remote=`, `push=`, `remote_only=` (doit variables, else the
+    environment's MODELKILN_REMOTE, _PUSH, _REMOTE_ONLY)."""
     recipe = load_recipe(recipe_path)
     if recipe.name in RESERVED or recipe.name.startswith("."):
         raise RecipeError(
@@ -83,26 +84,26 @@ def remote_of(recipe: Recipe, overrides: dict[str, str | None]) -> RemoteStore |
     """The recipe's [store] settings with this run's overrides: a CI job sets the remote and
     push for one run; `remote=` (empty) turns it off. Contacts nothing."""
     settings = dict(recipe.store)
-    for name in ("remote", "push"):
+    for name in ("remote", "push", "remote_only"):
         value = overrides.get(name)
         value = os.environ.get(f"MODELKILN_{name.upper()}") if value is None else value
         if value is None:
             continue
-        if name == "push":
-            if value.lower() not in PUSH_WORDS:
-                raise KilnError(
-                    f"push={value!r} is not a yes or no",
-                    fix=f"use push=true or push=false (or {', '.join(sorted(PUSH_WORDS))})",
-                )
-            settings["push"] = PUSH_WORDS[value.lower()]
-        else:
+        if name == "remote":
             settings["remote"] = value
+        elif value.lower() in YES_NO:
+            settings[name] = YES_NO[value.lower()]
+        else:
+            raise KilnError(
+                f"{name}={value!r} is not a yes or no",
+                fix=f"use {name}=true or {name}=false (or {', '.join(sorted(YES_NO))})",
+            )
     if not settings.get("remote"):
         return None
     return RemoteStore.from_settings(settings)
 
 
-PUSH_WORDS = {"true": True, "1": True, "yes": True, "on": True,
+YES_NO = {"true": True, "1": True, "yes": True, "on": True,
               "false": False, "0": False, "no": False, "off": False}  # fmt: skip
 
 

@@ -32,6 +32,7 @@ Nothing here contacts the remote, or imports fsspec or s3fs, until a method need
 from __future__ import annotations
 
 import contextlib
+import errno
 import functools
 import json
 import os
@@ -52,7 +53,8 @@ from tasks.store import DIGEST_FIELD, Build, Store, manifest_digest
 
 # Fields only a remote manifest has: a pulled entry's local manifest leaves them out.
 REMOTE_FIELDS = ("files", DIGEST_FIELD, "upload", "pushed_at", "pushed_from")
-SETTINGS = {"remote": str, "push": bool, "endpoint_url": str, "profile": str, "region": str}
+SETTINGS = {"remote": str, "push": bool, "remote_only": bool, "endpoint_url": str,
+            "profile": str, "region": str}  # fmt: skip
 SECRET_WORDS = ("key", "secret", "token", "password", "passwd", "credential", "session")
 CREDENTIALS_GO = (
     "credentials never go in a recipe: set AWS_ACCESS_KEY_ID and AWS_SECRET_ACCESS_KEY in the "
@@ -62,9 +64,15 @@ CREDENTIALS_GO = (
 ACCESS_KEY_ID = re.compile(r"\b(?:AKIA|ASIA)[A-Z0-9]{16}\b")
 CHUNK = 8 << 20
 DEFAULT_GRACE_SECONDS = 24 * 3600
+LOCAL_DISK_ERRORS = (errno.ENOSPC, errno.EDQUOT, errno.EROFS)
 
 # progress(bytes done so far, bytes in the whole transfer): for a progress bar.
 Progress = Callable[[int, int], None]
+
+
+class RemoteUnavailable(StoreError):
+    """The remote cannot be used at all (unreachable, refused credentials, no bucket), as
+    opposed to one entry on it that does not check out: a build skips it for the run."""
 
 
 class RemoteSettingsError(KilnError):
@@ -144,7 +152,7 @@ def _remote_call(method: Callable[..., Any]) -> Callable[..., Any]:
         except Exception as err:
             if not _storage_failure(err):
                 raise
-            raise StoreError(
+            raise RemoteUnavailable(
                 f"the remote {self.url} failed: {type(err).__name__}: {err}", _network_fix(self)
             ) from None
 
@@ -157,6 +165,7 @@ class RemoteStore:
 
     url: str
     push_enabled: bool = False  # the recipe's `push`: whether the runner uploads what it built
+    remote_only: bool = False  # a step the remote cannot give fails instead of being built here
     endpoint_url: str | None = None
     profile: str | None = None
     region: str | None = None
@@ -174,6 +183,7 @@ class RemoteStore:
         return cls(
             settings["remote"],
             push_enabled=settings.get("push", False),
+            remote_only=settings.get("remote_only", False),
             endpoint_url=settings.get("endpoint_url"),
             profile=settings.get("profile"),
             region=settings.get("region"),
@@ -347,7 +357,11 @@ class RemoteStore:
                         "run `doit` again: it pulls the entry the manifest names now, or builds it",
                     ) from None
                 except OSError as err:
-                    raise StoreError(f"cannot download {self.where(remote)}: {err}") from None
+                    if err.errno in LOCAL_DISK_ERRORS:
+                        raise  # this machine's disk, not the remote: the runner says so
+                    raise RemoteUnavailable(
+                        f"cannot download {self.where(remote)}: {err}", _network_fix(self)
+                    ) from None
             size = target.stat().st_size
             if size != record["size"]:
                 problem = f"size {size} != {record['size']} in the manifest"
@@ -438,7 +452,7 @@ class RemoteStore:
             failure = err  # the read-back says whether it was written all the same
         named = self._named_upload(key)
         if named is None:
-            raise StoreError(
+            raise RemoteUnavailable(
                 f"cannot write the manifest {self.where(self.manifest_path(key))}: "
                 f"{failure or 'it cannot be read back'}",
                 _network_fix(self),
@@ -515,7 +529,9 @@ class RemoteStore:
         except FileNotFoundError:
             return None
         except OSError as err:
-            raise StoreError(f"cannot read {self.where(path)}: {err}", _network_fix(self)) from None
+            raise RemoteUnavailable(
+                f"cannot read {self.where(path)}: {err}", _network_fix(self)
+            ) from None
         try:
             manifest = json.loads(data)
         except (UnicodeDecodeError, json.JSONDecodeError) as err:
@@ -560,7 +576,7 @@ class RemoteStore:
         except Exception as err:
             if not _storage_failure(err):
                 raise
-            raise StoreError(
+            raise RemoteUnavailable(
                 f"cannot {doing} the remote {self.url}: {err}", _network_fix(self)
             ) from None
 

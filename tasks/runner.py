@@ -21,7 +21,7 @@ from tasks import interrupt
 from tasks.errors import KilnError, StageError
 from tasks.graph import Graph
 from tasks.recipe import inputs_of
-from tasks.remote import Progress, RemoteStore
+from tasks.remote import Progress, RemoteStore, RemoteUnavailable
 from tasks.report import REPORT_STEP, make_rows, text_table, write_report
 from tasks.stages import StepContext
 from tasks.staging import FILESYSTEM_ERRORS, disk_usage, os_problem, remove_path
@@ -115,14 +115,33 @@ def _build(graph: Graph, ref: str, task: str) -> dict[str, Any] | None:
 
 
 def _pulled(remote: RemoteStore, task: str, build: Build) -> bool:
-    """Whether the remote had the key and its entry is now published here. A remote that
-    fails (unreachable, a damaged entry) costs a warning and a local build, not the run."""
-    try:
-        with transfer_bar(task, "pulling") as progress:
-            return remote.pull_into(build, build.key, progress) is not None
-    except KilnError as err:
-        print(f"  {task}: not pulled, building it here: {err}", file=sys.stderr)
-        return False
+    """Whether the remote had the key and its entry is now published here. An entry that does
+    not check out costs a warning and a local build; a remote that cannot be used at all is
+    skipped for the rest of this process (one warning, not one per step). With remote_only,
+    either fails the step instead."""
+    problem = _skipped.get(remote.url)
+    if problem is None:
+        try:
+            with transfer_bar(task, "pulling") as progress:
+                if remote.pull_into(build, build.key, progress) is not None:
+                    return True
+            problem = f"not on the remote {remote.url}"
+        except RemoteUnavailable as err:
+            problem = _skipped[remote.url] = str(err)
+            print(f"  {task}: the remote is skipped for this run: {err}", file=sys.stderr)
+        except KilnError as err:
+            problem = str(err)
+            print(f"  {task}: not pulled, building it here: {err}", file=sys.stderr)
+    if remote.remote_only:
+        raise StageError(
+            f"{problem.splitlines()[0]}; with remote_only nothing is built here",
+            fix="build it where push is on (a CI job), or set remote_only = false",
+        )
+    return False
+
+
+# Remotes this process found unusable (by URL): later steps do not ask them again.
+_skipped: dict[str, str] = {}
 
 
 def _push(remote: RemoteStore, store: Store, key: str, task: str) -> None:
