@@ -170,6 +170,7 @@ class RemoteStore:
     profile: str | None = None
     region: str | None = None
     _fs_and_root: tuple[Any, str] | None = field(default=None, repr=False)
+    _root_seen: bool = field(default=False, repr=False)  # its bucket (or folder) exists
 
     def __post_init__(self) -> None:
         self.url = self.url.rstrip("/")
@@ -241,7 +242,10 @@ class RemoteStore:
 
     @_remote_call
     def is_complete(self, key: str) -> bool:
-        return self._try(lambda: self.fs.exists(self.manifest_path(key)), "look up")
+        if self._try(lambda: self.fs.exists(self.manifest_path(key)), "look up"):
+            return True
+        self._require_root()
+        return False
 
     @_remote_call
     def manifest(self, key: str) -> dict[str, Any]:
@@ -384,6 +388,7 @@ class RemoteStore:
             raise StoreError(
                 f"no complete local entry {key[:16]}... to push", "run `doit` to build it"
             )
+        self._require_root()
         if self.is_complete(key):
             return "present"
         manifest = local.manifest(key)
@@ -527,6 +532,7 @@ class RemoteStore:
         try:
             data = self.fs.cat_file(path)
         except FileNotFoundError:
+            self._require_root()
             return None
         except OSError as err:
             raise RemoteUnavailable(
@@ -552,7 +558,26 @@ class RemoteStore:
         try:
             return self.fs.find(path, detail=detail)
         except FileNotFoundError:
+            self._require_root()
             return {} if detail else []
+
+    def _require_root(self) -> None:
+        """A missing bucket, or a missing shared folder, is the remote failing, not an empty
+        remote (s3fs reports both as FileNotFoundError), so look once. Neither is ever made
+        here: a typo in remote = ..., or a share that is not mounted, must not quietly start
+        a new remote on the local disk."""
+        if self._root_seen:
+            return
+        top = self.root if self._local_disk else self.root.split("/", 1)[0]
+        if not self._try(lambda: self.fs.exists(top), "look up"):
+            what = "folder (is the shared disk mounted?)" if self._local_disk else "bucket"
+            raise RemoteUnavailable(
+                f"the remote {self.url} cannot be used: no such {what} {top}",
+                f"create it (`mkdir -p {top}`), or fix remote = ..."
+                if self._local_disk
+                else f"create the bucket {top!r}, or fix remote = ...",
+            )
+        self._root_seen = True
 
     def _rm(self, path: str, recursive: bool = False) -> None:
         with contextlib.suppress(FileNotFoundError):

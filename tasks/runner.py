@@ -145,11 +145,19 @@ _skipped: dict[str, str] = {}
 
 
 def _push(remote: RemoteStore, store: Store, key: str, task: str) -> None:
-    """Upload a step just built. A failed push fails the step (a nightly job must see it),
-    while the local entry stays built: `doit push` uploads it later."""
+    """Upload a step just built. A remote that cannot be used is skipped for the rest of the
+    run (one warning) and the build goes on: `doit push` uploads what it missed. Anything
+    else (a local entry that changed since it was published) fails the step."""
+    if remote.url in _skipped:
+        return
     try:
         with transfer_bar(task, "pushing") as progress:
             status = remote.push(store, key, progress)
+    except RemoteUnavailable as err:
+        _skipped[remote.url] = str(err)
+        print(f"  {task}: not pushed, and the remote is skipped for this run (`doit push` "
+              f"uploads what it missed): {err}", file=sys.stderr)  # fmt: skip
+        return
     except KilnError as err:
         raise StageError(
             f"built here, but not pushed to {remote.url}: {err}",

@@ -2,7 +2,11 @@
 
 from __future__ import annotations
 
+import contextlib
+import logging
 import os
+from collections.abc import Iterator
+from dataclasses import dataclass
 from pathlib import Path
 
 import pytest
@@ -94,3 +98,115 @@ def fp32(tiny_model: Path, tmp_path_factory) -> Path:
     out.mkdir()
     run(Config(), StepContext(task="capture:fp32", out=out, artifacts=out.parent, input=tiny_model))
     return out
+
+
+# ---- S3: one moto server per session (per xdist worker), a fresh bucket per test ----------
+
+
+class S3Server:
+    """A moto S3 server on 127.0.0.1: its endpoint, the environment a `doit` subprocess needs
+    to reach it (dummy credentials, no retries, no ~/.aws files), fresh buckets, and a switch
+    that makes it refuse every request's credentials."""
+
+    def __init__(self, endpoint: str, home: Path) -> None:
+        self.endpoint = endpoint
+        self.env = {
+            "AWS_ACCESS_KEY_ID": "testing",
+            "AWS_SECRET_ACCESS_KEY": "testing",
+            "AWS_DEFAULT_REGION": "us-east-1",
+            "AWS_MAX_ATTEMPTS": "1",  # a failure test fails at once, not after retries
+            "AWS_RETRY_MODE": "standard",
+            "AWS_SHARED_CREDENTIALS_FILE": str(home / "no-credentials"),
+            "AWS_CONFIG_FILE": str(home / "no-config"),
+        }
+
+    def bucket(self) -> str:
+        """A new, empty bucket's name (made with explicit credentials: no environment needed)."""
+        import uuid
+
+        import s3fs
+
+        name = f"kiln-{uuid.uuid4().hex[:12]}"
+        fs = s3fs.S3FileSystem(
+            key="testing", secret="testing", endpoint_url=self.endpoint, skip_instance_cache=True
+        )
+        fs.mkdir(name)
+        return name
+
+    @contextlib.contextmanager
+    def refusing_credentials(self) -> Iterator[None]:
+        """Every request is authenticated while inside: moto knows no access key, so each one
+        is refused (403 InvalidAccessKeyId). Process-wide: every server of this worker."""
+        import urllib.request
+
+        def auth_after(count: str) -> None:
+            request = urllib.request.Request(
+                f"{self.endpoint}/moto-api/reset-auth",
+                data=count.encode(),
+                headers={"Content-Type": "application/octet-stream"},  # not a form: raw data
+                method="POST",
+            )
+            urllib.request.urlopen(request, timeout=10).close()
+
+        auth_after("0")
+        try:
+            yield
+        finally:
+            auth_after("inf")
+
+
+@dataclass(frozen=True)
+class S3Remote:
+    """An empty bucket on the moto server: its URL, endpoint and the subprocess environment."""
+
+    bucket: str
+    endpoint: str
+    env: dict[str, str]
+
+    @property
+    def url(self) -> str:
+        return f"s3://{self.bucket}"
+
+    def settings(self, prefix: str = "") -> dict[str, str]:
+        """RemoteStore.from_settings's input for the bucket (under prefix)."""
+        return {"remote": f"{self.url}/{prefix}".rstrip("/"), "endpoint_url": self.endpoint}
+
+    def table(self, prefix: str = "", **more: object) -> str:
+        """A recipe's [store] table for the bucket (under prefix), with more settings."""
+        items = {**self.settings(prefix), **more}
+        return "\n[store]\n" + "".join(f"{k} = {_toml(v)}\n" for k, v in items.items())
+
+
+def _toml(value: object) -> str:
+    return str(value).lower() if isinstance(value, bool) else f'"{value}"'
+
+
+@pytest.fixture(scope="session")
+def s3_server(tmp_path_factory) -> Iterator[S3Server]:
+    """One moto S3 server for the session (with xdist: one per worker)."""
+    moto_server = pytest.importorskip("moto.server")
+    pytest.importorskip("s3fs")
+    logging.getLogger("werkzeug").setLevel(logging.ERROR)  # one log line per request otherwise
+    server = moto_server.ThreadedMotoServer(ip_address="127.0.0.1", port=0, verbose=False)
+    server.start()
+    host, port = server.get_host_and_port()
+    try:
+        yield S3Server(f"http://{host}:{port}", tmp_path_factory.mktemp("aws"))
+    finally:
+        server.stop()
+
+
+@pytest.fixture(scope="session")
+def moto_endpoint(s3_server: S3Server) -> str:
+    """The session's moto S3 server, http://127.0.0.1:<port>."""
+    return s3_server.endpoint
+
+
+@pytest.fixture
+def s3_remote(s3_server: S3Server, monkeypatch) -> S3Remote:
+    """A fresh bucket; this process's environment is set to reach it (dummy credentials), so
+    RemoteStore calls made here work, and `env` is what a `doit` subprocess needs."""
+    for name, value in s3_server.env.items():
+        monkeypatch.setenv(name, value)
+    monkeypatch.delenv("AWS_PROFILE", raising=False)
+    return S3Remote(s3_server.bucket(), s3_server.endpoint, dict(s3_server.env))

@@ -2,11 +2,9 @@
 127.0.0.1) and on a shared disk (file://), through the same code."""
 
 import json
-import logging
 import subprocess
 import sys
 import textwrap
-import uuid
 
 import pytest
 
@@ -23,35 +21,14 @@ class Killed(BaseException):
     """A kill in the middle of a push: nothing after it runs, not even cleanup."""
 
 
-@pytest.fixture(scope="module")
-def moto_endpoint():
-    moto_server = pytest.importorskip("moto.server")
-    logging.getLogger("werkzeug").setLevel(logging.ERROR)  # one log line per request otherwise
-    server = moto_server.ThreadedMotoServer(ip_address="127.0.0.1", port=0, verbose=False)
-    server.start()
-    host, port = server.get_host_and_port()
-    yield f"http://{host}:{port}"
-    server.stop()
-
-
 @pytest.fixture(params=["s3", "file"])
-def remote_url(request, tmp_path, monkeypatch):
-    """(url, settings) of an empty remote; a fresh bucket per test on the moto server."""
+def remote_url(request, tmp_path):
+    """(url, settings) of an empty remote; a fresh bucket per test on the session's moto
+    server (tests/conftest.py)."""
     if request.param == "file":
+        (tmp_path / "remote").mkdir()  # a shared folder is made by its owner, never by a push
         return {"remote": f"file://{tmp_path}/remote"}
-    endpoint = request.getfixturevalue("moto_endpoint")
-    for name, value in {
-        "AWS_ACCESS_KEY_ID": "testing",
-        "AWS_SECRET_ACCESS_KEY": "testing",
-        "AWS_DEFAULT_REGION": "us-east-1",
-        "AWS_SHARED_CREDENTIALS_FILE": str(tmp_path / "no-credentials"),
-        "AWS_CONFIG_FILE": str(tmp_path / "no-config"),
-    }.items():
-        monkeypatch.setenv(name, value)
-    monkeypatch.delenv("AWS_PROFILE", raising=False)
-    bucket = f"kiln-{uuid.uuid4().hex[:12]}"
-    RemoteStore(f"s3://{bucket}", endpoint_url=endpoint).fs.mkdir(bucket)
-    return {"remote": f"s3://{bucket}/team/models", "endpoint_url": endpoint}
+    return request.getfixturevalue("s3_remote").settings("team/models")
 
 
 @pytest.fixture
