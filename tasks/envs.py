@@ -35,14 +35,16 @@ from typing import Any
 from tasks import interrupt
 from tasks.errors import StageError
 from tasks.keys import key_of
+from tasks.pipconfig import Settings, pip_settings
 from tasks.requirement import normalize_name
 from tasks.staging import Staging, remove_path
 
-ENV_VERSION = "2"  # bump when the way environments are built changes (2: from hashed locks)
+ENV_VERSION = "3"  # bump when the way environments are built changes (2: from hashed locks;
+# 3: by uv, so no pip and no unlocked setuptools from ensurepip in them)
 LOCK_TOOL = "python tools/lock_envs.py"  # refreshes a lock from its pins
 MARKER = "ENV.json"
 ROOT = Path(__file__).resolve().parents[1]  # the project: put on the child's PYTHONPATH
-PIP_TAIL_LINES = 25
+TAIL_LINES = 25  # of uv's output, in a failed build's message
 
 
 @dataclass(frozen=True)
@@ -148,7 +150,7 @@ def ensure(artifacts: Path, env: Environment, log: Callable[[str], None]) -> Pat
         tmp = area.new_tmp(env.key)
         started = time.time()
         try:
-            _build(tmp, env, started)
+            _build(tmp, env, started, uv_cache(artifacts))
         except BaseException:
             shutil.rmtree(tmp, ignore_errors=True)  # nothing half-made stays behind
             raise
@@ -158,37 +160,52 @@ def ensure(artifacts: Path, env: Environment, log: Callable[[str], None]) -> Pat
     return folder
 
 
-def _build(tmp: Path, env: Environment, started: float) -> None:
+def _build(tmp: Path, env: Environment, started: float, cache: Path) -> None:
     if stale := lock_mismatches(env):
         raise StageError(
             f"the lock of the {env.name} environment ({env.lock}) does not match its pins: "
             f"{', '.join(stale)}",
             f"refresh it with {LOCK_TOOL} {env.name}",
         )
-    subprocess.run([sys.executable, "-m", "venv", str(tmp)], check=True, capture_output=True)
-    log_path = tmp / "pip.log"
-    pip = [str(python_of(tmp)), "-m", "pip"]
-    # Exactly the lock: --no-deps resolves nothing, --require-hashes refuses any other file.
-    install = [*pip, "install", "--disable-pip-version-check", "--no-input",
-               "--require-hashes", "--no-deps"]  # fmt: skip
+    uv, run_env = _uv(), _uv_environ(cache)
+    python = str(python_of(tmp))
+    # --relocatable: scripts find their Python relative to themselves, so they still run
+    # after the folder is renamed into place. No --seed: pip would be a package the lock lacks.
+    made = subprocess.run([uv, "venv", *UV_COMMON, "--no-project", "--relocatable", "--python",
+                           sys.executable, str(tmp)], capture_output=True, text=True,
+                          env=run_env, check=False)  # fmt: skip
+    if made.returncode != 0:
+        raise StageError(
+            f"cannot create the {env.name} environment's virtual environment in {tmp}:\n"
+            f"{(made.stdout + made.stderr).strip()}"
+        )
+    log_path = tmp / "uv.log"
     with log_path.open("w") as out:
-        for args in _install_passes(tmp, env):
-            done = subprocess.run(
-                [*install, *args], stdout=out, stderr=subprocess.STDOUT, check=False
-            )
+
+        def uv_run(*args: str) -> None:
+            done = subprocess.run([uv, *args], stdout=out, stderr=subprocess.STDOUT,
+                                  env=run_env, check=False)  # fmt: skip
             if done.returncode != 0:
-                raise StageError(pip_failure(env, log_path.read_text(errors="replace")))
-    checked = subprocess.run([*pip, "check"], capture_output=True, text=True, check=False)
+                raise StageError(uv_failure(env, log_path.read_text(errors="replace")))
+
+        # Exactly the lock: --no-deps resolves nothing, --require-hashes refuses any other file.
+        install = ["pip", "install", *UV_COMMON, "--python", python, "--require-hashes",
+                   "--no-deps", "--compile-bytecode", *_index_args(pip_settings())]  # fmt: skip
+        for args in _install_passes(tmp, env):
+            uv_run(*install, *args)
+    uv_pip = [uv, "pip"]
+    checked = subprocess.run([*uv_pip, "check", *UV_COMMON, "--python", python],
+                             capture_output=True, text=True, env=run_env, check=False)  # fmt: skip
     if checked.returncode != 0:  # --no-deps trusts the lock to be complete: verify it
         raise StageError(
             f"cannot build the {env.name} environment: its lock is incomplete\n"
-            f"{checked.stdout.strip()}",
+            f"{(checked.stdout + checked.stderr).strip()}",
             f"refresh it with {LOCK_TOOL} {env.name}",
         )
-    frozen = subprocess.run(
-        [*pip, "freeze"], capture_output=True, text=True, check=True
-    ).stdout.split()
-    marker = {**env.identity(), "key": env.key, "installed": frozen,
+    # Names as uv spells them, normalized (huggingface-hub), as the lock spells them.
+    frozen = subprocess.run([*uv_pip, "freeze", *UV_COMMON, "--python", python],
+                            capture_output=True, text=True, env=run_env, check=True)  # fmt: skip
+    marker = {**env.identity(), "key": env.key, "installed": frozen.stdout.split(),
               "build_seconds": round(time.time() - started, 1)}  # fmt: skip
     with open(tmp / MARKER, "w") as fh:
         json.dump(marker, fh, indent=1)
@@ -196,8 +213,55 @@ def _build(tmp: Path, env: Environment, started: float) -> None:
         os.fsync(fh.fileno())
 
 
+# uv's own configuration files are not read: where packages come from is pip's configuration
+# (tasks/pipconfig.py), the one every download of this project follows.
+UV_COMMON = ("--no-config", "--color", "never")
+
+
+def _uv() -> str:
+    """The uv executable installed with modelkiln (imported here: loading the graph never needs
+    it)."""
+    try:
+        from uv import find_uv_bin
+
+        return find_uv_bin()
+    except (ImportError, FileNotFoundError):
+        raise StageError(
+            "cannot build a stage environment: uv, which builds them, is not installed",
+            "install modelkiln's dependencies again (pip install 'uv>=0.9')",
+        ) from None
+
+
+def uv_cache(artifacts: Path) -> Path:
+    """uv's cache: UV_CACHE_DIR if set, else beside the environments, on their file system,
+    so that uv hardlinks files from it instead of copying them."""
+    return Path(os.environ.get("UV_CACHE_DIR") or artifacts / "cache" / "uv")
+
+
+def _uv_environ(cache: Path) -> dict[str, str]:
+    settings = pip_settings()
+    run_env = {**os.environ, "UV_CACHE_DIR": str(cache), "NO_COLOR": "1"}
+    run_env["UV_HTTP_TIMEOUT"] = str(max(1, round(settings.timeout)))
+    if settings.cert and not os.environ.get("SSL_CERT_FILE"):
+        run_env["SSL_CERT_FILE"] = settings.cert  # pip's cert, as uv takes one
+    run_env.pop("VIRTUAL_ENV", None)  # --python names the environment
+    return run_env
+
+
+def _index_args(settings: Settings) -> list[str]:
+    """pip's indexes and find-links for uv, which reads no pip.conf. unsafe-best-match is pip's
+    way: a pin is looked for on every index, not only the first that lists its name."""
+    if not settings.indexes:
+        args = ["--no-index"]
+    else:
+        first, *extra = settings.indexes
+        args = ["--index-strategy", "unsafe-best-match", "--index-url", first]
+        args += [arg for url in extra for arg in ("--extra-index-url", url)]
+    return args + [arg for folder in settings.find_links for arg in ("--find-links", folder)]
+
+
 def _install_passes(tmp: Path, env: Environment) -> list[list[str]]:
-    """pip's arguments for each pass: wheels only (an sdist would pull unlocked build tools
+    """uv's arguments for each pass: wheels only (an sdist would pull unlocked build tools
     into an isolated build); then any `from_source` packages, built by the locked tools."""
     if not env.from_source:
         return [["--only-binary", ":all:", "-r", str(env.lock)]]
@@ -213,27 +277,31 @@ def _install_passes(tmp: Path, env: Environment) -> list[list[str]]:
     ]
 
 
-def pip_failure(env: Environment, output: str) -> str:
-    """One message saying which requirement failed and why, from pip's output."""
+def uv_failure(env: Environment, output: str) -> str:
+    """One message saying which requirement failed and why, from uv's output."""
     patterns = (
-        r"No matching distribution found for (\S+)",
-        r"Could not find a version that satisfies the requirement (\S+)",
-        r"^\s+(\S+==\S+) from .*:\n\s+Expected sha256",  # the file served is not the one locked
-        r"Failed to build (\S+)",
-        r"Failed building wheel for (\S+)",
-        r"Cannot install (.+?) because",
+        r"there is no version of (\S+?) and",  # torch==2.13.0+cpu: no index has it
+        r"was not found in the package registry and you require (\S+?),",
+        r"Hash mismatch for `([^`]+)`",  # the file served is not the one locked
+        r"Failed to (?:download|build|install|prepare)[^`\n]*`([^`]+)`",
+        r"you require (\S+?),",
     )
     package = next((m[1] for p in patterns if (m := re.search(p, output, re.M))), None)
-    errors = [line for line in output.splitlines() if line.startswith("ERROR:")]
-    tail = errors or output.splitlines()[-PIP_TAIL_LINES:]
-    what = f"package {package!r} failed" if package else "pip failed"
+    lines = output.splitlines()
+    first = next((i for i, line in enumerate(lines) if line.startswith("error:")), None)
+    tail = lines[first:] if first is not None else lines
+    tail = [line for line in tail if line.strip()][-TAIL_LINES:]
+    what = f"package {package!r} failed" if package else "uv failed"
     where = ""
     if package and "+" in package:  # torch==2.13.0+cpu: a build PyPI does not carry
         where = (
-            f"; {package} is not on PyPI: give pip its index (for torch's CPU builds "
-            "PIP_EXTRA_INDEX_URL=https://download.pytorch.org/whl/cpu) or a folder holding the "
+            f"; {package} is not on PyPI: add its index to pip's configuration, which the "
+            "build follows (for torch's CPU builds "
+            "PIP_EXTRA_INDEX_URL=https://download.pytorch.org/whl/cpu), or a folder holding the "
             "wheel (PIP_FIND_LINKS)"
         )
+    if "Hash mismatch" in output:
+        where += "; the index serves another file under the locked name than the lock's"
     return (
         f"cannot build the {env.name} environment: {what}\n" + "\n".join(tail) + "\n  fix: "
         f"check that the package index is reachable{where}; if the pins changed, refresh the "

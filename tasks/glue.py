@@ -10,7 +10,8 @@ import contextlib
 import dataclasses
 import json
 import shutil
-from collections.abc import Iterator
+from collections import Counter
+from collections.abc import Callable, Iterator
 from functools import partial
 from pathlib import Path
 from typing import Any
@@ -192,45 +193,47 @@ def _refs(graph: Graph, names: list[str]) -> list[str]:
 
 def push(graph: Graph, names: list[str]) -> TaskFailed | None:
     """Upload the recipe's entries built here (or the named steps') that the remote lacks."""
-    try:
-        remote = _need_remote(graph)
-        counts: dict[str, int] = {}
-        for ref in _refs(graph, names):
-            task, key = graph.task(ref), graph.keys[ref]
-            if not graph.store.is_complete(key):
-                status = "not built here"
-            else:
-                with transfer_bar(task, "pushing") as progress:
-                    status = remote.push(graph.store, key, progress)
-            counts[status] = counts.get(status, 0) + 1
-            print(f"{task}: {status}")
-    except KilnError as err:
-        return TaskFailed(f"push: {err}")
-    print("push: " + ", ".join(f"{n} {status}" for status, n in sorted(counts.items())))
-    return None
+
+    def push_one(remote: RemoteStore, ref: str) -> str:
+        if not graph.store.is_complete(graph.keys[ref]):
+            return "not built here"
+        with transfer_bar(graph.task(ref), "pushing") as progress:
+            return remote.push(graph.store, graph.keys[ref], progress)
+
+    return _each_step(graph, names, "push", push_one)
 
 
 def pull(graph: Graph, names: list[str]) -> TaskFailed | None:
     """Download the recipe's entries (or the named steps') that the remote has and this store
     lacks, and link them, without building anything."""
+
+    def pull_one(remote: RemoteStore, ref: str) -> str:
+        key = graph.keys[ref]
+        status = "here already"
+        if not graph.store.is_complete(key):
+            with transfer_bar(graph.task(ref), "pulling") as progress:
+                pulled = remote.pull(graph.store, key, progress)
+            status = "pulled" if pulled else "not on the remote"
+        if graph.store.is_complete(key):
+            graph.store.link(graph.link(ref), key)
+        return status
+
+    return _each_step(graph, names, "pull", pull_one)
+
+
+def _each_step(
+    graph: Graph, names: list[str], verb: str, act: Callable[[RemoteStore, str], str]
+) -> TaskFailed | None:
+    """act on each named step (or every step) with the remote: a line per step, then counts."""
+    counts: Counter[str] = Counter()
     try:
         remote = _need_remote(graph)
-        counts: dict[str, int] = {}
         for ref in _refs(graph, names):
-            task, key = graph.task(ref), graph.keys[ref]
-            if graph.store.is_complete(key):
-                status = "here already"
-            else:
-                with transfer_bar(task, "pulling") as progress:
-                    pulled = remote.pull(graph.store, key, progress)
-                status = "pulled" if pulled else "not on the remote"
-            if graph.store.is_complete(key):
-                graph.store.link(graph.link(ref), key)
-            counts[status] = counts.get(status, 0) + 1
-            print(f"{task}: {status}")
+            counts[status := act(remote, ref)] += 1
+            print(f"{graph.task(ref)}: {status}")
     except KilnError as err:
-        return TaskFailed(f"pull: {err}")
-    print("pull: " + ", ".join(f"{n} {status}" for status, n in sorted(counts.items())))
+        return TaskFailed(f"{verb}: {err}")
+    print(f"{verb}: " + ", ".join(f"{n} {status}" for status, n in sorted(counts.items())))
     return None
 
 

@@ -47,9 +47,8 @@ from urllib.parse import parse_qsl, urlsplit
 
 from tasks.digest import hash_file
 from tasks.errors import KilnError, StoreError, did_you_mean
-from tasks.keys import key_of
 from tasks.staging import KEY
-from tasks.store import DIGEST_FIELD, Build, Store, manifest_digest
+from tasks.store import DIGEST_FIELD, Build, Store, manifest_digest, manifest_problems
 
 # Fields only a remote manifest has: a pulled entry's local manifest leaves them out.
 REMOTE_FIELDS = ("files", DIGEST_FIELD, "upload", "pushed_at", "pushed_from")
@@ -634,14 +633,7 @@ class _Meter:
 
 def _manifest_problems(where: str, key: str, manifest: dict[str, Any]) -> list[str]:
     """What makes a manifest unusable: its digest, its identity's hash, its files' records."""
-    problems = []
-    if manifest.get(DIGEST_FIELD) != manifest_digest(manifest):
-        problems.append(f"{where}: edited (its fields no longer match {DIGEST_FIELD})")
-    identity = manifest.get("identity")
-    if not isinstance(identity, dict) or key_of(identity) != key:
-        problems.append(f"{where}: its identity does not hash to the entry's key {key[:16]}...")
-    if manifest.get("key") != key:
-        problems.append(f"{where}: names key {str(manifest.get('key'))[:16]}..., not {key[:16]}...")
+    problems = manifest_problems(where, key, manifest)
     if "upload" in manifest and not _is_upload_id(manifest["upload"]):
         problems.append(f"{where}: names no valid upload ({manifest['upload']!r})")
     files = manifest.get("files")

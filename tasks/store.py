@@ -307,7 +307,7 @@ class Store:
             recorded = {f["path"]: f for f in manifest["files"]}
         except (StoreError, KeyError, TypeError) as err:
             return [f"{path}: unreadable ({err})"]
-        problems = _manifest_problems(path, key, manifest)
+        problems = manifest_problems(path, key, manifest)
         present = dict(walk_entry(entry))
         problems += [f"{entry / p}: missing" for p in sorted(set(recorded) - set(present))]
         for rel in sorted(set(present) - set(recorded)):
@@ -363,7 +363,9 @@ class Store:
             remove_path(Path(key))
 
 
-def _manifest_problems(path: Path, key: str, manifest: dict[str, Any]) -> list[str]:
+def manifest_problems(path: Path | str, key: str, manifest: dict[str, Any]) -> list[str]:
+    """What makes a manifest (local or remote, at path) untrustworthy: its own digest, its
+    identity's hash, the key it names."""
     problems = []
     if DIGEST_FIELD not in manifest:
         problems.append(
