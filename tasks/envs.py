@@ -2,10 +2,11 @@
 
 A stage declares an `Environment` (hand pins and the hashed lock made from them). The first step
 that needs it builds a virtual environment under `artifacts/envs/<name>-<key[:16]>/` with
-`pip install --require-hashes --no-deps` from the lock, so nothing is resolved at build time. It
+`uv pip install --require-hashes --no-deps` from the lock, so nothing is resolved at build time
+(uv, given pip's index settings: ten times faster than pip here, the same packages). It
 is keyed by the Python version, the platform and the lock's digest, and published like a store
 entry: built in `envs/.tmp/<key>.<pid>/`, `ENV.json` written and synced last, then renamed into
-place, under a per-key lock. Every later step reuses it without running pip. A failed build is
+place, under a per-key lock. Every later step reuses it without running uv. A failed build is
 removed and named (which package, why); a killed one never has ENV.json, so it is never trusted.
 
 The step itself runs in a child process with that environment's Python (`tasks.envrun`): the
@@ -80,7 +81,7 @@ class Environment:
 
 def lock_lines(env: Environment) -> list[str]:
     """The lock's requirement lines, continuations joined and comments dropped, sorted: what
-    pip installs. Comments (uv's header, "# via ...") do not change it, so they are not keyed."""
+    uv installs. Comments (uv's header, "# via ...") do not change it, so they are not keyed."""
     try:
         text = env.lock.read_text()
     except OSError as err:
@@ -167,7 +168,8 @@ def _build(tmp: Path, env: Environment, started: float, cache: Path) -> None:
             f"{', '.join(stale)}",
             f"refresh it with {LOCK_TOOL} {env.name}",
         )
-    uv, run_env = _uv(), _uv_environ(cache)
+    settings = pip_settings()
+    uv, run_env = _uv(), _uv_environ(cache, settings)
     python = str(python_of(tmp))
     # --relocatable: scripts find their Python relative to themselves, so they still run
     # after the folder is renamed into place. No --seed: pip would be a package the lock lacks.
@@ -190,16 +192,18 @@ def _build(tmp: Path, env: Environment, started: float, cache: Path) -> None:
 
         # Exactly the lock: --no-deps resolves nothing, --require-hashes refuses any other file.
         install = ["pip", "install", *UV_COMMON, "--python", python, "--require-hashes",
-                   "--no-deps", "--compile-bytecode", *_index_args(pip_settings())]  # fmt: skip
+                   "--no-deps", "--compile-bytecode", *_index_args(settings)]  # fmt: skip
         for args in _install_passes(tmp, env):
             uv_run(*install, *args)
     uv_pip = [uv, "pip"]
     checked = subprocess.run([*uv_pip, "check", *UV_COMMON, "--python", python],
                              capture_output=True, text=True, env=run_env, check=False)  # fmt: skip
     if checked.returncode != 0:  # --no-deps trusts the lock to be complete: verify it
+        said = (checked.stdout + checked.stderr).splitlines()
+        problems = [line for line in said if not line.startswith(("Using Python", "Checked "))]
         raise StageError(
             f"cannot build the {env.name} environment: its lock is incomplete\n"
-            f"{(checked.stdout + checked.stderr).strip()}",
+            + "\n".join(problems).strip(),
             f"refresh it with {LOCK_TOOL} {env.name}",
         )
     # Names as uv spells them, normalized (huggingface-hub), as the lock spells them.
@@ -238,8 +242,7 @@ def uv_cache(artifacts: Path) -> Path:
     return Path(os.environ.get("UV_CACHE_DIR") or artifacts / "cache" / "uv")
 
 
-def _uv_environ(cache: Path) -> dict[str, str]:
-    settings = pip_settings()
+def _uv_environ(cache: Path, settings: Settings) -> dict[str, str]:
     run_env = {**os.environ, "UV_CACHE_DIR": str(cache), "NO_COLOR": "1"}
     run_env["UV_HTTP_TIMEOUT"] = str(max(1, round(settings.timeout)))
     if settings.cert and not os.environ.get("SSL_CERT_FILE"):

@@ -18,7 +18,7 @@ from pathlib import Path
 import pytest
 from workspace import ROOT, Workspace
 
-from tasks import envs
+from tasks import envs, pipconfig
 from tasks.envs import Environment
 from tasks.errors import StageError
 from tasks.requirement import normalize_name
@@ -41,18 +41,26 @@ def log(message: str) -> None:
 def artifacts(tmp_path_factory) -> Path:
     """An artifacts root whose small environment is built once for this module."""
     root = tmp_path_factory.mktemp("artifacts")
-    envs.ensure(root, SMALL, log)
+    with pytest.MonkeyPatch.context() as patch:
+        patch.delenv("UV_CACHE_DIR", raising=False)  # uv's cache: the default, artifacts/cache/uv
+        envs.ensure(root, SMALL, log)
     return root
 
 
-def test_an_environment_is_built_once_then_reused_without_pip(artifacts, monkeypatch):
+def test_an_environment_is_built_once_then_reused_without_uv(artifacts, monkeypatch):
     folder = envs.env_path(artifacts, SMALL)
     assert envs.is_ready(folder) and folder.name.startswith("small-")
     marker = json.loads((folder / envs.MARKER).read_text())
     assert marker["key"] == SMALL.key and "six==1.17.0" in marker["installed"]
     ran = []
     monkeypatch.setattr(envs.subprocess, "run", lambda *a, **k: ran.append(a))
-    assert envs.ensure(artifacts, SMALL, log) == folder and ran == []  # no pip, no venv
+    assert envs.ensure(artifacts, SMALL, log) == folder and ran == []  # no uv, no venv
+    # exactly the lock: no pip or setuptools the lock does not pin, every module compiled
+    assert not list(folder.glob("lib/python*/site-packages/pip"))
+    assert list(folder.glob("lib/python*/site-packages/__pycache__/six.*.pyc"))
+    # uv's cache lies beside the environments, on their file system: files are hardlinked
+    six = next(folder.glob("lib/python*/site-packages/six.py"))
+    assert six.stat().st_nlink > 1 and (artifacts / "cache" / "uv").is_dir()
 
 
 def test_a_step_in_an_environment_reports_back(artifacts, tmp_path, capfd):
@@ -137,13 +145,13 @@ def test_the_environment_key_is_the_digest_of_what_its_lock_installs(tmp_path, m
         dataclasses.replace(SMALL, lock=tmp_path / "no-such.txt").identity()
 
 
-def _fake_pip(monkeypatch, failing: str = "") -> list[list[str]]:
+def _fake_uv(monkeypatch, failing: str = "") -> list[list[str]]:
     """Record the commands _build runs instead of running them; the one naming `failing` fails."""
     ran = []
 
     def run(cmd, *args, **kwargs):
         ran.append([str(a) for a in cmd])
-        if "-r" in cmd:  # what pip would read, read now: a later pass may rewrite nothing
+        if "-r" in cmd:  # what uv would read, read now: a later pass may rewrite nothing
             ran[-1].append(Path(cmd[cmd.index("-r") + 1]).read_text())
         code = 1 if failing and failing in cmd else 0
         out = "six 1.17.0 requires nothing-here, which is not installed." if code else ""
@@ -154,23 +162,46 @@ def _fake_pip(monkeypatch, failing: str = "") -> list[list[str]]:
 
 
 def test_a_build_installs_the_lock_with_hashes_and_resolves_nothing(tmp_path, monkeypatch):
-    ran = _fake_pip(monkeypatch)
+    ran = _fake_uv(monkeypatch)
     (tmp_path / "small").mkdir()
-    envs._build(tmp_path / "small", SMALL, time.time())
+    envs._build(tmp_path / "small", SMALL, time.time(), tmp_path / "cache")
     installs = [cmd for cmd in ran if "install" in cmd]
     assert len(installs) == 1
     cmd = installs[0]
-    assert {"--require-hashes", "--no-deps"} <= set(cmd)
+    assert {"--require-hashes", "--no-deps", "--compile-bytecode", "--no-config"} <= set(cmd)
     assert cmd[cmd.index("-r") + 1] == str(SMALL.lock)
     assert cmd[cmd.index("--only-binary") + 1] == ":all:"  # no sdist, no unlocked build tools
     assert not [arg for arg in cmd[:-1] if "==" in arg]  # no bare requirement strings
-    assert [str(envs.python_of(tmp_path / "small")), "-m", "pip", "check"] in ran
+    python = str(envs.python_of(tmp_path / "small"))
+    assert any(cmd[1:3] == ["pip", "check"] and cmd_value(cmd, "--python") == python for cmd in ran)
+    assert cmd_value(ran[0], "--python") == sys.executable and "--seed" not in ran[0]  # no pip
+
+
+def test_uv_is_given_pips_indexes_and_looks_for_each_pin_on_every_one():
+    settings = pipconfig.Settings(
+        indexes=("https://pypi.org/simple/", "file:///opt/pypi/simple", "file:///more"),
+        find_links=("/opt/wheels",),
+    )
+    args = envs._index_args(settings)
+    assert cmd_value(args, "--index-strategy") == "unsafe-best-match"  # as pip, not first-hit
+    assert cmd_value(args, "--index-url") == "https://pypi.org/simple/"
+    assert [args[i + 1] for i, a in enumerate(args) if a == "--extra-index-url"] == [
+        "file:///opt/pypi/simple",
+        "file:///more",
+    ]
+    assert cmd_value(args, "--find-links") == "/opt/wheels"
+    no_index = envs._index_args(pipconfig.Settings(indexes=(), find_links=("/w",)))
+    assert no_index == ["--no-index", "--find-links", "/w"]
+    environ = envs._uv_environ(Path("/c"), pipconfig.Settings(cert="/ca.pem", timeout=180))
+    assert environ["UV_CACHE_DIR"] == "/c" and "VIRTUAL_ENV" not in environ
+    assert environ["UV_HTTP_TIMEOUT"] == "180"
+    assert environ["SSL_CERT_FILE"] == os.environ.get("SSL_CERT_FILE", "/ca.pem")
 
 
 def test_packages_without_wheels_are_built_last_by_the_locked_tools(tmp_path, monkeypatch):
-    ran = _fake_pip(monkeypatch)
+    ran = _fake_uv(monkeypatch)
     (tmp_path / "modelopt").mkdir()
-    envs._build(tmp_path / "modelopt", nvmo.MODELOPT, time.time())
+    envs._build(tmp_path / "modelopt", nvmo.MODELOPT, time.time(), tmp_path / "cache")
     wheels, sources = [cmd for cmd in ran if "install" in cmd]
     for cmd in (wheels, sources):
         assert {"--require-hashes", "--no-deps"} <= set(cmd)
@@ -187,21 +218,29 @@ def cmd_value(cmd: list[str], option: str) -> str:
 
 
 def test_a_stale_or_incomplete_lock_is_refused(tmp_path, monkeypatch):
-    ran = _fake_pip(monkeypatch, failing="check")
+    ran = _fake_uv(monkeypatch, failing="check")
     (tmp_path / "env").mkdir()
     stale = dataclasses.replace(SMALL, requirements=("six==1.16.0",))
     with pytest.raises(StageError, match=r"does not match its pins: six==1\.16\.0 \(the lock has"):
-        envs._build(tmp_path / "env", stale, time.time())
-    assert ran == []  # before any venv or pip
+        envs._build(tmp_path / "env", stale, time.time(), tmp_path / "cache")
+    assert ran == []  # before any venv or uv
     with pytest.raises(StageError, match=r"(?s)lock is incomplete\nsix 1\.17\.0 requires"):
-        envs._build(tmp_path / "env", SMALL, time.time())
+        envs._build(tmp_path / "env", SMALL, time.time(), tmp_path / "cache")
 
 
 def test_a_torch_build_pypi_lacks_is_named_with_where_it_comes_from():
-    output = "ERROR: No matching distribution found for torch==2.13.0+cpu\n"
-    message = envs.pip_failure(nvmo.MODELOPT, output)
-    assert "'torch==2.13.0+cpu' failed" in message
+    output = (  # uv 0.13's words
+        "Using Python 3.11.7 environment at: /x\n"
+        "error: No solution found when resolving dependencies\n"
+        "  cause: Because there is no version of torch==2.13.0+cpu and you require "
+        "torch==2.13.0+cpu, we can conclude that your requirements are unsatisfiable.\n"
+    )
+    message = envs.uv_failure(nvmo.MODELOPT, output)
+    assert "'torch==2.13.0+cpu' failed" in message and "Using Python" not in message
     assert "not on PyPI" in message and "https://download.pytorch.org/whl/cpu" in message
+    built = "error: Failed to build `cppimport==22.8.2`\n  cause: The build backend failed\n"
+    assert "'cppimport==22.8.2' failed" in envs.uv_failure(nvmo.MODELOPT, built)
+    assert "uv failed\nerror: something new" in envs.uv_failure(SMALL, "error: something new")
 
 
 def test_a_file_that_is_not_the_locked_one_is_refused_and_named(tmp_path):
@@ -210,7 +249,9 @@ def test_a_file_that_is_not_the_locked_one_is_refused_and_named(tmp_path):
     with pytest.raises(StageError) as err:
         envs.ensure(tmp_path, dataclasses.replace(SMALL, lock=lock), log)
     assert "'six==1.17.0' failed" in str(err.value)
-    assert "DO NOT MATCH THE HASHES" in str(err.value)
+    assert "Hash mismatch" in str(err.value) and "another file under the locked name" in str(
+        err.value
+    )
     assert not envs.managed_envs(tmp_path)
 
 

@@ -5,9 +5,8 @@
     python tools/lock_envs.py modelopt --find-links /opt/wheels   # where torch's CPU wheel is
     python tools/lock_envs.py tests.test_envs:SMALL    # any Environment, as module:NAME
 
-It runs `uv pip compile --generate-hashes` (uv is a tool for this, not a dependency of
-modelkiln: `python3 -m venv /tmp/uvenv && /tmp/uvenv/bin/pip install uv`, then `--uv
-/tmp/uvenv/bin/uv` or uv on PATH). Locks are resolved from PyPI for the one platform the
+It runs `uv pip compile --generate-hashes` with the uv modelkiln installs (the one that builds
+the environments; `--uv` names another). Locks are resolved from PyPI for the one platform the
 environments are built on, CPython 3.11 on Linux x86-64 (manylinux 2.28), wheels only except an
 environment's `from_source` packages: exactly what `_build` then installs, with nothing left to
 resolve. A changed lock changes the environment's key, so the steps that use it run again.
@@ -17,10 +16,11 @@ from __future__ import annotations
 
 import argparse
 import importlib
-import shutil
 import subprocess
 import sys
 from pathlib import Path
+
+from uv import find_uv_bin
 
 ROOT = Path(__file__).resolve().parents[1]
 PYTHON_VERSION = "3.11"
@@ -66,7 +66,7 @@ def lock(spec: str, uv: str, find_links: list[str], upgrade: bool) -> None:
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("environments", nargs="*", default=list(ENVIRONMENTS))
-    parser.add_argument("--uv", default=shutil.which("uv") or "uv", help="the uv executable")
+    parser.add_argument("--uv", default=find_uv_bin(), help="the uv executable")
     parser.add_argument(
         "--find-links", action="append", default=[],
         help="a folder of wheels PyPI lacks, such as torch's CPU build",
