@@ -8,6 +8,10 @@ dead inputs (H_ii = 0) zeroed, and act-order (columns by descending H_ii) with a
 original column order. One deliberate difference: a group's scale and zero point come from the
 weights as updated by every earlier column (the reference reads them from the matrix as it was
 at the start of the block when a group begins inside a block).
+
+The result does not depend on the thread count (tasks.quant.threads): X^T X, whose inner
+dimension is the tokens, and the Cholesky factorisations run on one thread; the rest splits
+its work over outputs.
 """
 
 from __future__ import annotations
@@ -15,39 +19,46 @@ from __future__ import annotations
 import torch
 
 from tasks.quant.primitives import QuantizedLinear, QuantSpec, quant_params, quantize_codes
+from tasks.quant.threads import fixed_threads, token_gram
 
 __all__ = ["add_to_hessian", "gptq_quantize"]
 
 
-def add_to_hessian(h: torch.Tensor | None, x: torch.Tensor, count: int) -> tuple[torch.Tensor, int]:
+def add_to_hessian(
+    h: torch.Tensor | None, x: torch.Tensor, count: int, gram: torch.Tensor | None = None
+) -> tuple[torch.Tensor, int]:
     """Fold a batch of inputs x [..., in] into the running mean H = 2 X^T X / count.
 
     count is the number of tokens (rows) seen so far; the reference counts sequences instead,
     which only rescales H, and GPTQ's damping is relative to mean(diag H), so both agree.
+    gram: token_gram(x) when the caller already has it (linears that read one input share it).
     """
-    x = x.reshape(-1, x.shape[-1]).float()
-    n = x.shape[0]
+    n = x.reshape(-1, x.shape[-1]).shape[0]
+    if gram is None:
+        gram = token_gram(x)
     if h is None:
-        h = torch.zeros(x.shape[1], x.shape[1], device=x.device)
+        h = torch.zeros(x.shape[-1], x.shape[-1], device=x.device)
     total = count + n
     # Rescale before adding so H stays a mean of O(1) terms however many tokens arrive.
-    h = h * (count / total) + (x.T @ x) * (2.0 / total)
+    h = h * (count / total) + gram * (2.0 / total)
     return h, total
 
 
 def _inverse_hessian_factor(h: torch.Tensor, damp_percent: float) -> torch.Tensor:
     """Upper Cholesky factor of (H + damp·mean(diag H)·I)^-1, whose rows drive the updates.
     Damps h in place (the caller's private copy) and frees each intermediate as soon as it can:
-    for a 5632-wide down_proj every [in, in] matrix is 127 MB."""
-    h.diagonal().add_(damp_percent * torch.mean(torch.diag(h)))
-    lower, info = torch.linalg.cholesky_ex(h)
-    del h
-    if info == 0:
-        inverse = torch.cholesky_inverse(lower)
-        del lower
-        upper, info = torch.linalg.cholesky_ex(inverse, upper=True)
+    for a 5632-wide down_proj every [in, in] matrix is 127 MB. On one thread: LAPACK's
+    factorisations give other bits with other thread counts (and take milliseconds here)."""
+    with fixed_threads(1):
+        h.diagonal().add_(damp_percent * torch.mean(torch.diag(h)))
+        lower, info = torch.linalg.cholesky_ex(h)
+        del h
         if info == 0:
-            return upper
+            inverse = torch.cholesky_inverse(lower)
+            del lower
+            upper, info = torch.linalg.cholesky_ex(inverse, upper=True)
+            if info == 0:
+                return upper
     raise ValueError(
         f"GPTQ: the Hessian is not positive definite after damping with damp_percent="
         f"{damp_percent}; raise damp_percent (e.g. to {min(1.0, damp_percent * 10):g}) or "
@@ -110,7 +121,8 @@ def gptq_quantize(
     table: list[tuple[torch.Tensor, torch.Tensor]] = []
     if static_groups or groups == 1:
         table = [quant_params(w[:, g * width : (g + 1) * width], spec) for g in range(groups)]
-    perm = torch.argsort(torch.diag(h), descending=True) if act_order else None
+    # Stable: equal H_ii (dead columns, all set to 1) keep their original order.
+    perm = torch.argsort(torch.diag(h), descending=True, stable=True) if act_order else None
     if perm is not None:
         w, h = w[:, perm], h[perm][:, perm]
     hinv = _inverse_hessian_factor(h, damp_percent)

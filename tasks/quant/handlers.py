@@ -58,6 +58,14 @@ def capture(layer: Layer, names: tuple[str, ...], on_input) -> None:
             h.remove()
 
 
+def _same_memory(a: torch.Tensor, b: torch.Tensor) -> bool:
+    """Whether b is a, element for element the same memory (the caller holds a, so no other
+    tensor can have been allocated at its address since)."""
+    return (a.device, a.dtype, a.data_ptr(), a.shape, a.stride()) == (
+        b.device, b.dtype, b.data_ptr(), b.shape, b.stride()
+    )  # fmt: skip
+
+
 def _set(linear: torch.nn.Linear, q: QuantizedLinear) -> QuantizedLinear:
     """Put the dequantized weight in place, so later layers see the quantized model."""
     linear.weight.data = q.dequantize().to(linear.weight.device, linear.weight.dtype)
@@ -106,16 +114,23 @@ class Gptq(Identity):
 
     def quantize_layer(self, layer: Layer) -> dict[str, QuantizedLinear]:
         from tasks.quant.gptq import add_to_hessian, gptq_quantize
+        from tasks.quant.threads import token_gram
 
         linears, out = layer.linears(), {}
         for group in self.groups(list(linears)):
             hessians: dict[str, tuple[torch.Tensor | None, int]] = {n: (None, 0) for n in group}
+            # (x, X^T X) of the last input seen: q, k and v (gate and up) read the very same
+            # tensor, whose product is then computed once (the bytes are the same either way).
+            last: list[torch.Tensor] = []
 
-            def on_input(name: str, x: torch.Tensor, hessians=hessians) -> None:
+            def on_input(name: str, x: torch.Tensor, hessians=hessians, last=last) -> None:
+                if not (last and _same_memory(last[0], x)):
+                    last[:] = [x, token_gram(x)]
                 h, count = hessians[name]
-                hessians[name] = add_to_hessian(h, x, count)
+                hessians[name] = add_to_hessian(h, x, count, gram=last[1])
 
             capture(layer, group, on_input)
+            last.clear()
             for name in group:
                 w, h = linears[name].weight.data, hessians.pop(name)[0]  # free it once used
                 try:

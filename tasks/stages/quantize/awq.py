@@ -49,6 +49,9 @@ def run(config: Config, ctx: StepContext) -> dict[str, Any]:
 # 2: the searches measure errors through Gram matrices: the same losses, rounded differently,
 # so a near tie can fall the other way (perplexity on the default recipe: 54.17 -> 54.27).
 # 3: config.json no longer names the input's path (_name_or_path).
+# 4: the same bytes whatever the thread count (Gram matrices and each loss's sum on one thread,
+#    the clip error summed per row): losses rounded differently, so a near tie can fall the
+#    other way; entries built before may hold another thread count's bits.
 SPEC = hf_spec(
-    "awq", Config, run, "AWQ activation-aware weight quantization (AWQ GEMM layout)", version="3"
+    "awq", Config, run, "AWQ activation-aware weight quantization (AWQ GEMM layout)", version="4"
 )

@@ -188,7 +188,7 @@ def run_quantizer(config: HFQuantConfig, ctx: StepContext, handler: Handler, lay
             raise StageError(str(err)) from None
     _copy_tokenizer(ctx.input, ctx.out)
     metrics = {"device": device.type, "layout": layout, "seconds_per_layer": report.seconds_per_layer,
-               "quantized_linears": count, **peak.metrics()}  # fmt: skip
+               "quantized_linears": count, "numerics": numerics(device), **peak.metrics()}  # fmt: skip
     if config.data and config.eval_tokens:
         from tasks.runtimes.perplexity import heldout_perplexity
 
@@ -197,6 +197,25 @@ def run_quantizer(config: HFQuantConfig, ctx: StepContext, handler: Handler, lay
         )
         ctx.log(f"held-out perplexity {metrics['perplexity']:.3f}")
     return metrics
+
+
+def numerics(device: torch.device) -> dict[str, Any]:
+    """What the weights' bits can depend on besides the key (docs/design.md, "Reproducible
+    bytes"): not the thread count (tasks.quant.threads), but the kernels torch picks for this
+    CPU's instruction set and the BLAS it was built with, or the GPU and its CUDA."""
+    import re
+
+    import torch
+
+    blas = re.search(r"Math Kernel Library Version ([\d.]+)", torch.__config__.show())
+    out: dict[str, Any] = {
+        "device": device.type,
+        "cpu_capability": torch.backends.cpu.get_cpu_capability(),
+        "blas": f"mkl {blas.group(1)}" if blas else "other",
+    }
+    if device.type == "cuda":
+        out |= {"gpu": torch.cuda.get_device_name(device), "cuda": torch.version.cuda}
+    return out
 
 
 def _copy_tokenizer(src: Path, dst: Path) -> None:

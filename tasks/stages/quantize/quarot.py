@@ -70,6 +70,8 @@ def run(config: Config, ctx: StepContext) -> dict[str, Any]:
 
 
 # 2: config.json no longer names the input's path (_name_or_path).
+# 3: the same bytes whatever the thread count (Cholesky and X^T X on one thread); entries
+#    built before may hold another thread count's bits, so they are built once more.
 SPEC = hf_spec(
-    "quarot", Config, run, "QuaRot Hadamard rotation, then GPTQ or RTN (GPTQ layout)", version="2"
+    "quarot", Config, run, "QuaRot Hadamard rotation, then GPTQ or RTN (GPTQ layout)", version="3"
 )
