@@ -46,7 +46,8 @@ from llmcompressor.modifiers.transform.awq import AWQModifier
 from llmcompressor.pipelines.cache import IntermediatesCache
 from transformers import AutoModelForCausalLM, AutoTokenizer
 from tasks.stages import StepContext
-from tasks.stages.evaluate import read_text, text_perplexity
+from tasks.formats.text import read_text
+from tasks.runtimes.perplexity import text_perplexity
 from tasks.stages.quantize.hf_common import calibration_ids
 
 # AWQ pins its cached activations for faster copies to a GPU; a CPU-only torch raises

@@ -53,8 +53,8 @@ def run_child(alg: str, table: dict, model: Path, data: Path, out: Path) -> dict
 
 def float_perplexity(model: Path, data: Path) -> float:
     sys.path.insert(0, str(ROOT))
+    from tasks.runtimes.perplexity import heldout_perplexity
     from tasks.stages import StepContext
-    from tasks.stages.evaluate import heldout_perplexity
 
     ctx = StepContext(task="bench:fp", out=Path(tempfile.mkdtemp()), artifacts=Path("."))
     return heldout_perplexity(model, data, ctx)["perplexity"]
