@@ -7,6 +7,7 @@ import sys
 import textwrap
 
 import pytest
+from test_store import build as build_entry
 
 from tasks.errors import KilnError, StoreError
 from tasks.keys import key_of
@@ -42,14 +43,8 @@ def another(remote):
 
 
 def build(store, identity=None, payload=b"weights"):
-    identity = identity or IDENTITY
-    key = key_of(identity)
-    tmp = store.new_tmp(key)
-    (tmp / "w.bin").write_bytes(payload)
-    (tmp / "sub").mkdir()
-    (tmp / "sub" / "config.json").write_text("{}")
-    store.publish(key, tmp, {"key": key, "identity": identity, "metrics": {"ppl": 9.5}})
-    return key
+    """A published local entry (tests/test_store.py's), by its key."""
+    return build_entry(store, identity or IDENTITY, payload).name
 
 
 def digests(store, key):
