@@ -24,7 +24,7 @@ from tasks.fetch import downloads_dir
 from tasks.graph import Graph, load_graph
 from tasks.keys import canonical_json, diff_identities
 from tasks.recipe import Step, inputs_of
-from tasks.remote import RemoteStore
+from tasks.remote import RemoteStore, RemoteUnavailable
 from tasks.report import REPORT_STEP
 from tasks.runner import run_step, transfer_bar
 from tasks.stages import algorithms
@@ -158,7 +158,7 @@ def gc(
 
 def _gc_remote(graph: Graph, dry_run: bool, grace_hours: float, recipes: list[str]) -> None:
     remote = _need_remote(graph)
-    keep = set(graph.keys.values())
+    keep = set() if recipes else set(graph.keys.values())
     for path in recipes:  # every recipe whose entries the remote serves stays whole
         keep |= set(load_graph(Path(path), graph.store.root).keys.values())
     removed = remote.gc(keep, grace_hours * 3600, dry_run)
@@ -229,12 +229,20 @@ def _each_step(
     try:
         remote = _need_remote(graph)
         for ref in _refs(graph, names):
-            counts[status := act(remote, ref)] += 1
-            print(f"{graph.task(ref)}: {status}")
+            try:
+                status = act(remote, ref)
+            except RemoteUnavailable:
+                raise  # the remote itself: no other step would do better
+            except KilnError as err:  # this step's entry: the others still go
+                status, detail = "failed", f": {err}"
+            else:
+                detail = ""
+            counts[status] += 1
+            print(f"{graph.task(ref)}: {status}{detail}")
     except KilnError as err:
         return TaskFailed(f"{verb}: {err}")
     print(f"{verb}: " + ", ".join(f"{n} {status}" for status, n in sorted(counts.items())))
-    return None
+    return TaskFailed(f"{verb}: {counts['failed']} steps failed") if counts["failed"] else None
 
 
 def _gc(graph: Graph, dry_run: bool) -> None:
@@ -270,7 +278,7 @@ def _gc_unfinished(store: Store, dry_run: bool) -> list[tuple[Path, int]]:
     found = []
     for key in store.unfinished():
         with store.lock(key, wait=False) as held:
-            if held and not store.is_complete(key):
+            if held and not store.is_complete(key, locked=True):
                 entry = store.entry(key)
                 found.append((entry, disk_usage(entry) if entry.is_dir() else 0))
                 if not dry_run:
@@ -331,8 +339,10 @@ def verify(
         print(f"verify: would remove {count}")
     elif remove_damaged:
         try:
-            for key in [*damaged, *sorted(downstream)]:
+            for key in damaged:
                 store.remove_damaged(key)
+            for key in sorted(downstream):
+                store.remove_damaged(key, built_from_damage=True)
         except (KilnError, OSError) as err:  # a read-only store, say
             problem = err if isinstance(err, KilnError) else os_problem(err, doing="remove")
             return TaskFailed(f"verify: {problem}")

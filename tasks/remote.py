@@ -137,6 +137,8 @@ STORAGE_LIBRARIES = ("botocore", "aiobotocore", "aiohttp", "s3fs", "fsspec", "ur
 def _storage_failure(err: BaseException) -> bool:
     if isinstance(err, FileNotFoundError | FileExistsError):
         return False  # answers, not failures: callers handle them
+    if isinstance(err, OSError) and err.errno in LOCAL_DISK_ERRORS:
+        return False  # this machine's disk: the runner reports it as the machine's
     library = type(err).__module__.split(".")[0]
     return isinstance(err, OSError | TimeoutError) or library in STORAGE_LIBRARIES
 
@@ -328,7 +330,10 @@ class RemoteStore:
         if manifest is None:
             return None
         where = self.where(self.manifest_path(key))
-        if problems := _manifest_problems(where, key, manifest):
+        problems = _manifest_problems(where, key, manifest)
+        if not _is_upload_id(manifest.get("upload")):
+            problems.append(f"{where}: names no upload")
+        if problems:
             raise StoreError(
                 "the remote entry cannot be used:\n  " + "\n  ".join(problems),
                 f"remove it (`RemoteStore.remove`, or delete {where}); the next push replaces it",

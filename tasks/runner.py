@@ -133,6 +133,7 @@ def _pulled(remote: RemoteStore, task: str, build: Build) -> bool:
             problem = str(err)
             print(f"  {task}: not pulled, building it here: {err}", file=sys.stderr)
     if remote.remote_only:
+        shutil.rmtree(build.folder, ignore_errors=True)  # nothing is built into it
         raise StageError(
             f"{problem.splitlines()[0]}; with remote_only nothing is built here",
             fix="build it where push is on (a CI job), or set remote_only = false",

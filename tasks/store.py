@@ -90,12 +90,13 @@ class Store:
     def manifest_path(self, key: str) -> Path:
         return self.store_dir / key[:2] / f"{key}.json"
 
-    def is_complete(self, key: str) -> bool:
+    def is_complete(self, key: str, locked: bool = False) -> bool:
         """The manifest is a file and the entry a folder; a link in either place is damage,
-        never a complete entry. Two stats: this runs for every step of a no-op `doit`."""
+        never a complete entry. Two stats: this runs for every step of a no-op `doit`.
+        locked: the caller holds the key's lock (an earlier layout is converted under it)."""
         if _is(self.manifest_path(key), stat.S_ISREG):
             return _is(self.entry(key), stat.S_ISDIR)
-        return self._upgrade(key)
+        return self._upgrade(key, locked)
 
     def complete_entry(self, key: str) -> Path:
         """The entry of a key that must be complete (one named by another entry's files)."""
@@ -117,14 +118,15 @@ class Store:
             raise StoreError(f"{path} is not a JSON object; run `doit verify --remove-damaged`")
         return manifest
 
-    def _upgrade(self, key: str) -> bool:
+    def _upgrade(self, key: str, locked: bool = False) -> bool:
         """Move the manifest of an entry of the earlier layout beside it (one rename, under
         the key's lock); whether the entry is complete now. A read-only store stays as it is."""
         entry = self.entry(key)
         if not (_is(entry, stat.S_ISDIR) and _is(entry / OLD_MANIFEST, stat.S_ISREG)):
             return False
         try:
-            with self.lock(key, wait=False) as held:
+            lock = contextlib.nullcontext(True) if locked else self.lock(key, wait=False)
+            with lock as held:
                 if held and not self.manifest_path(key).exists():
                     os.rename(entry / OLD_MANIFEST, self.manifest_path(key))
                     _fsync_dir(entry.parent)
@@ -168,7 +170,8 @@ class Store:
         """Hold key's lock for a build: None when the entry is complete (another process built
         it while this one waited), else a Build with a fresh temporary folder."""
         with self.lock(key, on_wait):
-            yield None if self.is_complete(key) else Build(self, key, self.new_tmp(key))
+            done = self.is_complete(key, locked=True)
+            yield None if done else Build(self, key, self.new_tmp(key))
 
     def publish(self, key: str, tmp: Path, manifest: dict[str, Any]) -> Path:
         """Hash and sync tmp's files, rename tmp into place, then its manifest beside it: the
@@ -354,11 +357,13 @@ class Store:
                 todo.append(user)
         return found
 
-    def remove_damaged(self, key: str) -> None:
+    def remove_damaged(self, key: str, built_from_damage: bool = False) -> None:
         """Remove a damaged entry, or a stray that is not one, without following links."""
         if KEY.match(key):
             with self.lock(key):
-                self.remove(key)
+                # Still damaged? A publish between its two renames looks unfinished to audit.
+                if built_from_damage or self.verify(key):
+                    self.remove(key)
         else:
             remove_path(Path(key))
 

@@ -1,6 +1,7 @@
 """The remote store: push, pull, races between pushers, gc and verify, on S3 (a moto server on
 127.0.0.1) and on a shared disk (file://), through the same code."""
 
+import errno
 import json
 import subprocess
 import sys
@@ -160,6 +161,23 @@ def test_an_edited_manifest_is_refused(remote, tmp_path):
         remote.pull(there, key)
     assert not there.is_complete(key)
     assert any("edited" in line for line in remote.verify(key))
+
+
+def test_a_manifest_naming_no_upload_is_refused(remote, tmp_path):
+    here, there = Store(tmp_path / "here"), Store(tmp_path / "there")
+    key = build(here)
+    remote.push(here, key)
+    rewrite_manifest(remote, key, lambda m: m.pop("upload"), keep_digest=False)
+    with pytest.raises(StoreError, match="names no upload"):
+        remote.pull(there, key)
+    assert not there.is_complete(key)
+
+
+def test_a_full_local_disk_is_not_the_remote_failing():
+    from tasks.remote import _storage_failure
+
+    assert not _storage_failure(OSError(errno.ENOSPC, "No space left on device"))
+    assert _storage_failure(OSError(errno.ECONNREFUSED, "Connection refused"))
 
 
 def test_two_pushers_of_one_key_leave_one_entry(remote, tmp_path, monkeypatch):

@@ -386,3 +386,12 @@ def test_removal_takes_the_manifest_first(tmp_path):
     with store.lock(KEY):
         store.remove(KEY)
     assert not entry.exists() and not _manifest_file(entry).exists()
+
+
+def test_an_entry_of_the_earlier_layout_is_converted_under_a_held_lock(tmp_path):
+    store = Store(tmp_path)
+    entry = build(store)
+    _manifest_file(entry).rename(entry / OLD_MANIFEST)
+    with store.build(KEY) as again:  # holds the lock: converted, not rebuilt over
+        assert again is None
+    assert store.verify(KEY) == [] and (entry / "w.bin").read_bytes() == b"weights"
