@@ -339,18 +339,20 @@ class RemoteStore:
                 f"remove it (`RemoteStore.remove`, or delete {where}); the next push replaces it",
             )
         try:
-            self._download(key, manifest, build.folder, progress)
+            checked = self._download(key, manifest, build.folder, progress)
         except BaseException:
             _empty(build.folder)
             raise
         kept = {k: v for k, v in manifest.items() if k not in REMOTE_FIELDS}
-        return build.publish({**kept, "pulled_from": self.url})
+        return build.publish({**kept, "pulled_from": self.url}, checked)
 
     def _download(
         self, key: str, manifest: dict[str, Any], folder: Path, progress: Progress | None
-    ) -> None:
+    ) -> dict[str, tuple[int, str]]:
+        """Each file into folder, checked against the manifest: their (size, xxh3) by path."""
         source = self.upload_path(key, manifest["upload"])
         meter = _Meter(progress, sum(r["size"] for r in manifest["files"]))
+        checked = {}
         for record in manifest["files"]:
             target = folder / record["path"]
             target.parent.mkdir(parents=True, exist_ok=True)
@@ -376,11 +378,13 @@ class RemoteStore:
             elif hash_file(target) != record["xxh3"]:
                 problem = "content differs from the manifest (xxh3)"
             else:
+                checked[record["path"]] = (size, record["xxh3"])
                 continue
             raise StoreError(
                 f"{self.where(remote)}: {problem}; nothing was pulled",
                 "`RemoteStore.verify` names every damaged file; remove the remote entry and push it again",
             )
+        return checked
 
     # ---- push ------------------------------------------------------------------------------
 

@@ -68,8 +68,10 @@ class Build:
     key: str
     folder: Path
 
-    def publish(self, manifest: dict[str, Any]) -> Path:
-        return self.store.publish(self.key, self.folder, manifest)
+    def publish(
+        self, manifest: dict[str, Any], checked: dict[str, tuple[int, str]] | None = None
+    ) -> Path:
+        return self.store.publish(self.key, self.folder, manifest, checked)
 
 
 @dataclass(frozen=True)
@@ -173,10 +175,14 @@ class Store:
             done = self.is_complete(key, locked=True)
             yield None if done else Build(self, key, self.new_tmp(key))
 
-    def publish(self, key: str, tmp: Path, manifest: dict[str, Any]) -> Path:
+    def publish(
+        self, key: str, tmp: Path, manifest: dict[str, Any],
+        checked: dict[str, tuple[int, str]] | None = None,
+    ) -> Path:  # fmt: skip
         """Hash and sync tmp's files, rename tmp into place, then its manifest beside it: the
-        entry is complete at that last rename, and a crash before it leaves an incomplete one."""
-        manifest = {**manifest, "files": describe_files(tmp)}
+        entry is complete at that last rename, and a crash before it leaves an incomplete one.
+        checked: (size, xxh3) of files the caller has just hashed (a pull), not read again."""
+        manifest = {**manifest, "files": describe_files(tmp, checked or {})}
         manifest[DIGEST_FIELD] = manifest_digest(manifest)
         with open(tmp / PENDING, "w") as fh:
             json.dump(manifest, fh, indent=1, sort_keys=True)
@@ -423,9 +429,13 @@ def _keys_in(value: Any) -> Iterator[str]:
         yield value
 
 
-def describe_files(root: Path) -> list[dict[str, Any]]:
-    """Relative path, size, mtime and xxh3-128 of every file, each synced to disk. A step's
-    output is plain files: a link or a special file in it fails the step."""
+def describe_files(
+    root: Path, checked: dict[str, tuple[int, str]] | None = None
+) -> list[dict[str, Any]]:
+    """Relative path, size, mtime and xxh3-128 of every file, each synced to disk (a file in
+    checked with that size keeps its digest). A step's output is plain files: a link or a
+    special file in it fails the step."""
+    checked = checked or {}
     for dirpath, _, _ in os.walk(root, topdown=False):  # empty folders hold nothing to record
         if dirpath != str(root) and not os.listdir(dirpath):
             os.rmdir(dirpath)
@@ -437,9 +447,9 @@ def describe_files(root: Path) -> list[dict[str, Any]]:
         with open(path, "rb") as fh:
             os.fsync(fh.fileno())
         st = path.stat()
-        files.append(
-            {"path": rel, "size": st.st_size, "mtime_ns": st.st_mtime_ns, "xxh3": hash_file(path)}
-        )
+        size, digest = checked.get(rel, (None, ""))
+        digest = digest if size == st.st_size else hash_file(path)
+        files.append({"path": rel, "size": st.st_size, "mtime_ns": st.st_mtime_ns, "xxh3": digest})
     return files
 
 
