@@ -45,20 +45,6 @@ class Runner(Protocol):
         ...
 
 
-@contextmanager
-def torch_threads(threads: int) -> Iterator[None]:
-    """Set torch's intra-op threads for the evaluation and restore them after: the doit
-    process goes on to run other steps."""
-    import torch
-
-    before = torch.get_num_threads()
-    torch.set_num_threads(threads)
-    try:
-        yield
-    finally:
-        torch.set_num_threads(before)
-
-
 class HfRunner:
     """A transformers causal LM in float32 on the CPU (a GPTQ/AWQ checkpoint dequantized),
     with a fine-tune's LoRA adapter when one is given."""

@@ -243,7 +243,8 @@ def score_answers(
 def run(config: Config, ctx: StepContext) -> dict[str, Any]:
     from transformers import AutoTokenizer
 
-    from tasks.runtimes.runners import genai_answers, genai_metrics, torch_threads
+    from tasks.quant.threads import fixed_threads
+    from tasks.runtimes.runners import genai_answers, genai_metrics
 
     model = resolve_model(ctx)
     if not config.answers:
@@ -259,7 +260,7 @@ def run(config: Config, ctx: StepContext) -> dict[str, Any]:
     if model.adapter is not None:
         metrics["adapter"] = True
     prompt = prompt_ids(tokenizer, config)
-    with torch_threads(config.threads):
+    with fixed_threads(config.threads):  # restored after: doit goes on to other steps
         metrics |= measure(config, ctx, model, tokenizer, prompt)
     if model.fmt == ONNX:
         eos = eos_ids(folder, tokenizer)
