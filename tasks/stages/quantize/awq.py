@@ -52,6 +52,8 @@ def run(config: Config, ctx: StepContext) -> dict[str, Any]:
 # 4: the same bytes whatever the thread count (Gram matrices and each loss's sum on one thread,
 #    the clip error summed per row): losses rounded differently, so a near tie can fall the
 #    other way; entries built before may hold another thread count's bits.
+# 5: X^T X as a sum of 512-token products on the caller's threads (not one product on one
+#    thread): the same bits on any thread count, and a Gram matrix rounded differently.
 SPEC = hf_spec(
-    "awq", Config, run, "AWQ activation-aware weight quantization (AWQ GEMM layout)", version="4"
+    "awq", Config, run, "AWQ activation-aware weight quantization (AWQ GEMM layout)", version="5"
 )

@@ -72,6 +72,8 @@ def run(config: Config, ctx: StepContext) -> dict[str, Any]:
 # 2: config.json no longer names the input's path (_name_or_path).
 # 3: the same bytes whatever the thread count (Cholesky and X^T X on one thread); entries
 #    built before may hold another thread count's bits, so they are built once more.
+# 4: X^T X as a sum of 512-token products on the caller's threads (tasks/quant/threads.py):
+#    as reproducible as 3, faster, and rounded differently.
 SPEC = hf_spec(
-    "quarot", Config, run, "QuaRot Hadamard rotation, then GPTQ or RTN (GPTQ layout)", version="3"
+    "quarot", Config, run, "QuaRot Hadamard rotation, then GPTQ or RTN (GPTQ layout)", version="4"
 )
