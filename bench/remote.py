@@ -21,9 +21,10 @@ GIL with the client being measured) listens on 127.0.0.1. Then:
 4. Throughput of one entry (--entry, a link under artifacts/default/; the AWQ checkpoint,
    about 175 MB, by default): RemoteStore.push from A's store and RemoteStore.pull into a fresh
    local Store, next to plain s3fs put_file/get_file of the same files against the same
-   server, alternating, --reps times each (medians). RemoteStore.pull checks each file's xxh3
-   and the local publish hashes (and fsyncs) it again: both are part of its cost, so the time
-   of one xxh3 pass over the entry is printed too.
+   server, alternating, --reps times each (medians), each run started with nothing left to
+   write back (`os.sync()`, untimed). RemoteStore.pull checks each file's xxh3 and the local
+   publish fsyncs it: both are part of its cost (a plain get syncs nothing), so the time of one
+   xxh3 pass over the entry is printed too.
 
 The endpoint reaches doit through the recipe (`[store] endpoint_url`, only settable there): the
 bench writes a copy of recipes/default.toml with a [store] table into its scratch folder.
@@ -248,6 +249,9 @@ def throughput(store: Store, key: str, server: S3Server, bucket: str, work: Path
     for ours, peer in ((push, put), (pull, get)):
         for i in range(reps):  # alternating, each going first every other time
             for run in (ours, peer) if i % 2 == 0 else (peer, ours):
+                # Untimed: the disk's writeback of the run before (a plain get leaves its files
+                # unsynced) would otherwise be paid by the next run's fsync, a pull's publish.
+                os.sync()
                 run(i)
                 log(f"  {run.__name__} {i + 1}/{reps}: {times[run.__name__][-1]:.2f} s")
     hashes = [timed(lambda: [hash_file(entry / r["path"]) for r in files]) for _ in range(reps)]

@@ -618,6 +618,8 @@ class _Meter:
     """Bytes done across a transfer of several files, for one progress callback. File systems
     that report no progress (a local disk) are counted whole as each file finishes."""
 
+    STEP = 8 << 20  # bytes between reports: s3fs calls back every 64 KiB, a bar needs far fewer
+
     def __init__(self, progress: Progress | None, total: int) -> None:
         self.progress, self.total, self.done = progress, total, 0
 
@@ -632,8 +634,10 @@ class _Meter:
 
         class Report(Callback):
             def call(self, *args: Any, **kwargs: Any) -> None:
-                meter.done = start + min(self.value, size)
-                meter.progress(meter.done, meter.total)
+                done = start + min(self.value, size)
+                if done - meter.done >= meter.STEP:
+                    meter.done = done
+                    meter.progress(done, meter.total)
 
         yield Report()
         self.done = start + size
