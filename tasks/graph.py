@@ -15,9 +15,10 @@ from typing import Any
 
 from tasks.config import as_params
 from tasks.digest import DigestCache
-from tasks.errors import KilnError, RecipeError
+from tasks.errors import KilnError, RecipeError, StageError
+from tasks.fetch import Floating
 from tasks.keys import key_of, library_versions
-from tasks.recipe import Recipe, Step, load_recipe
+from tasks.recipe import Recipe, Step, inputs_of, load_recipe
 from tasks.remote import RemoteStore
 from tasks.report import REPORT_STEP, report_identity
 from tasks.staging import os_problem
@@ -47,6 +48,19 @@ class Graph:
 
     def evaluate_refs(self) -> list[str]:
         return [s.ref for s in self.recipe.of_stage("evaluate")]
+
+    def inputs(self, ref: str) -> list[str]:
+        """The steps ref is built from (the report: every evaluate step)."""
+        return self.evaluate_refs() if ref == REPORT_STEP else inputs_of(self.step(ref))
+
+    def with_inputs(self, refs: list[str]) -> list[str]:
+        """refs and every step they are built from, inputs first (the keys' order)."""
+        needed, todo = set(), list(refs)
+        while todo:
+            if (ref := todo.pop()) not in needed:
+                needed.add(ref)
+                todo += self.inputs(ref)
+        return [ref for ref in self.keys if ref in needed]
 
 
 def load_graph(
@@ -124,7 +138,9 @@ def step_identity(
     step: Step, keys: dict[str, str], cache: DigestCache, file: str
 ) -> dict[str, Any]:
     """Everything that changes the step's output, and nothing cosmetic: not the step's name,
-    not the names of its data sets, not the paths of its local inputs (their content instead)."""
+    not the names of its data sets, not the paths of its local inputs (their content instead).
+    A floating source (a PyPI range, a hub branch) is resolved here, and what it resolved to is
+    `identity["resolved"]`: a new release changes this key and those built from it."""
     spec = step.spec
     params = as_params(step.config)
     for field, local in spec.local_inputs(step.config).items():
@@ -146,7 +162,18 @@ def step_identity(
         identity["environment"] = env.key  # libraries it runs with
     if spec.platform_dependent:  # entries travel between machines: never serve one for another
         identity["platform"] = platform_identity()
+    if isinstance(step.config, Floating) and (resolved := _resolve(step, file)) is not None:
+        identity["resolved"] = resolved
     return identity
+
+
+def _resolve(step: Step, file: str) -> dict[str, str] | None:
+    """The step's floating source resolved (index or hub requests; none for a pinned one)."""
+    assert isinstance(step.config, Floating)
+    try:
+        return step.config.resolve_once()
+    except StageError as err:  # the index or hub did not answer: one message, with the pin
+        raise RecipeError(file, step.ref, str(err)) from None
 
 
 @functools.cache

@@ -42,6 +42,7 @@ class Link:
     filename: str
     url: str
     sha256: str  # "" when the index gives none
+    yanked: bool = False  # PEP 592: pip takes it only for an exact pin
 
 
 class _Unreachable(Exception):
@@ -79,6 +80,66 @@ def find_file(name: str, version: str, sdist: bool, sha256: str, settings: Setti
         raise StageError(*_nothing_found(f"{name}=={version}", sdist, where, listed, failed))
     # The index gives other digests (or none): download one to check, and name what it got.
     return min([link for link in found if not link.sha256] or found, key=_preference)
+
+
+def newest_file(
+    name: str, specifier: str, sdist: bool, settings: Settings, pin_fix: str
+) -> tuple[str, Link]:
+    """(version, file) of the newest release of `name` that `specifier` allows and that has a
+    file of the kind asked for, picked as pip picks: every index and find-links source together,
+    yanked files left out, pre-releases only when the specifier names one or nothing else fits
+    (packaging's rule, which pip follows). A source that cannot be read fails the search, with
+    `pin_fix`: the release it lists might be the newest."""
+    from packaging.specifiers import SpecifierSet
+    from packaging.version import InvalidVersion, Version
+
+    project = normalize_name(name)
+    candidates: dict[Version, list[Link]] = {}
+    failed: list[str] = []
+    sources = [(url, _index_links) for url in settings.indexes]
+    sources += [(where, _find_links) for where in settings.find_links]
+    for where, read in sources:
+        try:
+            links = read(where, project, settings)
+        except (_Unreachable, OSError) as err:  # OSError: an unreadable local folder
+            failed.append(f"{_shown(where)} ({err})")
+            continue
+        for link in links:
+            parsed = _parse_filename(link.filename, project)
+            if parsed is None or parsed[1] != sdist or link.yanked:
+                continue
+            try:
+                candidates.setdefault(Version(parsed[0]), []).append(link)
+            except InvalidVersion:
+                continue
+    wanted = f"{name}{specifier}"
+    if failed:
+        problem = f"cannot read the package index to resolve {wanted}: {'; '.join(failed)}"
+        raise StageError(problem, pin_fix)
+    allowed = list(SpecifierSet(specifier).filter(candidates))
+    if not allowed:
+        kind = "sdist" if sdist else "wheel"
+        where = ", ".join(_shown(w) for w, _ in sources) or "no index (pip's no-index is set)"
+        listed = ", ".join(str(v) for v in sorted(candidates)[-12:]) or "none"
+        raise StageError(
+            f"no {kind} of {wanted} on {where} ({kind} versions there: {listed})",
+            "loosen the version range, or check the name"
+            + ("" if sdist else " (and whether the package has wheels)"),
+        )
+    version = max(allowed)
+    # The file find_file would take for the pin (pure first), one the index gives a digest for
+    # before one that would have to be hashed.
+    best = min(candidates[version], key=lambda link: (_preference(link)[:2], not link.sha256))
+    return str(version), best
+
+
+def listed_sha256(link: Link) -> str:
+    """The sha256 the index gives for a file, or of the file itself where it lies on this machine
+    (a file:// index or a find-links folder); "" for a remote file listed without one."""
+    if link.sha256 or not link.url.startswith("file:"):
+        return link.sha256
+    with open(_local_path(link.url), "rb") as f:
+        return hashlib.file_digest(f, "sha256").hexdigest()
 
 
 def _preference(link: Link) -> tuple[bool, str, str]:
@@ -199,16 +260,19 @@ def _links(body: bytes, url: str, content_type: str) -> list[Link]:
     if "json" in content_type:
         try:
             files = json.loads(body)["files"]
-            raw = [(f["url"], f.get("filename", ""), f.get("hashes", {})) for f in files]
+            raw = [
+                (f["url"], f.get("filename", ""), f.get("hashes", {}), bool(f.get("yanked")))
+                for f in files
+            ]
         except (ValueError, KeyError, TypeError) as err:
             raise StageError(f"{_shown(url)} is not a PEP 691 project page ({err!r})") from None
     else:
         anchors = _Anchors()
         anchors.feed(body.decode("utf-8", "replace"))
         url = urljoin(url, anchors.base) if anchors.base else url
-        raw = [(href, "", {}) for href in anchors.hrefs]
+        raw = [(href, "", {}, yanked) for href, yanked in anchors.hrefs]
     links = []
-    for href, filename, hashes in raw:
+    for href, filename, hashes, yanked in raw:
         target = urljoin(url, href)
         scheme = urlsplit(target).scheme
         # A remote page may not point at files on this machine.
@@ -218,21 +282,22 @@ def _links(body: bytes, url: str, content_type: str) -> list[Link]:
         fragment = re.search(r"(?:^|&)sha256=([0-9a-fA-F]{64})", urlsplit(target).fragment)
         sha256 = str(hashes.get("sha256", "")) if hashes else (fragment[1] if fragment else "")
         if filename and not filename.startswith(".") and not set("/\\\0") & set(filename):
-            links.append(Link(filename, target.split("#", 1)[0], sha256.lower()))
+            links.append(Link(filename, target.split("#", 1)[0], sha256.lower(), yanked))
     return links
 
 
 class _Anchors(HTMLParser):
     def __init__(self) -> None:
         super().__init__()
-        self.base, self.hrefs = "", []
+        self.base, self.hrefs = "", []  # hrefs: (href, yanked)
 
     def handle_starttag(self, tag: str, attrs: list[tuple[str, str | None]]) -> None:
-        href = dict(attrs).get("href")
+        values = dict(attrs)
+        href = values.get("href")
         if tag == "base" and href and not self.base:
             self.base = href
         elif tag == "a" and href:
-            self.hrefs.append(href)
+            self.hrefs.append((href, "data-yanked" in values))  # an empty reason is yanked too
 
 
 def _local_path(url: str) -> Path:

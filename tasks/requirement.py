@@ -36,3 +36,24 @@ def version_key(text: str) -> tuple | None:
     dev = (int(m["dev_n"] or 0),) if m["dev"] else ()
     local = tuple(re.split(r"[-_.]", m["local"].lower())) if m["local"] else ()
     return int(m["epoch"] or 0), tuple(release), pre, post, dev, local
+
+
+OPERATORS = ("~=", "==", "!=", "<=", ">=", "<", ">")  # two-character ones first
+
+
+def split_floating(text: str) -> tuple[str, list[str]] | None:
+    """(name, specifiers) of a floating requirement, `name` or `name>=1.0,<2` (PEP 440
+    specifiers, comma-separated, no spaces, extras, markers or URLs); None when it is not one."""
+    m = NAME.match(text)
+    if m is None:
+        return None
+    name, rest = m[0], text[m.end() :]
+    specifiers = rest.split(",") if rest else []
+    for spec in specifiers:
+        op = next((o for o in OPERATORS if spec.startswith(o)), None)
+        version = spec[len(op) :] if op else ""
+        if version.endswith(".*") and op in ("==", "!="):
+            version = version[:-2]
+        if op is None or not VERSION.fullmatch(version):
+            return None
+    return name, specifiers

