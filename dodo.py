@@ -8,6 +8,7 @@
     doit explain quantize:int8    why a step would run
     doit gc [--dry-run]           remove store entries no recipe points at
     doit verify                   re-hash the store against its manifests
+    doit graph                    draw the steps, coloured by the last run
 
 Loading this file imports no torch, transformers or onnxruntime: stages import them when they run.
 """
@@ -22,6 +23,7 @@ from tasks.errors import KilnError, check_variables
 from tasks.glue import explain, gc, pull, push, report_task, stage_tasks, step_task, verify
 from tasks.graph import load_graph
 from tasks.jobs import doit_jobs, share_cpus
+from tasks.runs import BAD_COMMAND, RunReporter, draw_graph
 from tasks.stages import algorithms
 from tasks.staging import os_problem
 
@@ -37,11 +39,14 @@ try:
     check_variables(sys.argv[1:], ("recipe", "artifacts", *OVERRIDES))  # not `recipie=`
     GRAPH = load_graph(RECIPE, ARTIFACTS, OVERRIDES)
 except KilnError as err:
-    sys.exit(f"modelkiln: {err}")
+    print(f"modelkiln: {err}", file=sys.stderr)
+    sys.exit(BAD_COMMAND)
 except OSError as err:  # the machine's: a full disk, a read-only or forbidden path
-    sys.exit(f"modelkiln: {os_problem(err, doing='read')}")
+    print(f"modelkiln: {os_problem(err, doing='read')}", file=sys.stderr)
+    sys.exit(BAD_COMMAND)
 
-share_cpus(doit_jobs(sys.argv[1:]))  # `doit -n 2`: each step gets half the cores
+JOBS = doit_jobs(sys.argv[1:])
+share_cpus(JOBS)  # `doit -n 2`: each step gets half the cores
 
 DOIT_CONFIG = {
     "default_tasks": [
@@ -58,6 +63,12 @@ DOIT_CONFIG = {
     # memory it cannot fill a disk, fail on a read-only store or race another doit process.
     "dep_file": ":memory:",
     "backend": "sqlite3",
+    # One failing variant does not stop the others (a nightly run builds what it can; the
+    # steps below a failure are reported as not built). `doit --no-continue` stops at once.
+    "continue": True,
+    # doit's console output, then the gates, the release folder, the run summary and the
+    # exit code (tasks/runs.py).
+    "reporter": RunReporter.for_graph(GRAPH, sys.argv[1:], JOBS),
     "verbosity": 2,
     "subtasks": True,  # `doit list` shows every step, in recipe order
     "sort": "definition",
@@ -103,6 +114,11 @@ def task_evaluate():
 def task_report():
     """table, Markdown and HTML report of every evaluate step"""
     return report_task(GRAPH)
+
+
+def task_graph():
+    """draw the recipe's steps and their inputs, coloured by the last run (Graphviz, else Mermaid)"""
+    return {"actions": [(draw_graph, [GRAPH])], "uptodate": [False], "verbosity": 2}
 
 
 def task_explain():

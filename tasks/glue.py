@@ -9,7 +9,10 @@ from __future__ import annotations
 import contextlib
 import dataclasses
 import json
+import os
 import shutil
+import stat
+import time
 from collections import Counter
 from collections.abc import Callable, Iterator
 from functools import partial
@@ -18,7 +21,7 @@ from typing import Any
 
 from doit.exceptions import TaskFailed
 
-from tasks import envs
+from tasks import envs, steplog
 from tasks.errors import KilnError, StoreError, did_you_mean
 from tasks.fetch import downloads_dir
 from tasks.graph import Graph, load_graph
@@ -28,7 +31,7 @@ from tasks.remote import RemoteStore, RemoteUnavailable
 from tasks.report import REPORT_STEP
 from tasks.runner import run_step, transfer_bar
 from tasks.stages import algorithms
-from tasks.staging import Staging, disk_usage, os_problem
+from tasks.staging import Staging, disk_usage, os_problem, real_dir
 from tasks.store import Store
 
 
@@ -180,7 +183,8 @@ def _need_remote(graph: Graph) -> RemoteStore:
 
 
 def _refs(graph: Graph, names: list[str]) -> list[str]:
-    """The named steps' refs (`quantize:int8`, `quantize.int8`), or every step's."""
+    """The named steps' refs (`quantize:int8`, `quantize.int8`) with the steps they are built
+    from (a machine that pulls a step needs its inputs too), or every step's."""
     by_task = {graph.task(ref): ref for ref in graph.keys}
     names = [n if n in by_task else n.replace(".", ":", 1) for n in names]
     if unknown := [n for n in names if n not in by_task]:
@@ -188,7 +192,7 @@ def _refs(graph: Graph, names: list[str]) -> list[str]:
             "; ".join(f"no step {n}{did_you_mean(n, by_task)}" for n in unknown),
             fix="`doit list` names every step",
         )
-    return [by_task[n] for n in names] if names else list(graph.keys)
+    return graph.with_inputs([by_task[n] for n in names]) if names else list(graph.keys)
 
 
 def push(graph: Graph, names: list[str]) -> TaskFailed | None:
@@ -245,6 +249,11 @@ def _each_step(
     return TaskFailed(f"{verb}: {counts['failed']} steps failed") if counts["failed"] else None
 
 
+# `doit gc` removes the logs of failed steps (artifacts/logs/failed) last written longer ago than
+# this. A constant, not a flag: dodo.py declares gc's flags.
+FAILED_LOG_DAYS = 14
+
+
 def _gc(graph: Graph, dry_run: bool) -> None:
     store = graph.store
     verb = "would remove" if dry_run else "removing"
@@ -257,7 +266,7 @@ def _gc(graph: Graph, dry_run: bool) -> None:
             # Re-check under the lock: a build may have linked this entry meanwhile.
             if not held or key in store.links().values():
                 continue
-            size = disk_usage(store.entry(key))
+            size = disk_usage(store.entry(key)) + _file_size(store.log_path(key))
             print(f"{verb} {key[:16]}... {size / 1e6:9.1f} MB  {_built_as(store, key)}")
             if not dry_run:
                 store.remove(key)
@@ -269,8 +278,42 @@ def _gc(graph: Graph, dry_run: bool) -> None:
     for tmp, size in stale:
         freed += size
         print(f"{verb} unfinished build {tmp.parent.parent.name}/{tmp.name}")
-    print(f"{removed} entries, {len(stale)} unfinished builds: "
+    logs = _gc_failed_logs(store.root, dry_run)
+    for path, size in logs:
+        freed += size
+        print(f"{verb} failed log {path.relative_to(store.root)} {size / 1e3:9.1f} kB")
+    print(f"{removed} entries, {len(stale)} unfinished builds, {len(logs)} failed logs: "
           f"{'would free' if dry_run else 'freed'} {freed / 1e6:.1f} MB")  # fmt: skip
+
+
+def _gc_failed_logs(root: Path, dry_run: bool) -> list[tuple[Path, int]]:
+    """The failed steps' logs last written more than FAILED_LOG_DAYS ago: removed (dry_run:
+    only listed). Only plain `*.log` files; a link is never followed, nor removed."""
+    folder = root
+    for part in steplog.FAILED_LOGS.parts:
+        folder = folder / part
+        if not folder.exists() and not folder.is_symlink():
+            return []
+        real_dir(folder, create=False)  # a link there is refused
+    cutoff = time.time() - FAILED_LOG_DAYS * 86400
+    found = []
+    for path in sorted(folder.glob("*.log")):
+        try:
+            st = os.lstat(path)
+        except FileNotFoundError:  # another gc's
+            continue
+        if stat.S_ISREG(st.st_mode) and st.st_mtime < cutoff:
+            found.append((path, st.st_size))
+            if not dry_run:
+                path.unlink(missing_ok=True)
+    return found
+
+
+def _file_size(path: Path) -> int:
+    try:
+        return os.lstat(path).st_size
+    except FileNotFoundError:
+        return 0
 
 
 def _gc_unfinished(store: Store, dry_run: bool) -> list[tuple[Path, int]]:
@@ -280,7 +323,8 @@ def _gc_unfinished(store: Store, dry_run: bool) -> list[tuple[Path, int]]:
         with store.lock(key, wait=False) as held:
             if held and not store.is_complete(key, locked=True):
                 entry = store.entry(key)
-                found.append((entry, disk_usage(entry) if entry.is_dir() else 0))
+                size = disk_usage(entry) if entry.is_dir() else 0
+                found.append((entry, size + _file_size(store.log_path(key))))
                 if not dry_run:
                     store.remove(key)
     return found

@@ -51,6 +51,10 @@ def run_child(cmd: list[str], **popen: Any) -> int:
 def _stop(signum: int, frame: FrameType | None) -> None:
     import multiprocessing  # here: 10 ms to import, on every `doit`, and only a signal needs it
 
+    from tasks import steplog
+
+    steplog.restore()  # what a step's log pipes still hold reaches the terminal first
+
     for proc in list(_children):
         if proc.poll() is None:
             proc.terminate()

@@ -17,6 +17,7 @@ from typing import Any
 
 from tasks.config import parse_config
 from tasks.errors import KilnError, RecipeError, did_you_mean
+from tasks.gates import check_gates
 from tasks.remote import check_remote_settings
 from tasks.stages import (
     DATA,
@@ -40,6 +41,7 @@ class Recipe:
     written: tuple[str, ...] = ()  # refs in the file's order (steps it implies last)
     implied: frozenset[str] = frozenset()  # refs of steps the recipe adds by itself
     store: dict[str, Any] = field(default_factory=dict)  # [store]: the remote store's settings
+    nightly: dict[str, Any] = field(default_factory=dict)  # [nightly]: baseline, tolerances
 
     @property
     def name(self) -> str:
@@ -72,7 +74,10 @@ def load_recipe(path: Path) -> Recipe:
     steps = _order(parsed, file)
     _check_formats(file, steps)
     implied = {r for r, st in parsed.items() if st.name and st.name not in raw.get(st.stage, {})}
-    return Recipe(path, steps, tuple(parsed), frozenset(implied), _store_settings(raw, file))
+    return Recipe(
+        path, steps, tuple(parsed), frozenset(implied), _store_settings(raw, file),
+        _nightly_settings(raw, file),
+    )  # fmt: skip
 
 
 def _store_settings(raw: dict[str, Any], file: str) -> dict[str, Any]:
@@ -88,8 +93,44 @@ def _store_settings(raw: dict[str, Any], file: str) -> dict[str, Any]:
     return table
 
 
+# What the run report compares against (tasks/history.py): a run id, and per metric how much
+# worse (relative; answer_accuracy: absolute) still counts as noise.
+NIGHTLY_KEYS = {"baseline", "tolerances"}
+TOLERANCE_METRICS = ("perplexity", "size_bytes", "decode_tokens_per_s", "first_token_ms",
+                     "answer_accuracy")  # fmt: skip
+
+
+def _nightly_settings(raw: dict[str, Any], file: str) -> dict[str, Any]:
+    """The [nightly] table: never part of a key."""
+    table = raw.get("nightly", {})
+    if not isinstance(table, dict):
+        raise RecipeError(
+            file, "", "nightly is a value, not a table", 'write [nightly] baseline = "<run id>"'
+        )
+    for key in table:
+        if key not in NIGHTLY_KEYS:
+            raise RecipeError(
+                file, "nightly", f"unknown key {key!r}{did_you_mean(key, NIGHTLY_KEYS)}",
+                f"[nightly] takes {', '.join(sorted(NIGHTLY_KEYS))}",
+            )  # fmt: skip
+    if not isinstance(table.get("baseline", ""), str):
+        raise RecipeError(
+            file, "nightly", "baseline is not a string", 'baseline = "20261201T030000Z" (a run id)'
+        )
+    tolerances = table.get("tolerances", {})
+    if not isinstance(tolerances, dict) or any(
+        m not in TOLERANCE_METRICS or isinstance(v, bool) or not isinstance(v, int | float) or v < 0
+        for m, v in tolerances.items()
+    ):
+        raise RecipeError(
+            file, "nightly", f"tolerances = {tolerances!r}: expected metric = fraction >= 0",
+            f"metrics: {', '.join(TOLERANCE_METRICS)}; e.g. tolerances = {{ perplexity = 0.01 }}",
+        )  # fmt: skip
+    return table
+
+
 def _parse_steps(raw: dict[str, Any], file: str) -> dict[str, Step]:
-    allowed = ["model", "data", *STEP_STAGES, "store"]
+    allowed = ["model", "data", *STEP_STAGES, "store", "nightly"]
     for top in raw:
         if top not in allowed:
             raise RecipeError(
@@ -161,10 +202,16 @@ def _step(file: str, stage: str, name: str, table: dict[str, Any]) -> Step:
             )
     elif source is not None:
         raise RecipeError(file, where, f"{stage} takes no 'from'", "remove it")
+    gates: tuple[tuple[str, float], ...] = ()
+    if "gates" in table and stage == "evaluate":
+        try:
+            gates = check_gates(table.pop("gates"))
+        except ValueError as err:
+            raise RecipeError(file, where, str(err), "see docs/nightly.md, Quality gates") from None
     config = parse_config(spec.config, table, file, where)
     data = tuple(f"data.{getattr(config, f)}" for f in spec.data_fields if getattr(config, f))
     extra = tuple((f, getattr(config, f)) for f in spec.step_fields if getattr(config, f))
-    return Step(stage, name, spec, config, source, data, extra)
+    return Step(stage, name, spec, config, source, data, extra, gates)
 
 
 def inputs_of(step: Step) -> list[str]:

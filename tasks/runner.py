@@ -7,42 +7,62 @@ failure is never cached. Errors the user can act on come back as one message, no
 from __future__ import annotations
 
 import contextlib
+import os
 import platform
 import shutil
 import sys
 import time
+import traceback
 from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
 from doit.exceptions import TaskFailed
 
-from tasks import interrupt
+from tasks import interrupt, steplog
 from tasks.errors import KilnError, StageError
 from tasks.graph import Graph
+from tasks.procmem import StepMemory
 from tasks.recipe import inputs_of
 from tasks.remote import Progress, RemoteStore, RemoteUnavailable
 from tasks.report import REPORT_STEP, make_rows, text_table, write_report
 from tasks.stages import StepContext
-from tasks.staging import FILESYSTEM_ERRORS, disk_usage, os_problem, remove_path
+from tasks.staging import FILESYSTEM_ERRORS, disk_usage, os_problem, real_dir, remove_path
 from tasks.store import Build, Store
 
 LOW_SPACE = 64 << 20  # bytes: below this, a failed step is reported as a full disk
+STEP_LOG = ".step.log"  # in the build folder while the step runs; beside its manifest after
 
 
-def run_step(graph: Graph, ref: str) -> TaskFailed | None:
-    """The doit action of a step."""
-    task = graph.task(ref)
+def run_step(graph: Graph, ref: str, task: Any) -> TaskFailed | dict[str, Any]:
+    """The doit action of a step. What the run summary needs (tasks/runs.py: how the step
+    ended, its time and memory) comes back as the task's values, which doit hands from a
+    `doit -n` worker to the parent; doit passes its Task object as `task`."""
+    name = graph.task(ref)
+    info: dict[str, Any] = {"started": time.time()}
+    memory = StepMemory()
     try:
-        if ref != REPORT_STEP:
-            graph.step(ref).spec.preflight()
-        _build(graph, ref, task)  # each stage logs its own summary
+        with memory:
+            if ref != REPORT_STEP:
+                graph.step(ref).spec.preflight()
+            info["status"] = _build(graph, ref, name, info)  # each stage logs its summary
     except Exception as err:
         problem = _machine_problem(err, graph.store.store_dir)
         if problem is None and not isinstance(err, KilnError):
             raise  # a bug: its traceback is what helps
-        return TaskFailed(f"{task}: {problem or err}")
-    return None
+        if task is not None:
+            task.values.update(_finish(info, memory))
+        return TaskFailed(f"{name}: {problem or err}")
+    finally:
+        if task is not None and (skipped := _skipped.get(getattr(graph.remote, "url", ""))):
+            task.values["remote_skipped"] = skipped
+    return _finish(info, memory)
+
+
+def _finish(info: dict[str, Any], memory: StepMemory) -> dict[str, Any]:
+    finished = time.time()
+    return {**info, "finished": finished, "seconds": round(finished - info["started"], 3),
+            "peak_rss_bytes": memory.peak}  # fmt: skip
 
 
 def _machine_problem(err: Exception, where: Path) -> str | None:
@@ -66,8 +86,11 @@ def _machine_problem(err: Exception, where: Path) -> str | None:
     )
 
 
-def _build(graph: Graph, ref: str, task: str) -> dict[str, Any] | None:
-    """Build and publish ref's entry; None when another process built it meanwhile."""
+def _build(graph: Graph, ref: str, task: str, info: dict[str, Any]) -> str:
+    """Build and publish ref's entry: "built", "pulled" (from the remote), or "up-to-date"
+    (another process built it while this one waited). The step's output goes to its log too,
+    beside its manifest (`Store.log_path`); a failed step's log is moved under
+    artifacts/logs/failed/ and named in info["log"]."""
     store, key = graph.store, graph.keys[ref]
 
     def waiting() -> None:
@@ -77,23 +100,28 @@ def _build(graph: Graph, ref: str, task: str) -> dict[str, Any] | None:
     with store.build(key, on_wait=waiting) as build:
         if build is None:  # built by another process while this one waited
             store.link(link, key)
-            return None
+            return "up-to-date"
         if graph.remote is not None and _pulled(graph.remote, task, build):
             store.link(link, key)
             print(f"  {task}: pulled from {graph.remote.url} -> {link}", file=sys.stderr)
-            return None
+            return "pulled"
         # Until the new entry exists the link must not show the old one as current; the old
         # target stays reachable (for `explain`, and safe from `gc`) as a hidden link.
         store.set_aside(link)
         interrupt.building(task, build.folder)
         started = time.time()
+        log = build.folder / STEP_LOG  # in the build: a killed build's goes with it (`doit gc`)
         try:
-            metrics = _run(graph, ref, task, build.folder)
-        except BaseException:
+            with steplog.capture(log, title=task):
+                metrics = _run(graph, ref, task, build.folder)
+        except BaseException as err:
+            info |= _keep_failed_log(log, store.root, task, err)
             print(f"  {task}: failed after writing {disk_usage(build.folder) / 1e6:.1f} MB; "
-                  f"partial output left in {build.folder} (`doit gc` removes it)",
-                  file=sys.stderr)  # fmt: skip
+                  f"partial output left in {build.folder} (`doit gc` removes it)"
+                  + (f"; its log: {info['log']}" if "log" in info else ""), file=sys.stderr)  # fmt: skip
             raise
+        # Beside the manifest, not in the entry: the entry holds only the step's files.
+        os.replace(log, real_dir(store.log_path(key).parent) / store.log_path(key).name)
         manifest = {
             "key": key,
             "identity": graph.identities[ref],
@@ -111,7 +139,19 @@ def _build(graph: Graph, ref: str, task: str) -> dict[str, Any] | None:
     print(f"  {task}: built in {manifest['timings']['seconds']:.1f} s -> {link}", file=sys.stderr)
     if graph.remote is not None and graph.remote.push_enabled:
         _push(graph.remote, store, key, task)
-    return metrics
+    return "built"
+
+
+def _keep_failed_log(log: Path, artifacts: Path, task: str, err: BaseException) -> dict[str, str]:
+    """Add what failed (with the traceback of a bug) to a failed step's log and move it under
+    artifacts/logs/failed/: {"log": where}, or {} when there is no log (a full disk)."""
+    try:
+        with open(log, "a") as fh:
+            why = str(err) if isinstance(err, KilnError) else traceback.format_exc()
+            fh.write(f"\n{task} failed: {why}\n")
+        return {"log": str(steplog.keep_failed(log, artifacts, task))}
+    except OSError:
+        return {}
 
 
 def _pulled(remote: RemoteStore, task: str, build: Build) -> bool:
@@ -180,7 +220,7 @@ def transfer_bar(task: str, verb: str) -> Iterator[Progress]:
         nonlocal bar
         if bar is None:
             bar = tqdm(total=total, unit="B", unit_scale=True, desc=f"  {task}: {verb}",
-                       file=sys.stderr, leave=False, mininterval=0.5 if sys.stderr.isatty() else 30)  # fmt: skip
+                       file=sys.stderr, leave=False, mininterval=0.5 if steplog.interactive() else 30)  # fmt: skip
         bar.update(done - bar.n)
 
     try:

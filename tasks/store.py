@@ -3,6 +3,7 @@
 Layout under the artifacts root:
     store/<key[:2]>/<key>/      an entry: the step's files and nothing else
     store/<key[:2]>/<key>.json  its manifest, written last: the pointer that makes it complete
+    store/<key[:2]>/<key>.log   what the step that built it printed (tasks/steplog.py), if kept
     store/.tmp/, store/.locks/  builds in progress and per-key locks (tasks/staging.py)
     <recipe>/<stage>/<name>     symlinks to the current entries, for people and scripts
 
@@ -39,7 +40,8 @@ OLD_MANIFEST = "MANIFEST.json"  # inside the entry, before the manifest moved be
 PENDING = ".manifest-pending"  # in a build folder: the manifest on its way beside the entry
 DIGEST_FIELD = "manifest_sha256"
 # Folders of the artifacts root that are not a recipe's links.
-RESERVED = ("store", "cache", "downloads", "envs")
+RESERVED = ("store", "cache", "downloads", "envs", "logs")
+SIDE_FILES = (".json", ".log")  # beside an entry: its manifest, its log
 
 
 def manifest_digest(manifest: dict[str, Any]) -> str:
@@ -92,6 +94,11 @@ class Store:
     def manifest_path(self, key: str) -> Path:
         return self.store_dir / key[:2] / f"{key}.json"
 
+    def log_path(self, key: str) -> Path:
+        """Where the log of the step that built key is kept: beside the manifest, so the entry
+        holds only the step's files. Not in the manifest, nor hashed: removed with the entry."""
+        return self.store_dir / key[:2] / f"{key}.log"
+
     def is_complete(self, key: str, locked: bool = False) -> bool:
         """The manifest is a file and the entry a folder; a link in either place is damage,
         never a complete entry. Two stats: this runs for every step of a no-op `doit`.
@@ -142,9 +149,9 @@ class Store:
         return [k for k, _ in self._entries() if KEY.match(k) and self.is_complete(k)]
 
     def unfinished(self) -> list[str]:
-        """Keys with an entry folder but no manifest, or a manifest but no folder: a build that
-        stopped between its two renames, or a removal between its two steps."""
-        names = {name.removesuffix(".json") for name, _ in self._entries()}
+        """Keys with an entry folder but no manifest, or a manifest or log but no folder: a
+        build that stopped between its two renames, or a removal between its steps."""
+        names = {_key_of(name) for name, _ in self._entries()}
         return [k for k in sorted(names) if KEY.match(k) and not self.is_complete(k)]
 
     def _entries(self) -> Iterator[tuple[str, Path]]:
@@ -198,8 +205,10 @@ class Store:
         return entry
 
     def remove(self, key: str) -> None:
-        """Remove an entry (hold its key's lock). A link in its place is removed, not followed."""
+        """Remove an entry and its log (hold its key's lock). A link in either place is
+        removed, not followed."""
         remove_path(self.manifest_path(key))  # first: from here on the entry is incomplete
+        remove_path(self.log_path(key))  # before the entry: a stop here leaves it unfinished
         entry = self.entry(key)
         if entry.is_symlink() or not entry.is_dir():
             remove_path(entry)
@@ -304,6 +313,9 @@ class Store:
             if where.is_symlink():
                 return [f"{where}: a symbolic link (to {os.readlink(where)}), not an entry"]
         if not self.is_complete(key):
+            if not entry.is_dir() and not path.exists():
+                return [f"{self.log_path(key)}: a log without its entry (a removal left "
+                        "unfinished)"]  # fmt: skip
             if not entry.is_dir():
                 return [f"{path}: a manifest without its entry {entry} (deleted, or a removal "
                         "left unfinished)"]  # fmt: skip
@@ -339,10 +351,10 @@ class Store:
                 found[str(shard)] = [f"{shard}: unexpected in the store"]
         seen = set()
         for name, path in self._entries():
-            key = name.removesuffix(".json")
+            key = _key_of(name)
             if not (KEY.match(key) and key.startswith(path.parent.name)):
                 found[str(path)] = [f"{path}: unexpected in the store (not an entry's name)"]
-            elif key not in seen:  # an entry and its manifest: checked once
+            elif key not in seen:  # an entry, its manifest and its log: checked once
                 seen.add(key)
                 if problems := self.verify(key):
                     found[key] = problems
@@ -451,6 +463,14 @@ def describe_files(
         digest = digest if size == st.st_size else hash_file(path)
         files.append({"path": rel, "size": st.st_size, "mtime_ns": st.st_mtime_ns, "xxh3": digest})
     return files
+
+
+def _key_of(name: str) -> str:
+    """The key a name in a shard folder belongs to: an entry's, its manifest's or its log's."""
+    for suffix in SIDE_FILES:
+        if name.endswith(suffix):
+            return name.removesuffix(suffix)
+    return name
 
 
 def _is(path: Path, kind: Callable[[int], bool]) -> bool:

@@ -157,6 +157,7 @@ def test_a_step_that_writes_into_its_input_fails_and_the_input_is_made_whole(
     it): a published entry must never change, so the step fails; a file it added goes, and an
     input whose own files changed is removed and rebuilt."""
     import dataclasses
+    import types
 
     from tasks.graph import load_graph
     from tasks.runner import run_step
@@ -173,7 +174,7 @@ def test_a_step_that_writes_into_its_input_fails_and_the_input_is_made_whole(
     graph.recipe.steps["quantize.int8"] = dataclasses.replace(
         step, spec=dataclasses.replace(step.spec, run=careless)
     )
-    failed = run_step(graph, "quantize.int8")
+    failed = run_step(graph, "quantize.int8", types.SimpleNamespace(values={}))  # doit's Task
     assert failed is not None and "wrote into its input" in str(failed) and writes in str(failed)
     assert not graph.store.is_complete(graph.keys["quantize.int8"])  # nothing published
     capture = graph.keys["capture.fp32"]

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import json
 import math
 
 import pytest
@@ -34,6 +35,18 @@ def test_every_step_builds_and_the_table_is_printed(default_build):
     assert set(executed(first.stdout)) == {s.task for s in steps.values()} | {"report"}
     assert "evaluate:bnb4" in first.stdout and "perplexity" in first.stdout
     assert (ws.artifacts / "recipe" / "report" / "report.html").is_file()
+
+
+def test_the_run_summary_and_the_release_folder(default_build):
+    ws, _ = default_build
+    summary = json.loads((ws.artifacts / "recipe" / "runs" / "latest.json").read_text())
+    assert summary["run"]["outcome"] == "ok" and summary["run"]["exit_code"] == 0
+    assert {s["status"] for s in summary["steps"].values()} == {"built"}
+    gated = {s.name for s in load_recipe(ws.recipe).of_stage("evaluate") if s.gates}
+    assert gated == {"gptq", "awq", "quarot", "awq-onnx"}
+    release = ws.artifacts / "recipe" / "release"
+    assert {p.name for p in release.iterdir()} == gated == set(summary["release"])
+    assert (ws.artifacts / "recipe" / "runs" / "index.html").is_file()
 
 
 def test_second_run_does_nothing(default_build):

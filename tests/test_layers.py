@@ -13,7 +13,18 @@ CORE, FORMATS, RUNTIMES, TUNE, STAGES, DRIVER, DODO = range(7)
 NAMES = ["core", "formats", "runtimes/quant", "tune", "stages", "recipe/graph/runner", "dodo"]
 # The top of the package: read recipes, build graphs, drive doit. envrun is the entry point of
 # a stage's own environment: it imports the stage module it is asked to run, by name.
-DRIVERS = {"recipe", "graph", "runner", "report", "glue", "docgen", "envrun"}
+DRIVERS = {
+    "recipe",
+    "graph",
+    "runner",
+    "report",
+    "glue",
+    "docgen",
+    "envrun",
+    "runs",
+    "history",
+    "graphpic",
+}
 # Modules that stages/quantize/* may share: not stages themselves.
 SHARED_QUANTIZE = {"hf_common", "onnx_common", "onnx_calibration", "inc_common", "windows"}
 

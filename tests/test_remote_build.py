@@ -143,11 +143,13 @@ def test_pull_and_push_by_hand(pushed_file, tiny_model, prose_file):
     root, table = pushed_file.root, pushed_file.table
     third = workspace(root / "third", tiny_model, prose_file, table.replace("true", "false"))
     out = third.doit("pull", "capture:fp32").stdout
-    assert "capture:fp32: pulled" in out and "pull: 1 pulled" in out
+    # The named step and the step it is built from (a pulled step's inputs come with it),
+    # and no other step (the data set, the evaluation).
+    assert out.count(": pulled") == 2 and "pull: 2 pulled" in out
+    assert "capture:fp32: pulled" in out and "model: pulled" in out
     assert (third.artifacts / "recipe" / "capture" / "fp32" / "model.onnx").is_file()
-    assert "model: here already" not in out  # only the named step
     out = third.doit("push").stdout
-    assert "capture:fp32: present" in out and "model: not built here" in out
+    assert "capture:fp32: present" in out and "data:prose: not built here" in out
 
 
 def test_the_run_overrides_the_recipe(pushed_file, tiny_model, prose_file):
@@ -263,6 +265,10 @@ def test_an_unusable_remote_is_skipped_once_and_the_build_completes_here(
     assert run.stderr.count(SKIPPED) == 1, run.stderr  # once per process, not per step
     assert run.stderr.count("built in") == 2 and "Traceback" not in output(run)
     assert len(store.built_keys()) == 2 and ws.doit("verify").returncode == 0
+    # The run summary, and its last lines, say the remote was skipped and why.
+    summary = json.loads((ws.artifacts / ws.name / "runs" / "latest.json").read_text())
+    assert summary["run"]["outcome"] == "ok" and summary["run"]["remote"]["skipped"]
+    assert "remote skipped: " in run.stderr
 
 
 @pytest.mark.parametrize("case", ["unreachable", "missing-bucket"])

@@ -1,25 +1,13 @@
-"""Peak memory of one step, even inside a long-lived doit process.
-
-ru_maxrss only grows over a process's life, so it cannot say what one step used. Linux resets
-the peak RSS (VmHWM) when "5" is written to /proc/self/clear_refs; we do that at the start and
-read VmHWM at the end. CUDA has its own peak counter.
-"""
+"""Peak memory of a quantizer's work: RSS (tasks/procmem.py) and CUDA's own peak counter."""
 
 from __future__ import annotations
 
 import contextlib
-from pathlib import Path
 from typing import Any
 
 import torch
 
-
-def _vm_hwm_bytes() -> int | None:
-    with contextlib.suppress(OSError):
-        for line in Path("/proc/self/status").read_text().splitlines():
-            if line.startswith("VmHWM:"):
-                return int(line.split()[1]) * 1024
-    return None
+from tasks.procmem import peak_rss, reset_peak
 
 
 class PeakMemory:
@@ -28,15 +16,13 @@ class PeakMemory:
         self.reset = False
 
     def __enter__(self) -> PeakMemory:
-        with contextlib.suppress(OSError):
-            Path("/proc/self/clear_refs").write_text("5")
-            self.reset = True
+        self.reset = reset_peak()
         if self.device.type == "cuda":
             torch.cuda.reset_peak_memory_stats(self.device)
         return self
 
     def __exit__(self, *exc: object) -> None:
-        self.rss = _vm_hwm_bytes()
+        self.rss = peak_rss()
         self.cuda = (
             torch.cuda.max_memory_allocated(self.device) if self.device.type == "cuda" else None
         )

@@ -15,6 +15,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
+from tasks import steplog
 from tasks.errors import PreflightError, StageError
 
 if TYPE_CHECKING:
@@ -113,6 +114,7 @@ class Step:
     source: str | None  # ref of the input step ("model", "capture.fp32"), None for model/data
     data: tuple[str, ...]  # refs of the data sets it reads ("data.botchan")
     extra: tuple[tuple[str, str], ...] = ()  # (config field, ref) of other steps it reads
+    gates: tuple[tuple[str, float], ...] = ()  # evaluate: (gate, limit), never in the key
 
     @property
     def ref(self) -> str:
@@ -153,7 +155,7 @@ class StepContext:
         from tqdm import tqdm
 
         # Into a log file or CI (not a terminal) a redraw is a line of its own, every 30 s.
-        terminal = sys.stderr.isatty()
+        terminal = steplog.interactive()  # fd 2 is a pipe while the step is logged
         return tqdm(
             items, desc=f"  {self.task}: {desc}", total=total, leave=not terminal,
             file=sys.stderr if terminal else _LogLines(sys.stderr),

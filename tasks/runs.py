@@ -1,0 +1,400 @@
+"""The record of a `doit` run: what each step did, the quality gates, the release folder and
+the exit code (docs/nightly.md).
+
+doit calls a reporter on every task event; dodo.py makes this one (`RunReporter.for_graph`)
+doit's reporter, so the console shows what it always showed and, when the run is over:
+
+- every evaluate step with gates is judged on its entry's metrics (tasks/gates.py), and the
+  variants that pass every gate are linked under `artifacts/<recipe>/release/<name>`;
+- a run that ran a step writes `artifacts/<recipe>/runs/<run id>.json` and `latest.json`,
+  and the run report `runs/index.html` (tasks/history.py); a run where everything was up to
+  date writes nothing, so a no-op `doit` stays a no-op;
+- the exit code says what happened (EXIT_CODES), the same whatever doit's own would be.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import platform
+import socket
+import sys
+import time
+from datetime import UTC, datetime
+from pathlib import Path
+from typing import Any
+
+from doit.exceptions import UnmetDependency
+from doit.reporter import ConsoleReporter
+
+from tasks.errors import KilnError
+from tasks.gates import describe, judge
+from tasks.graph import Graph
+from tasks.keys import library_version
+from tasks.report import make_rows
+from tasks.staging import os_problem, remove_path
+from tasks.store import Store
+
+SCHEMA = 1
+OK, STEP_FAILED, DOIT_ERROR, BAD_COMMAND, GATE_FAILED = 0, 1, 2, 3, 4
+EXIT_CODES = {
+    OK: "every step built, pulled or up to date, and every gate passed",
+    STEP_FAILED: "a step failed, or was not built because a step it needs failed",
+    DOIT_ERROR: "doit itself failed (a bug)",
+    BAD_COMMAND: "the command line or the recipe is wrong: nothing ran",
+    GATE_FAILED: "every step was built, but a variant missed one of its quality gates",
+}
+RAN = ("built", "pulled", "failed", "input-failed")  # statuses that make a run worth recording
+VERSIONS = ("doit", "torch", "transformers", "onnx", "onnxruntime", "onnxruntime-genai", "peft")
+
+
+class RunReporter(ConsoleReporter):
+    desc = "console output, and the run summary under artifacts/<recipe>/runs/"
+    graph: Graph
+    argv: list[str] = []
+    jobs: int = 1
+
+    @classmethod
+    def for_graph(cls, graph: Graph, argv: list[str], jobs: int) -> type[RunReporter]:
+        """doit makes the reporter from its class: this one knows the run's graph."""
+        return type(cls.__name__, (cls,), {"graph": graph, "argv": argv, "jobs": jobs})
+
+    def __init__(self, outstream: Any, options: dict[str, Any]) -> None:
+        super().__init__(outstream, options)
+        self.started = time.time()
+        self.refs = {self.graph.task(ref): ref for ref in self.graph.keys}
+        self.steps: dict[str, dict[str, Any]] = {}  # by task name, in the order doit saw them
+
+    # ---- doit's events ---------------------------------------------------------------------
+
+    def skip_uptodate(self, task: Any) -> None:
+        super().skip_uptodate(task)
+        self._record(task, {"status": "up-to-date"})
+
+    def skip_ignore(self, task: Any) -> None:
+        super().skip_ignore(task)
+        self._record(task, {"status": "ignored"})
+
+    def add_success(self, task: Any) -> None:
+        super().add_success(task)
+        self._record(task, {"status": "built", **task.values})
+
+    def add_failure(self, task: Any, fail: Any) -> None:
+        super().add_failure(task, fail)
+        if isinstance(fail, UnmetDependency):
+            failed = [t for t in task.task_dep if self.steps.get(t, {}).get("status") in RAN[2:]]
+            info = {"status": "input-failed", "failed_inputs": failed,
+                    "error": f"not built: {', '.join(failed) or 'an input'} failed"}  # fmt: skip
+        else:
+            info = {**task.values, "status": "failed", "error": _message(fail)}
+        self._record(task, info)
+
+    def _record(self, task: Any, info: dict[str, Any]) -> None:
+        if task.name in self.refs:
+            self.steps[task.name] = info
+
+    def complete_run(self) -> None:
+        super().complete_run()
+        if not self.steps:
+            return  # gc, verify, push, ...: not a build
+        try:
+            code = self._finish()
+        except OSError as err:  # the summary's disk: the build itself is done
+            print(f"modelkiln: the run summary was not written: {os_problem(err)}", file=sys.stderr)
+            code = STEP_FAILED if any(s["status"] in RAN[2:] for s in self.steps.values()) else OK
+        if code != OK:
+            raise SystemExit(code)  # doit's own code cannot say "a gate failed"
+
+    # ---- the end of the run ----------------------------------------------------------------
+
+    def _finish(self) -> int:
+        graph = self.graph
+        verdicts = gate_verdicts(graph)
+        for task, info in self.steps.items():
+            ref = self.refs[task]
+            if ref in verdicts:
+                info["variant"], info["gates"] = graph.step(ref).source, verdicts[ref]
+                if not all(g["passed"] for g in verdicts[ref]) and info["status"] != "failed":
+                    info["how"], info["status"] = info["status"], "gate-failed"
+        release, changed = update_release(graph, verdicts)
+        statuses = [info["status"] for info in self.steps.values()]
+        failed = any(s in RAN[2:] for s in statuses)
+        code = STEP_FAILED if failed else GATE_FAILED if "gate-failed" in statuses else OK
+        summary = None
+        if changed or any(s in RAN for s in statuses):
+            summary = self._summary(code, release)
+            write_summary(runs_dir(graph), summary)
+        regressions = write_run_report(graph) if summary is not None else []
+        print_outcome(graph, self.steps, code, release, summary, regressions, sys.stderr)
+        return code
+
+    def _summary(self, code: int, release: dict[str, str]) -> dict[str, Any]:
+        graph, started, finished = self.graph, self.started, time.time()
+        steps = {}
+        for ref in graph.keys:  # recipe order
+            task = graph.task(ref)
+            if task in self.steps:
+                steps[task] = step_record(graph, ref, self.steps[task])
+        counts: dict[str, int] = {}
+        for info in steps.values():
+            counts[info["status"]] = counts.get(info["status"], 0) + 1
+        remote = graph.remote
+        skipped = next(
+            (i["remote_skipped"] for i in self.steps.values() if "remote_skipped" in i), None
+        )
+        return {
+            "schema": SCHEMA,
+            "run": {
+                "id": run_id(started),
+                "started": _iso(started),
+                "finished": _iso(finished),
+                "seconds": round(finished - started, 3),
+                "command": self.argv,
+                "jobs": self.jobs,
+                "exit_code": code,
+                "outcome": {OK: "ok", STEP_FAILED: "step-failed", GATE_FAILED: "gate-failed"}[code],
+                "remote": None if remote is None else
+                {"url": remote.url, "push": remote.push_enabled, "skipped": skipped},
+            },
+            "recipe": {"name": graph.recipe.name, "path": str(graph.recipe.path),
+                       "digest": _file_digest(graph.recipe.path)},
+            "versions": {"modelkiln": library_version("modelkiln"),
+                         "python": platform.python_version(),
+                         **{name: library_version(name) for name in VERSIONS}},
+            "platform": {"os": platform.system().lower(), "machine": platform.machine().lower(),
+                         "cpus": os.cpu_count(), "hostname": socket.gethostname()},
+            "counts": counts,
+            "steps": steps,
+            "release": release,
+        }  # fmt: skip
+
+
+def step_record(graph: Graph, ref: str, info: dict[str, Any]) -> dict[str, Any]:
+    """One step's line in the summary: how it ended, and its entry's metrics and log."""
+    key, store = graph.keys[ref], graph.store
+    record: dict[str, Any] = {
+        "ref": ref,
+        "stage": ref.split(".", 1)[0],
+        "status": info["status"],
+        "key": key,
+        "inputs": [graph.task(r) for r in graph.inputs(ref)],
+        "started": _iso(info["started"]) if "started" in info else None,
+        "finished": _iso(info["finished"]) if "finished" in info else None,
+        "seconds": info.get("seconds"),
+        "peak_rss_bytes": info.get("peak_rss_bytes"),
+    }
+    for field in ("how", "error", "failed_inputs", "variant", "gates"):
+        if field in info:
+            record[field] = info[field]
+    if info["status"] not in ("failed", "input-failed") and store.is_complete(key):
+        record["metrics"] = store.manifest(key).get("metrics") or {}
+    log = info.get("log") or _entry_log(store, key)
+    record["log"] = str(log) if log else None
+    if resolved := graph.identities[ref].get("resolved"):
+        record["resolved"] = resolved
+    return record
+
+
+def _entry_log(store: Store, key: str) -> Path | None:
+    path = store.log_path(key)
+    return path if path.is_file() else None
+
+
+# ---- quality gates and the release folder --------------------------------------------------
+
+
+def gate_verdicts(graph: Graph) -> dict[str, list[dict[str, Any]]]:
+    """Each built evaluate step with gates -> its gates' results, on its entry's metrics (the
+    perplexity change against the base model's row, as the report computes it)."""
+    store, evaluations, refs = graph.store, [], []
+    if not any(graph.step(ref).gates for ref in graph.evaluate_refs()):
+        return {}  # nothing to judge: read no manifest (a no-op `doit` stays fast)
+    for ref in graph.evaluate_refs():
+        if store.is_complete(graph.keys[ref]):
+            step = graph.step(ref)
+            metrics = store.manifest(graph.keys[ref]).get("metrics") or {}
+            evaluations.append((step.task, step.source or "", step.config.data, metrics))
+            refs.append(ref)
+    rows = make_rows(evaluations)
+    return {ref: judge(graph.step(ref).gates, row)
+            for ref, row in zip(refs, rows, strict=True) if graph.step(ref).gates}  # fmt: skip
+
+
+def release_dir(graph: Graph) -> Path:
+    return graph.store.root / graph.recipe.name / "release"
+
+
+def update_release(
+    graph: Graph, verdicts: dict[str, list[dict[str, Any]]]
+) -> tuple[dict[str, str], bool]:
+    """Link each variant that passed every gate as release/<evaluate step's name> (each link
+    replaced atomically), remove the others; ({name: variant ref}, whether anything changed)."""
+    folder, store = release_dir(graph), graph.store
+    passing = {}
+    for ref, results in verdicts.items():
+        step = graph.step(ref)
+        if all(r["passed"] for r in results) and store.is_complete(graph.keys[step.source]):
+            passing[step.name] = step.source
+    changed = False
+    for name, variant in passing.items():
+        link = folder / name
+        before = os.readlink(link) if link.is_symlink() else None
+        store.link(link, graph.keys[variant])
+        changed |= os.readlink(link) != before
+    if folder.is_dir():
+        for link in folder.iterdir():
+            if link.name not in passing and link.is_symlink() and store.owns_link(link):
+                remove_path(link)
+                changed = True
+    return passing, changed
+
+
+# ---- files ----------------------------------------------------------------------------------
+
+
+def runs_dir(graph: Graph) -> Path:
+    return graph.store.root / graph.recipe.name / "runs"
+
+
+def run_id(started: float) -> str:
+    return datetime.fromtimestamp(started, UTC).strftime("%Y%m%dT%H%M%SZ")
+
+
+def write_summary(folder: Path, summary: dict[str, Any]) -> Path:
+    """runs/<id>.json (never over an earlier run's: -2, -3, ... if two runs share a second)
+    and latest.json, each written whole or not at all."""
+    folder.mkdir(parents=True, exist_ok=True)
+    base, n = summary["run"]["id"], 1
+    tmp = folder / f".summary.{os.getpid()}"
+    try:
+        while True:
+            summary["run"]["id"] = base if n == 1 else f"{base}-{n}"
+            tmp.write_text(json.dumps(summary, indent=1))
+            path = folder / f"{summary['run']['id']}.json"
+            try:
+                os.link(tmp, path)  # whole, and never over another run's
+                break
+            except FileExistsError:
+                n += 1
+        os.replace(tmp, folder / "latest.json")
+    finally:
+        remove_path(tmp)
+    return path
+
+
+def load_summaries(folder: Path) -> list[dict[str, Any]]:
+    """Every run summary in folder, oldest first; unreadable ones are left out."""
+    out = []
+    for path in sorted(folder.glob("[0-9]*.json"), key=_run_order):
+        try:
+            summary = json.loads(path.read_text())
+        except (OSError, ValueError):
+            continue
+        if isinstance(summary, dict) and summary.get("schema") == SCHEMA:
+            out.append(summary)
+    return out
+
+
+def _run_order(path: Path) -> tuple[str, int]:
+    """20261201T030000Z before 20261201T030000Z-2 (a second run in the same second)."""
+    base, _, n = path.stem.partition("-")
+    return base, int(n) if n.isdigit() else 1
+
+
+def write_run_report(graph: Graph) -> list[str]:
+    """runs/index.html (this run, its gates, the history of every metric, the trade-offs, the
+    graph) and runs/graph.svg; the regressions since the last run and the baseline, one line
+    each. A report that cannot be written costs a warning: the summary is the contract."""
+    from tasks import graphpic, history  # matplotlib: only after a run that built something
+
+    folder, settings = runs_dir(graph), graph.recipe.nightly
+    summaries = load_summaries(folder)
+    try:
+        picture = graphpic.draw(graph, graphpic.statuses_of(summaries[-1]), folder)
+        svg = picture.read_text() if picture.suffix == ".svg" else None
+        history.write_run_report(summaries, folder / "index.html", settings.get("baseline"),
+                                 settings.get("tolerances"), svg)  # fmt: skip
+        changes = history.compare(summaries, settings.get("baseline"), settings.get("tolerances"))
+    except KilnError as err:  # a [nightly] baseline that names no run
+        print(f"modelkiln: the run report was not written: {err}", file=sys.stderr)
+        return []
+    except OSError as err:
+        print(f"modelkiln: the run report was not written: {os_problem(err)}", file=sys.stderr)
+        return []
+    return [change.describe() for change in changes if change.regressed]
+
+
+def draw_graph(graph: Graph) -> None:
+    """`doit graph`: the recipe's steps and their inputs, coloured by the last run."""
+    from tasks import graphpic
+
+    folder = runs_dir(graph)
+    latest = folder / "latest.json"
+    summary = json.loads(latest.read_text()) if latest.is_file() else None
+    print(graphpic.draw(graph, graphpic.statuses_of(summary), folder))
+
+
+# ---- the terminal --------------------------------------------------------------------------
+
+
+def print_outcome(
+    graph: Graph, steps: dict[str, dict[str, Any]], code: int, release: dict[str, str],
+    summary: dict[str, Any] | None, regressions: list[str], out: Any,
+) -> None:  # fmt: skip
+    """A few lines for the person (or log) watching: counts, what failed and why, gates."""
+    if summary is None and code == OK:
+        return  # nothing ran: the up-to-date lines said it all
+    counts: dict[str, int] = {}
+    for info in steps.values():
+        counts[info["status"]] = counts.get(info["status"], 0) + 1
+    lines = ["", "modelkiln: " + ", ".join(f"{n} {s}" for s, n in counts.items())]
+    for task, info in steps.items():
+        if info["status"] == "failed":
+            error = info["error"].removeprefix(f"{task}: ").splitlines()[0]
+            lines.append(f"  failed: {task}: {error}")
+            if info.get("log"):
+                lines.append(f"          log: {info['log']}")
+        elif info["status"] == "input-failed":
+            lines.append(f"  not built: {task} ({', '.join(info['failed_inputs'])} failed)")
+        elif info["status"] == "gate-failed":
+            missed = [describe(g) for g in info["gates"] if not g["passed"]]
+            lines.append(f"  gate failed: {task}: {'; '.join(missed)}")
+    if summary is not None and (remote := summary["run"]["remote"]) and remote["skipped"]:
+        lines.append(f"  remote skipped: {remote['skipped'].splitlines()[0]}")
+    lines += [f"  regression: {line}" for line in regressions]
+    if release:
+        where = release_dir(graph)
+        lines.append(f"  released: {', '.join(sorted(release))} (in {where})")
+    if summary is not None:
+        folder = runs_dir(graph)
+        lines.append(f"  run summary: {folder / (summary['run']['id'] + '.json')}; "
+                     f"report: {folder / 'index.html'}")  # fmt: skip
+    if code != OK:
+        lines.append(f"  exit code {code}: {EXIT_CODES[code]}")
+    print("\n".join(lines), file=out, flush=True)
+
+
+def _message(fail: Any) -> str:
+    """A failure's message: ours is one line and a fix; a bug's traceback, its last line."""
+    text = fail.get_msg().strip() if hasattr(fail, "get_msg") else str(fail)
+    if "Traceback (most recent call last)" in text:
+        last = [ln for ln in text.splitlines() if ln.strip()][-1]
+        return f"{last.strip()} (a bug in modelkiln or a library: the traceback is above)"
+    return text
+
+
+def _iso(seconds: float) -> str:
+    return (
+        datetime.fromtimestamp(seconds, UTC)
+        .isoformat(timespec="milliseconds")
+        .replace("+00:00", "Z")
+    )
+
+
+def _file_digest(path: Path) -> str | None:
+    from tasks.digest import hash_file
+
+    try:
+        return hash_file(path)
+    except OSError:
+        return None
