@@ -17,6 +17,7 @@ from tasks.config import as_params
 from tasks.digest import DigestCache
 from tasks.errors import KilnError, RecipeError, StageError
 from tasks.fetch import Floating
+from tasks.hostinfo import cpu_level, gpu_models, resolve_device
 from tasks.keys import key_of, library_versions
 from tasks.recipe import Recipe, Step, inputs_of, load_recipe
 from tasks.remote import RemoteStore
@@ -162,6 +163,10 @@ def step_identity(
         identity["environment"] = env.key  # libraries it runs with
     if spec.platform_dependent:  # entries travel between machines: never serve one for another
         identity["platform"] = platform_identity()
+    if spec.isa_dependent:  # float sums ordered by the CPU's kernels (tasks/hostinfo.py)
+        identity["platform"] = {**identity["platform"], "cpu": cpu_level()}
+    if isinstance(device := getattr(step.config, "device", None), str):
+        identity["device"] = device_identity(device)  # what "auto" means on this machine
     if isinstance(step.config, Floating) and (resolved := _resolve(step, file)) is not None:
         identity["resolved"] = resolved
     return identity
@@ -185,6 +190,13 @@ def platform_identity() -> dict[str, str]:
         "machine": platform.machine().lower(),
         "python": ".".join(platform.python_version_tuple()[:2]),
     }
+
+
+def device_identity(choice: str) -> dict[str, Any]:
+    """The device a step with `device = choice` runs on here, and the GPU models for CUDA:
+    CUDA and CPU kernels (and two GPU generations) give other bits for one computation."""
+    device = resolve_device(choice)
+    return {"type": device, "gpus": gpu_models()} if device == "cuda" else {"type": device}
 
 
 def _local_digest(step: Step, local: str, cache: DigestCache, file: str) -> str:

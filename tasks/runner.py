@@ -7,6 +7,7 @@ failure is never cached. Errors the user can act on come back as one message, no
 from __future__ import annotations
 
 import contextlib
+import dataclasses
 import os
 import platform
 import shutil
@@ -249,12 +250,21 @@ def _run(graph: Graph, ref: str, task: str, tmp: Path) -> dict[str, Any]:
     for field, ref in step.extra:
         ctx.steps[field] = graph.entry(ref)
     try:
-        metrics = step.spec.run(step.config, ctx) or {}
+        metrics = step.spec.run(_as_keyed(graph, ref), ctx) or {}
     finally:
         shutil.rmtree(scratch, ignore_errors=True)
     for key, name in inputs.items():
         _refuse_changed_input(graph, task, name, key)
     return metrics
+
+
+def _as_keyed(graph: Graph, ref: str) -> Any:
+    """The step's config with `device = "auto"` made the device its key was computed for, so
+    the step runs where its key says (a GPU that appeared meanwhile changes nothing)."""
+    config = graph.step(ref).config
+    if getattr(config, "device", None) == "auto":
+        return dataclasses.replace(config, device=graph.identities[ref]["device"]["type"])
+    return config
 
 
 def _refuse_damaged_input(graph: Graph, name: str, key: str) -> None:

@@ -90,6 +90,10 @@ class StageSpec:
     # can. Such a step's identity records the platform, so a shared store never serves an
     # entry built on one platform to another. Only pure-Python text handling can say False.
     platform_dependent: bool = True
+    # Whether the output's bits depend on the CPU's float kernels (sums over calibration tokens
+    # that MKL and torch order by instruction set): the key then holds the CPU's level, so a
+    # store shared by an AVX-512 and an AVX2 machine keeps both (tasks/hostinfo.py).
+    isa_dependent: bool = False
 
     def environment_of(self, config: Any) -> Environment | None:
         """The Environment a step with this config runs in, or None."""

@@ -110,10 +110,15 @@ class GptqSettings(HFQuantConfig):
             )  # fmt: skip
 
 
-def hf_spec(algorithm: str, config: type, run: Any, doc: str, version: str = "1") -> StageSpec:
+def hf_spec(
+    algorithm: str, config: type, run: Any, doc: str, version: str = "1", calibrated: bool = True
+) -> StageSpec:
+    """calibrated: sums over calibration tokens, whose bits follow the CPU's kernels (RTN's
+    rounding is exact on any CPU)."""
     return StageSpec(
         stage="quantize", algorithm=algorithm, version=version, config=config, run=run, doc=doc,
         inputs=(HF,), output=HF, libraries=LIBRARIES, needs=NEEDS, data_fields=("data",),
+        isa_dependent=calibrated,
     )  # fmt: skip
 
 

@@ -38,5 +38,6 @@ def run(config: Config, ctx: StepContext) -> dict[str, Any]:
 
 # 2: config.json no longer names the input's path (_name_or_path).
 SPEC = hf_spec(
-    "rtn", Config, run, "round-to-nearest weight quantization (GPTQ layout)", version="2"
-)
+    "rtn", Config, run, "round-to-nearest weight quantization (GPTQ layout)", version="2",
+    calibrated=False,
+)  # fmt: skip

@@ -1,0 +1,72 @@
+"""What a step's bytes can depend on besides its inputs, read without importing torch: the
+CPU's vector instruction level and whether this machine has an NVIDIA GPU.
+
+Loading the graph (every `doit`) must stay fast, so these read /proc and /dev, not torch. They
+stand for what torch and MKL will pick when the step runs (docs/design.md, "Reproducible
+bytes"): the kernels by instruction set, the device by `device = "auto"`.
+"""
+
+from __future__ import annotations
+
+import functools
+import glob
+import os
+import platform
+from pathlib import Path
+
+# torch's CPU capability levels (torch.backends.cpu.get_cpu_capability()) by the /proc/cpuinfo
+# flags each needs; MKL's code paths split at the same points.
+LEVELS = (
+    ("avx512", {"avx512f", "avx512bw", "avx512vl", "avx512dq"}),
+    ("avx2", {"avx2", "fma"}),
+)
+
+
+@functools.cache
+def cpu_level() -> str:
+    """avx512, avx2 or baseline on x86 (ATEN_CPU_CAPABILITY, which lowers torch's choice,
+    wins); the architecture elsewhere."""
+    forced = os.environ.get("ATEN_CPU_CAPABILITY", "").strip().lower()
+    if forced:
+        return "baseline" if forced == "default" else forced
+    try:
+        text = Path("/proc/cpuinfo").read_text()
+    except OSError:
+        return platform.machine().lower() or "unknown"
+    return level_of(text)
+
+
+def level_of(cpuinfo: str) -> str:
+    flags: set[str] = set()
+    for line in cpuinfo.splitlines():
+        if line.startswith("flags"):
+            flags = set(line.split(":", 1)[1].split())
+            break
+    if not flags:
+        return platform.machine().lower() or "unknown"
+    return next((name for name, needs in LEVELS if needs <= flags), "baseline")
+
+
+def gpu_models() -> list[str]:
+    """The NVIDIA GPUs a step started now may use (none when CUDA_VISIBLE_DEVICES hides them):
+    their model names when the driver says them, else "gpu" per device node."""
+    visible = os.environ.get("CUDA_VISIBLE_DEVICES")
+    if visible is not None and visible.strip() in ("", "-1"):
+        return []
+    models = []
+    for info in sorted(glob.glob("/proc/driver/nvidia/gpus/*/information")):
+        try:
+            line = next(ln for ln in Path(info).read_text().splitlines() if ln.startswith("Model:"))
+            models.append(line.split(":", 1)[1].strip())
+        except (OSError, StopIteration):
+            models.append("gpu")
+    if not models:
+        models = ["gpu" for _ in glob.glob("/dev/nvidia[0-9]*")]
+    return models
+
+
+def resolve_device(choice: str) -> str:
+    """cpu or cuda: what `device = choice` will run on here ("auto": cuda when a GPU is)."""
+    if choice == "auto":
+        return "cuda" if gpu_models() else "cpu"
+    return choice
