@@ -7,7 +7,7 @@ doit's reporter, so the console shows what it always showed and, when the run is
 - every evaluate step with gates is judged on its entry's metrics (tasks/gates.py), and the
   variants that pass every gate are linked under `artifacts/<recipe>/release/<name>`;
 - a run that ran a step writes `artifacts/<recipe>/runs/<run id>.json` and `latest.json`,
-  and the run report `runs/index.html` (tasks/history.py); a run where everything was up to
+  and the run report `runs/index.html` (tasks/runpage.py); a run where everything was up to
   date writes nothing, so a no-op `doit` stays a no-op;
 - the exit code says what happened (EXIT_CODES), the same whatever doit's own would be.
 """
@@ -305,14 +305,14 @@ def write_run_report(graph: Graph) -> list[str]:
     """runs/index.html (this run, its gates, the history of every metric, the trade-offs, the
     graph) and runs/graph.svg; the regressions since the last run and the baseline, one line
     each. A report that cannot be written costs a warning: the summary is the contract."""
-    from tasks import graphpic, history  # matplotlib: only after a run that built something
+    from tasks import graphpic, history, runpage  # only after a run that built something
 
     folder, settings = runs_dir(graph), graph.recipe.nightly
     summaries = load_summaries(folder)
     try:
         picture = graphpic.draw(graph, graphpic.statuses_of(summaries[-1]), folder)
         svg = picture.read_text() if picture.suffix == ".svg" else None
-        history.write_run_report(summaries, folder / "index.html", settings.get("baseline"),
+        runpage.write_run_report(summaries, folder / "index.html", settings.get("baseline"),
                                  settings.get("tolerances"), svg)  # fmt: skip
         changes = history.compare(summaries, settings.get("baseline"), settings.get("tolerances"))
     except KilnError as err:  # a [nightly] baseline that names no run

@@ -23,6 +23,7 @@ DRIVERS = {
     "envrun",
     "runs",
     "history",
+    "runpage",
     "graphpic",
 }
 # Modules that stages/quantize/* may share: not stages themselves.
