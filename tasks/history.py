@@ -168,13 +168,14 @@ def compare(
     tolerances: dict[str, float] | None = None,
 ) -> list[Change]:
     """Every metric of every evaluate step of the last summary against the previous run that
-    measured it and the baseline run (default: the oldest summary). Summaries: oldest first."""
+    measured it and the baseline run: the one named, else the oldest run that measured it (a
+    first run that built only part of the recipe must not leave a metric with no baseline
+    for good). Summaries: oldest first."""
     if not summaries:
         return []
     limits = tolerances_with(tolerances)
-    base_at = _baseline_index(summaries, baseline)
     *earlier, current = summaries
-    base_run = summaries[base_at] if base_at < len(earlier) else None
+    named = summaries[_baseline_index(summaries, baseline)] if baseline is not None else None
     rows = []
     for task, step in evaluate_steps(current).items():
         data = step["metrics"].get("data")
@@ -187,6 +188,11 @@ def compare(
                 None,
             )
             prev = measured(prev_run, task, metric.name, data) if prev_run else None
+            base_run = named if named is not current else None
+            if baseline is None:
+                base_run = next(
+                    (s for s in earlier if measured(s, task, metric.name, data) is not None), None
+                )
             base = measured(base_run, task, metric.name, data) if base_run else None
             tol = limits.get(metric.name)
             rows.append(

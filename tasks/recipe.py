@@ -19,6 +19,7 @@ from tasks.config import parse_config
 from tasks.errors import KilnError, RecipeError, did_you_mean
 from tasks.gates import check_gates
 from tasks.remote import check_remote_settings
+from tasks.slots import Resources, check_resources
 from tasks.stages import (
     DATA,
     FORMAT_NAMES,
@@ -208,10 +209,18 @@ def _step(file: str, stage: str, name: str, table: dict[str, Any]) -> Step:
             gates = check_gates(table.pop("gates"))
         except ValueError as err:
             raise RecipeError(file, where, str(err), "see docs/nightly.md, Quality gates") from None
+    resources = Resources()
+    if "resources" in table:
+        try:
+            resources = check_resources(table.pop("resources"))
+        except ValueError as err:
+            raise RecipeError(
+                file, where, str(err), "e.g. resources = { gpus = 1, cpus = 4 } (docs/design.md)"
+            ) from None
     config = parse_config(spec.config, table, file, where)
     data = tuple(f"data.{getattr(config, f)}" for f in spec.data_fields if getattr(config, f))
     extra = tuple((f, getattr(config, f)) for f in spec.step_fields if getattr(config, f))
-    return Step(stage, name, spec, config, source, data, extra, gates)
+    return Step(stage, name, spec, config, source, data, extra, gates, resources)
 
 
 def inputs_of(step: Step) -> list[str]:

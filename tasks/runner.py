@@ -20,7 +20,7 @@ from typing import Any
 
 from doit.exceptions import TaskFailed
 
-from tasks import interrupt, steplog
+from tasks import interrupt, slots, steplog
 from tasks.errors import KilnError, StageError
 from tasks.graph import Graph
 from tasks.procmem import StepMemory
@@ -48,14 +48,13 @@ def run_step(graph: Graph, ref: str, task: Any) -> TaskFailed | dict[str, Any]:
                 graph.step(ref).spec.preflight()
             info["status"] = _build(graph, ref, name, info)  # each stage logs its summary
     except Exception as err:
+        task.values.update(_finish(info, memory))  # a bug's too: its log matters most
         problem = _machine_problem(err, graph.store.store_dir)
         if problem is None and not isinstance(err, KilnError):
             raise  # a bug: its traceback is what helps
-        if task is not None:
-            task.values.update(_finish(info, memory))
         return TaskFailed(f"{name}: {problem or err}")
     finally:
-        if task is not None and (skipped := _skipped.get(getattr(graph.remote, "url", ""))):
+        if skipped := _skipped.get(getattr(graph.remote, "url", "")):
             task.values["remote_skipped"] = skipped
     return _finish(info, memory)
 
@@ -98,7 +97,7 @@ def _build(graph: Graph, ref: str, task: str, info: dict[str, Any]) -> str:
         print(f"  {task}: another process is building {key[:12]}..., waiting", file=sys.stderr)
 
     link = graph.link(ref)
-    with store.build(key, on_wait=waiting) as build:
+    with store.build(key, on_wait=waiting) as build, contextlib.ExitStack() as gpus:
         if build is None:  # built by another process while this one waited
             store.link(link, key)
             return "up-to-date"
@@ -106,6 +105,11 @@ def _build(graph: Graph, ref: str, task: str, info: dict[str, Any]) -> str:
             store.link(link, key)
             print(f"  {task}: pulled from {graph.remote.url} -> {link}", file=sys.stderr)
             return "pulled"
+        # GPU slots (tasks/slots.py) are held from here to the entry's publication: under the
+        # key's lock, as a process holding a GPU while it waits for a key whose builder waits
+        # for that GPU would wait forever; after any pull, as a download needs no GPU.
+        resources = None if ref == REPORT_STEP else graph.step(ref).resources
+        gpus.enter_context(slots.held(resources, graph.identities[ref], store.root, task, info))
         # Until the new entry exists the link must not show the old one as current; the old
         # target stays reachable (for `explain`, and safe from `gc`) as a hidden link.
         store.set_aside(link)

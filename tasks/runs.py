@@ -28,10 +28,10 @@ from doit.exceptions import UnmetDependency
 from doit.reporter import ConsoleReporter
 
 from tasks.errors import KilnError
-from tasks.gates import describe, judge
+from tasks.gates import describe
 from tasks.graph import Graph
 from tasks.keys import library_version
-from tasks.report import make_rows
+from tasks.release import gate_verdicts, release_dir, update_release
 from tasks.staging import os_problem, remove_path
 from tasks.store import Store
 
@@ -97,17 +97,16 @@ class RunReporter(ConsoleReporter):
         super().complete_run()
         if not self.steps:
             return  # gc, verify, push, ...: not a build
-        try:
-            code = self._finish()
-        except OSError as err:  # the summary's disk: the build itself is done
-            print(f"modelkiln: the run summary was not written: {os_problem(err)}", file=sys.stderr)
-            code = STEP_FAILED if any(s["status"] in RAN[2:] for s in self.steps.values()) else OK
+        code = self._finish()
         if code != OK:
             raise SystemExit(code)  # doit's own code cannot say "a gate failed"
 
     # ---- the end of the run ----------------------------------------------------------------
 
     def _finish(self) -> int:
+        """Judge the gates, then the exit code from the steps alone (no write below can change
+        it), then the release folder, the summary and the report, each of which costs a
+        warning when its disk fails: the build itself is done."""
         graph = self.graph
         verdicts = gate_verdicts(graph)
         for task, info in self.steps.items():
@@ -116,14 +115,19 @@ class RunReporter(ConsoleReporter):
                 info["variant"], info["gates"] = graph.step(ref).source, verdicts[ref]
                 if not all(g["passed"] for g in verdicts[ref]) and info["status"] != "failed":
                     info["how"], info["status"] = info["status"], "gate-failed"
-        release, changed = update_release(graph, verdicts)
         statuses = [info["status"] for info in self.steps.values()]
         failed = any(s in RAN[2:] for s in statuses)
         code = STEP_FAILED if failed else GATE_FAILED if "gate-failed" in statuses else OK
+        release, changed = _warn_on_failure("the release folder", ({}, False),
+                                            update_release, graph, verdicts)  # fmt: skip
         summary = None
         if changed or any(s in RAN for s in statuses):
             summary = self._summary(code, release)
-            write_summary(runs_dir(graph), summary)
+            if (
+                _warn_on_failure("the run summary", None, write_summary, runs_dir(graph), summary)
+                is None
+            ):
+                summary = None
         regressions = write_run_report(graph) if summary is not None else []
         print_outcome(graph, self.steps, code, release, summary, regressions, sys.stderr)
         return code
@@ -183,11 +187,14 @@ def step_record(graph: Graph, ref: str, info: dict[str, Any]) -> dict[str, Any]:
         "seconds": info.get("seconds"),
         "peak_rss_bytes": info.get("peak_rss_bytes"),
     }
-    for field in ("how", "error", "failed_inputs", "variant", "gates"):
+    for field in ("how", "error", "failed_inputs", "variant", "gates", "gpus"):
         if field in info:
             record[field] = info[field]
     if info["status"] not in ("failed", "input-failed") and store.is_complete(key):
-        record["metrics"] = store.manifest(key).get("metrics") or {}
+        try:
+            record["metrics"] = store.manifest(key).get("metrics") or {}
+        except KilnError:  # an unreadable manifest: `doit verify` names it
+            record["metrics"] = {}
     log = info.get("log") or _entry_log(store, key)
     record["log"] = str(log) if log else None
     if resolved := graph.identities[ref].get("resolved"):
@@ -200,53 +207,16 @@ def _entry_log(store: Store, key: str) -> Path | None:
     return path if path.is_file() else None
 
 
-# ---- quality gates and the release folder --------------------------------------------------
-
-
-def gate_verdicts(graph: Graph) -> dict[str, list[dict[str, Any]]]:
-    """Each built evaluate step with gates -> its gates' results, on its entry's metrics (the
-    perplexity change against the base model's row, as the report computes it)."""
-    store, evaluations, refs = graph.store, [], []
-    if not any(graph.step(ref).gates for ref in graph.evaluate_refs()):
-        return {}  # nothing to judge: read no manifest (a no-op `doit` stays fast)
-    for ref in graph.evaluate_refs():
-        if store.is_complete(graph.keys[ref]):
-            step = graph.step(ref)
-            metrics = store.manifest(graph.keys[ref]).get("metrics") or {}
-            evaluations.append((step.task, step.source or "", step.config.data, metrics))
-            refs.append(ref)
-    rows = make_rows(evaluations)
-    return {ref: judge(graph.step(ref).gates, row)
-            for ref, row in zip(refs, rows, strict=True) if graph.step(ref).gates}  # fmt: skip
-
-
-def release_dir(graph: Graph) -> Path:
-    return graph.store.root / graph.recipe.name / "release"
-
-
-def update_release(
-    graph: Graph, verdicts: dict[str, list[dict[str, Any]]]
-) -> tuple[dict[str, str], bool]:
-    """Link each variant that passed every gate as release/<evaluate step's name> (each link
-    replaced atomically), remove the others; ({name: variant ref}, whether anything changed)."""
-    folder, store = release_dir(graph), graph.store
-    passing = {}
-    for ref, results in verdicts.items():
-        step = graph.step(ref)
-        if all(r["passed"] for r in results) and store.is_complete(graph.keys[step.source]):
-            passing[step.name] = step.source
-    changed = False
-    for name, variant in passing.items():
-        link = folder / name
-        before = os.readlink(link) if link.is_symlink() else None
-        store.link(link, graph.keys[variant])
-        changed |= os.readlink(link) != before
-    if folder.is_dir():
-        for link in folder.iterdir():
-            if link.name not in passing and link.is_symlink() and store.owns_link(link):
-                remove_path(link)
-                changed = True
-    return passing, changed
+def _warn_on_failure(what: str, fallback: Any, write: Any, *args: Any) -> Any:
+    """write(*args), or fallback with one warning when the disk or the store refuses it."""
+    try:
+        return write(*args)
+    except OSError as err:
+        problem = os_problem(err)
+    except KilnError as err:
+        problem = str(err)
+    print(f"modelkiln: {what} was not written: {problem}", file=sys.stderr)
+    return fallback
 
 
 # ---- files ----------------------------------------------------------------------------------
@@ -262,20 +232,27 @@ def run_id(started: float) -> str:
 
 def write_summary(folder: Path, summary: dict[str, Any]) -> Path:
     """runs/<id>.json (never over an earlier run's: -2, -3, ... if two runs share a second)
-    and latest.json, each written whole or not at all."""
+    and a copy as latest.json (replaced whole), each synced: a summary is written whole or, if
+    the machine stops midway, left unreadable and skipped."""
     folder.mkdir(parents=True, exist_ok=True)
     base, n = summary["run"]["id"], 1
-    tmp = folder / f".summary.{os.getpid()}"
+    while True:
+        summary["run"]["id"] = base if n == 1 else f"{base}-{n}"
+        path = folder / f"{summary['run']['id']}.json"
+        try:
+            fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o644)
+            break
+        except FileExistsError:
+            n += 1
+    text = json.dumps(summary, indent=1).encode()
+    with open(fd, "wb") as fh:
+        fh.write(text)
+        os.fsync(fh.fileno())
+    tmp = folder / f".latest.{os.getpid()}"
     try:
-        while True:
-            summary["run"]["id"] = base if n == 1 else f"{base}-{n}"
-            tmp.write_text(json.dumps(summary, indent=1))
-            path = folder / f"{summary['run']['id']}.json"
-            try:
-                os.link(tmp, path)  # whole, and never over another run's
-                break
-            except FileExistsError:
-                n += 1
+        with open(tmp, "wb") as fh:
+            fh.write(text)
+            os.fsync(fh.fileno())
         os.replace(tmp, folder / "latest.json")
     finally:
         remove_path(tmp)

@@ -169,6 +169,21 @@ def test_the_previous_run_is_the_last_one_that_measured_the_step():
     assert gptq.previous_run == "20261129T020000Z" and gptq.regressed_since_previous
 
 
+def test_a_first_run_that_measured_nothing_leaves_the_baseline_to_the_next():
+    """A slow drift, each night within tolerance, is still caught against the first run that
+    measured the step (here the first run failed its quantizer and measured no gptq)."""
+    first = make_summary("20261128T020000Z", failed={"quantize:gptq": "out of memory"})
+    drift = [make_summary(f"202611{d}T020000Z", {"gptq": 14.85 * f}) for d, f in
+             (("29", 1.0), ("30", 1.004), ("31", 1.008))]  # fmt: skip
+    gptq = next(
+        c
+        for c in compare([first, *drift])
+        if c.step == "evaluate:gptq" and c.metric == "perplexity"
+    )
+    assert gptq.baseline_run == "20261129T020000Z" and gptq.regressed_since_baseline
+    assert not gptq.regressed_since_previous  # +0.4% a night: within 0.5%
+
+
 def test_a_step_measured_on_another_data_set_is_not_compared():
     runs = three_runs()
     runs[-1]["steps"]["evaluate:gptq"]["metrics"]["data"] = "wiki"

@@ -22,6 +22,7 @@ DRIVERS = {
     "docgen",
     "envrun",
     "runs",
+    "release",
     "history",
     "runpage",
     "graphpic",

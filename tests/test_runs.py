@@ -37,7 +37,7 @@ def gated(recipe: str, int8_mb: float) -> str:
     """Gates on both evaluations: fp32 passes, int8 passes only a size limit it fits."""
     recipe = recipe.replace(
         "[evaluate.fp32]\n",
-        "[evaluate.fp32]\ngates = { max_ppl_change = 0.01, max_size_mb = 1e4 }\n",
+        "[evaluate.fp32]\ngates = { max_perplexity = 1e9, max_size_mb = 1e4 }\n",
     )
     return recipe.replace(
         "[evaluate.int8]\n", f"[evaluate.int8]\ngates = {{ max_size_mb = {int8_mb} }}\n"
@@ -207,6 +207,16 @@ seq_len = 64
 max_tokens = 256
 new_tokens = 4
 repeats = 1
+gates = {{ max_ppl_change = 100 }}
+
+[evaluate.rtn-short]
+from = "quantize.rtn"
+data = "prose"
+seq_len = 32
+max_tokens = 256
+new_tokens = 4
+repeats = 1
+gates = {{ max_ppl_change = 100 }}
 """
 
 
@@ -220,14 +230,25 @@ def test_three_runs_make_a_history_with_the_regression_flagged(
     outputs = []
     for bits in (8, 4, 2):
         ws.write(HISTORY.format(model=tiny_model, prose=prose_file, bits=bits))
-        outputs.append(ws.doit())
+        outputs.append(ws.doit(check=False))
+        assert outputs[-1].returncode == GATE_FAILED, outputs[-1].stderr
     runs = ws.artifacts / "recipe" / "runs"
     summaries = load_summaries(runs)
     assert len(summaries) == 3
     ppl = [s["steps"]["evaluate:rtn"]["metrics"]["perplexity"] for s in summaries]
     torch_ppl = {s["steps"]["evaluate:torch"]["metrics"]["perplexity"] for s in summaries}
     assert ppl[2] > ppl[1] * 1.005 and len(torch_ppl) == 1  # the float model did not move
-    assert [s["steps"]["evaluate:torch"]["status"] for s in summaries] == [
+    # The perplexity change a gate reads is against the base model's evaluation with the same
+    # settings; with none (seq_len 32), it is not measured and the gate fails, and a variant
+    # is released only when every evaluation of it passes.
+    for summary, rtn_ppl in zip(summaries, ppl, strict=True):
+        (change,) = summary["steps"]["evaluate:rtn"]["gates"]
+        assert change["passed"] and change["value"] == pytest.approx(rtn_ppl / torch_ppl.pop() - 1)
+        torch_ppl.add(summary["steps"]["evaluate:torch"]["metrics"]["perplexity"])
+        (short,) = summary["steps"]["evaluate:rtn-short"]["gates"]
+        assert short["value"] is None and not short["passed"]
+        assert summary["release"] == {}
+    assert [s["steps"]["evaluate:torch"]["status"] for s in summaries] == [  # gates never rebuild
         "built", "up-to-date", "up-to-date",
     ]  # fmt: skip
     # The last run says it in the terminal, and the report flags it, with its history drawn.

@@ -17,6 +17,7 @@ from typing import TYPE_CHECKING, Any
 
 from tasks import steplog
 from tasks.errors import PreflightError, StageError
+from tasks.slots import Resources
 
 if TYPE_CHECKING:
     from tasks.envs import Environment
@@ -119,6 +120,7 @@ class Step:
     data: tuple[str, ...]  # refs of the data sets it reads ("data.botchan")
     extra: tuple[tuple[str, str], ...] = ()  # (config field, ref) of other steps it reads
     gates: tuple[tuple[str, float], ...] = ()  # evaluate: (gate, limit), never in the key
+    resources: Resources = Resources()  # GPUs and threads to run on, never in the key
 
     @property
     def ref(self) -> str:
