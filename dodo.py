@@ -22,7 +22,7 @@ from tasks import interrupt
 from tasks.errors import KilnError, check_variables
 from tasks.glue import explain, gc, pull, push, report_task, stage_tasks, step_task, verify
 from tasks.graph import load_graph
-from tasks.jobs import doit_jobs, share_cpus
+from tasks.jobs import doit_jobs, share_cpus, watch_workers
 from tasks.runs import BAD_COMMAND, RunReporter, draw_graph
 from tasks.stages import algorithms
 from tasks.staging import os_problem
@@ -47,6 +47,7 @@ except OSError as err:  # the machine's: a full disk, a read-only or forbidden p
 
 JOBS = doit_jobs(sys.argv[1:])
 share_cpus(JOBS)  # `doit -n 2`: each step gets half the cores
+watch_workers()  # `doit -n 2`: a worker the kernel kills stops the run instead of hanging it
 
 DOIT_CONFIG = {
     "default_tasks": [

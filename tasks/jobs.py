@@ -9,8 +9,15 @@ minutes, against 23 one at a time.
 
 from __future__ import annotations
 
+import multiprocessing
 import os
+import queue
 from collections.abc import MutableMapping, Sequence
+from multiprocessing.queues import Queue as MPQueue
+from typing import Any
+
+from doit.exceptions import InvalidTask
+from doit.runner import MRunner
 
 THREAD_VARIABLES = ("OMP_NUM_THREADS", "MKL_NUM_THREADS")
 
@@ -51,3 +58,56 @@ def share_cpus(jobs: int, environ: MutableMapping[str, str] = os.environ,
     for variable in THREAD_VARIABLES:
         environ[variable] = str(threads)
     return threads
+
+
+class WorkerKilled(InvalidTask):
+    """A `doit -n` worker process died without a word (the kernel killed it)."""
+
+
+class _WatchedQueue(MPQueue):
+    """doit's result queue. Its parent blocks on get() until a worker answers, and a worker
+    the kernel killed (out of memory) never does: this get() checks the workers while it
+    waits, and stops the run when one died."""
+
+    workers: list[Any] = []
+
+    def __init__(self) -> None:
+        super().__init__(ctx=multiprocessing.get_context())
+
+    def get(self, block: bool = True, timeout: float | None = None) -> Any:
+        if not (block and timeout is None and self.workers):
+            return super().get(block, timeout)
+        while True:
+            try:
+                return super().get(timeout=1.0)
+            except queue.Empty:
+                dead = [p for p in self.workers if p.exitcode not in (None, 0)]
+                if dead:
+                    raise WorkerKilled(
+                        f"a `doit -n` worker (pid {dead[0].pid}) died with "
+                        f"{_death(dead[0].exitcode)} while it built a step (out of memory?); "
+                        "the run stops: run the step alone to see, or with fewer jobs"
+                    ) from None
+
+
+def _death(exitcode: int) -> str:
+    return f"signal {-exitcode}" if exitcode < 0 else f"exit status {exitcode}"
+
+
+class WatchedMRunner(MRunner):
+    """doit's process runner with _WatchedQueue as its result queue."""
+
+    Queue = staticmethod(_WatchedQueue)
+
+    def _run_start_processes(self, job_q: Any, result_q: Any) -> list[Any]:
+        workers = super()._run_start_processes(job_q, result_q)
+        result_q.workers = workers  # set after the fork: the workers' copies watch nothing
+        return workers
+
+
+def watch_workers() -> None:
+    """Make `doit -n` use WatchedMRunner. doit takes its runner class from a module global of
+    its `run` command (a DOIT_CONFIG setting cannot choose it), so the global is replaced."""
+    import doit.cmd_run
+
+    doit.cmd_run.MRunner = WatchedMRunner

@@ -64,8 +64,19 @@ class RunReporter(ConsoleReporter):
         self.started = time.time()
         self.refs = {self.graph.task(ref): ref for ref in self.graph.keys}
         self.steps: dict[str, dict[str, Any]] = {}  # by task name, in the order doit saw them
+        self.running: dict[str, float] = {}  # steps started: a step with no outcome was killed
+        self.aborted = ""
 
     # ---- doit's events ---------------------------------------------------------------------
+
+    def execute_task(self, task: Any) -> None:
+        super().execute_task(task)
+        if task.name in self.refs:
+            self.running[task.name] = time.time()
+
+    def runtime_error(self, msg: str) -> None:
+        super().runtime_error(msg)
+        self.aborted = msg  # doit stopped the run (a `doit -n` worker died): the steps it ran fail
 
     def skip_uptodate(self, task: Any) -> None:
         super().skip_uptodate(task)
@@ -95,6 +106,10 @@ class RunReporter(ConsoleReporter):
 
     def complete_run(self) -> None:
         super().complete_run()
+        for task, started in self.running.items():
+            if task not in self.steps:  # its worker died, or the run stopped while it ran
+                why = self.aborted or "its process died before it finished"
+                self.steps[task] = {"status": "failed", "started": started, "error": why}
         if not self.steps:
             return  # gc, verify, push, ...: not a build
         code = self._finish()

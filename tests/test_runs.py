@@ -6,6 +6,9 @@ from __future__ import annotations
 
 import json
 import os
+import signal
+import subprocess
+import time
 from pathlib import Path
 
 import pytest
@@ -259,3 +262,44 @@ def test_three_runs_make_a_history_with_the_regression_flagged(
     assert summaries[0]["run"]["id"] in page  # the baseline: the first run
     assert ((runs / "graph.svg").is_file()) != ((runs / "graph.md").is_file())
     assert "http://" not in page.replace("http://www.w3.org/", "")
+
+
+def _children(pid: int) -> list[int]:
+    found = []
+    for stat in Path("/proc").glob("[0-9]*/stat"):
+        try:
+            fields = stat.read_text().rsplit(")", 1)[1].split()
+        except OSError:
+            continue
+        if int(fields[1]) == pid:
+            found.append(int(stat.parent.name))
+    return found
+
+
+def test_a_worker_killed_under_doit_n_ends_the_run_with_its_step_failed(
+    tmp_path: Path, tiny_model: Path, prose_file: Path
+):
+    """doit's own process runner waits forever for a worker the kernel killed (out of memory):
+    ours notices, stops the run, and the step it was building is failed in the summary."""
+    ws = Workspace(tmp_path)
+    ws.root.mkdir(exist_ok=True)
+    ws.write(tiny_recipe(tiny_model, prose_file))
+    proc = ws.popen("-n", "2", "capture:fp32")
+    tmp_root = ws.artifacts / "store" / ".tmp"
+    deadline = time.time() + 120
+    while time.time() < deadline and not list(tmp_root.glob("*.*[0-9]")):
+        time.sleep(0.05)
+    workers = _children(proc.pid)
+    assert workers, "no doit worker found"
+    for pid in workers:
+        os.kill(pid, signal.SIGKILL)
+    try:
+        out, err = proc.communicate(timeout=60)
+    except subprocess.TimeoutExpired:
+        os.killpg(proc.pid, signal.SIGKILL)
+        raise AssertionError("the run hung after its worker was killed") from None
+    assert proc.returncode == STEP_FAILED, out + err
+    assert "died with signal 9" in out + err and "Traceback" not in out + err
+    failed = [t for t, s in latest(ws)["steps"].items() if s["status"] == "failed"]
+    assert failed and all("died with signal 9" in latest(ws)["steps"][t]["error"] for t in failed)
+    assert Workspace(tmp_path).doit("verify").returncode == 0  # nothing half-built is complete
