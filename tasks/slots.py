@@ -19,6 +19,7 @@ import contextlib
 import os
 import re
 import sys
+import threading
 import time
 from collections.abc import Iterator, Mapping, Sequence
 from dataclasses import dataclass
@@ -157,12 +158,20 @@ def held(
     """The runner's: a step's build holds its GPU slots and runs with its thread count.
     info (the step's values for the run summary) gets "gpus", the slot indices it held, and
     its "started" becomes the time it got them (waiting is not building)."""
+    gpus = gpus_needed(resources, identity)
+    cpus = None if resources is None else resources.cpus
+    if (gpus or cpus) and threading.current_thread() is not threading.main_thread():
+        raise PreflightError(
+            "GPU slots and `cpus` set the step's environment, which steps run by doit's "
+            "thread workers (-P thread) share",
+            fix="leave out -P thread: `doit -n N` runs each step in a worker process",
+        )
     with contextlib.ExitStack() as stack:
-        if gpus := gpus_needed(resources, identity):
+        if gpus:
             info["gpus"] = stack.enter_context(_on_gpus(gpus, artifacts, task, resources))
             info["started"] = time.time()
-        if resources is not None and resources.cpus is not None:
-            stack.enter_context(threads(resources.cpus))
+        if cpus is not None:
+            stack.enter_context(threads(cpus))
         yield
 
 
@@ -189,8 +198,10 @@ def _on_gpus(
         )
 
     def waiting() -> None:
-        if among is None:
-            why = f"needs {count}, and too few of the {len(ids)} are free"
+        if among is None and count == 1:
+            why = f"{'the only one' if len(ids) == 1 else f'all {len(ids)}'} in use by other steps"
+        elif among is None:
+            why = f"needs {count} of the {len(ids)} at once"
         else:
             why = f"needs {count} of {VISIBLE}={','.join(sees or ())}: CUDA here sees only those"
         print(f"  {task}: waiting for a GPU ({why})", file=sys.stderr, flush=True)

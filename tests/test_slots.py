@@ -178,7 +178,12 @@ def test_a_released_slot_goes_to_the_step_waiting_for_it_and_free_slots_are_take
             both = Taker(gpu_slots, count=2)
             both.start()
             assert both.waited.wait(5) and not both.got.is_set()
-        assert not both.got.wait(0.5)  # two needed, one free: it holds none meanwhile
+        time.sleep(0.5)  # GPU 1 is free: two needed, one free, so it holds none meanwhile
+        third = Taker(gpu_slots)
+        third.start()
+        assert third.got.wait(3) and third.taken == [1] and not both.got.is_set()
+        third.release.set()
+        third.join(5)
     assert both.got.wait(5) and sorted(both.taken) == [0, 1]
     both.release.set()
     both.join(5)
@@ -212,6 +217,23 @@ def test_a_gpu_step_sees_only_its_slots_and_a_cpu_step_waits_for_none(tmp_path: 
                 assert os.environ.get(VISIBLE) is None and "gpus" not in info
                 assert os.environ["OMP_NUM_THREADS"] == os.environ["MKL_NUM_THREADS"] == "3"
             assert time.monotonic() - began < 0.1
+
+
+def test_resources_are_refused_in_doit_thread_workers(tmp_path: Path, monkeypatch):
+    monkeypatch.setenv(GPUS_VARIABLE, "1")
+    errors = []
+
+    def step() -> None:
+        try:
+            with held(Resources(cpus=2), CPU, tmp_path, "q:x", {}):
+                pass
+        except PreflightError as err:
+            errors.append(str(err))
+
+    worker = threading.Thread(target=step)
+    worker.start()
+    worker.join(5)
+    assert errors and "-P thread" in errors[0]
 
 
 def test_cpus_sets_the_thread_count_of_torch_already_loaded_and_restores_it(monkeypatch):
