@@ -9,6 +9,7 @@
     doit gc [--dry-run]           remove store entries no recipe points at
     doit verify                   re-hash the store against its manifests
     doit graph                    draw the steps, coloured by the last run
+    doit ray=local -n 8           build on a Ray cluster (ray=<address> joins one)
 
 Loading this file imports no torch, transformers or onnxruntime: stages import them when they run.
 """
@@ -20,9 +21,20 @@ from doit import get_var
 
 from tasks import interrupt
 from tasks.errors import KilnError, check_variables
-from tasks.glue import explain, gc, pull, push, report_task, stage_tasks, step_task, verify
+from tasks.glue import (
+    explain,
+    gc,
+    pull,
+    push,
+    report_task,
+    run_on_ray,
+    stage_tasks,
+    step_task,
+    verify,
+)  # fmt: skip
 from tasks.graph import load_graph
 from tasks.jobs import doit_jobs, share_cpus, watch_workers
+from tasks.rayrun import IN_FLIGHT, check_command, ray_address
 from tasks.runs import BAD_COMMAND, RunReporter, draw_graph
 from tasks.stages import algorithms
 from tasks.staging import os_problem
@@ -34,9 +46,16 @@ RECIPE = Path(get_var("recipe") or "recipes/default.toml")
 ARTIFACTS = Path(get_var("artifacts") or "artifacts")
 # The shared remote store for this run (else MODELKILN_<NAME>, else the recipe's [store]).
 OVERRIDES = {name: get_var(name) for name in ("remote", "push", "remote_only")}
+# The Ray cluster that builds the steps (else MODELKILN_RAY; none: doit builds them itself).
+# Its nodes share entries through the remote store, so with ray= every step built is pushed.
+RAY = ray_address(get_var("ray"))
+if RAY:
+    OVERRIDES["push"] = "true"
 
 try:
-    check_variables(sys.argv[1:], ("recipe", "artifacts", *OVERRIDES))  # not `recipie=`
+    check_variables(sys.argv[1:], ("recipe", "artifacts", "ray", *OVERRIDES))  # not `recipie=`
+    if RAY:
+        check_command(sys.argv[1:])
     GRAPH = load_graph(RECIPE, ARTIFACTS, OVERRIDES)
 except KilnError as err:
     print(f"modelkiln: {err}", file=sys.stderr)
@@ -45,9 +64,15 @@ except OSError as err:  # the machine's: a full disk, a read-only or forbidden p
     print(f"modelkiln: {os_problem(err, doing='read')}", file=sys.stderr)
     sys.exit(BAD_COMMAND)
 
-JOBS = doit_jobs(sys.argv[1:])
-share_cpus(JOBS)  # `doit -n 2`: each step gets half the cores
-watch_workers()  # `doit -n 2`: a worker the kernel kills stops the run instead of hanging it
+if RAY:
+    # doit's threads hand steps to Ray (forked workers cannot use the parent's Ray client);
+    # Ray gives each step its CPUs and GPUs.
+    JOBS = doit_jobs(sys.argv[1:], default=IN_FLIGHT)
+    run_on_ray(RAY)
+else:
+    JOBS = doit_jobs(sys.argv[1:])
+    share_cpus(JOBS)  # `doit -n 2`: each step gets half the cores
+    watch_workers()  # `doit -n 2`: a worker the kernel kills stops the run instead of hanging it
 
 DOIT_CONFIG = {
     "default_tasks": [
@@ -74,6 +99,8 @@ DOIT_CONFIG = {
     "subtasks": True,  # `doit list` shows every step, in recipe order
     "sort": "definition",
 }
+if RAY:
+    DOIT_CONFIG |= {"par_type": "thread", "num_process": JOBS}
 
 
 def task_model():

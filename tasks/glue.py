@@ -26,6 +26,7 @@ from tasks.errors import KilnError, StoreError, did_you_mean
 from tasks.fetch import downloads_dir
 from tasks.graph import Graph, load_graph
 from tasks.keys import canonical_json, diff_identities
+from tasks.rayrun import ray_step
 from tasks.recipe import Step, inputs_of
 from tasks.remote import RemoteStore, RemoteUnavailable
 from tasks.report import REPORT_STEP
@@ -71,9 +72,22 @@ def _short(value: object) -> str:
     return text if len(text) <= 40 else f"{text[:12]}...{text[-12:]}"
 
 
+# The Ray cluster of this run (`doit ray=...`, tasks/rayrun.py); '' builds steps in doit itself.
+_ray_address = ""
+
+
+def run_on_ray(address: str) -> None:
+    """Steps made after this build on the Ray cluster at address."""
+    global _ray_address
+    _ray_address = address
+
+
 def _task(graph: Graph, ref: str, doc: str, deps: list[str]) -> dict[str, Any]:
+    action = (ray_step, [graph, ref], {"address": _ray_address}) if _ray_address else (
+        run_step, [graph, ref]
+    )  # fmt: skip
     return {
-        "actions": [(run_step, [graph, ref])],
+        "actions": [action],
         # No doit `targets`: up to date means the key's manifest exists, and two steps with
         # the same settings share one entry (doit forbids two tasks with a common target).
         "uptodate": [partial(_up_to_date, graph, ref)],

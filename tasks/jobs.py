@@ -22,10 +22,10 @@ from doit.runner import MRunner
 THREAD_VARIABLES = ("OMP_NUM_THREADS", "MKL_NUM_THREADS")
 
 
-def doit_jobs(argv: Sequence[str]) -> int:
-    """The N of doit's `-n N` / `--process N` on a command line (1 without it; the last one
-    when given twice, as doit does)."""
-    jobs = 1
+def doit_jobs(argv: Sequence[str], default: int = 1) -> int:
+    """The N of doit's `-n N` / `--process N` on a command line (default without it; the last
+    one when given twice, as doit does)."""
+    jobs = default
     for i, arg in enumerate(argv):
         value = None
         if arg in ("-n", "--process") and i + 1 < len(argv):

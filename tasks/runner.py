@@ -35,10 +35,13 @@ LOW_SPACE = 64 << 20  # bytes: below this, a failed step is reported as a full d
 STEP_LOG = ".step.log"  # in the build folder while the step runs; beside its manifest after
 
 
-def run_step(graph: Graph, ref: str, task: Any) -> TaskFailed | dict[str, Any]:
+def run_step(
+    graph: Graph, ref: str, task: Any, assigned: slots.Assigned | None = None
+) -> TaskFailed | dict[str, Any]:
     """The doit action of a step. What the run summary needs (tasks/runs.py: how the step
     ended, its time and memory) comes back as the task's values, which doit hands from a
-    `doit -n` worker to the parent; doit passes its Task object as `task`."""
+    `doit -n` worker to the parent; doit passes its Task object as `task`. assigned: the
+    GPUs and threads a Ray node gave the step (tasks/rayrun.py), instead of local slots."""
     name = graph.task(ref)
     info: dict[str, Any] = {"started": time.time()}
     memory = StepMemory()
@@ -46,7 +49,7 @@ def run_step(graph: Graph, ref: str, task: Any) -> TaskFailed | dict[str, Any]:
         with memory:
             if ref != REPORT_STEP:
                 graph.step(ref).spec.preflight()
-            info["status"] = _build(graph, ref, name, info)  # each stage logs its summary
+            info["status"] = _build(graph, ref, name, info, assigned)  # each stage logs its summary
     except Exception as err:
         task.values.update(_finish(info, memory))  # a bug's too: its log matters most
         problem = _machine_problem(err, graph.store.store_dir)
@@ -86,7 +89,9 @@ def _machine_problem(err: Exception, where: Path) -> str | None:
     )
 
 
-def _build(graph: Graph, ref: str, task: str, info: dict[str, Any]) -> str:
+def _build(
+    graph: Graph, ref: str, task: str, info: dict[str, Any], assigned: slots.Assigned | None
+) -> str:
     """Build and publish ref's entry: "built", "pulled" (from the remote), or "up-to-date"
     (another process built it while this one waited). The step's output goes to its log too,
     beside its manifest (`Store.log_path`); a failed step's log is moved under
@@ -109,7 +114,9 @@ def _build(graph: Graph, ref: str, task: str, info: dict[str, Any]) -> str:
         # key's lock, as a process holding a GPU while it waits for a key whose builder waits
         # for that GPU would wait forever; after any pull, as a download needs no GPU.
         resources = None if ref == REPORT_STEP else graph.step(ref).resources
-        gpus.enter_context(slots.held(resources, graph.identities[ref], store.root, task, info))
+        gpus.enter_context(
+            slots.held(resources, graph.identities[ref], store.root, task, info, assigned)
+        )
         # Until the new entry exists the link must not show the old one as current; the old
         # target stays reachable (for `explain`, and safe from `gc`) as a hidden link.
         store.set_aside(link)
@@ -145,6 +152,28 @@ def _build(graph: Graph, ref: str, task: str, info: dict[str, Any]) -> str:
     if graph.remote is not None and graph.remote.push_enabled:
         _push(graph.remote, store, key, task)
     return "built"
+
+
+def pull_step(graph: Graph, ref: str, task: str) -> str:
+    """Make ref's entry complete here from the remote, and link it: a Ray node's inputs, and
+    the driver's copy of what a node with its own workspace built. "pulled", or "up-to-date"
+    when it was here already; StageError when the remote does not hold it either."""
+    store, key, remote = graph.store, graph.keys[ref], graph.remote
+    with store.build(key) as build:
+        if build is not None:
+            try:
+                if remote is None:
+                    raise StageError(f"{task} ({key[:12]}...) is not in {store.root}, and "
+                                     "there is no remote store to pull it from")  # fmt: skip
+                with transfer_bar(task, "pulling") as progress:
+                    if remote.pull_into(build, key, progress) is None:
+                        raise StageError(f"{task} ({key[:12]}...) is neither in {store.root} "
+                                         f"nor on {remote.url}")  # fmt: skip
+            except BaseException:
+                shutil.rmtree(build.folder, ignore_errors=True)
+                raise
+        store.link(graph.link(ref), key)
+    return "up-to-date" if build is None else "pulled"
 
 
 def _keep_failed_log(log: Path, artifacts: Path, task: str, err: BaseException) -> dict[str, str]:

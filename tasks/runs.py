@@ -202,7 +202,7 @@ def step_record(graph: Graph, ref: str, info: dict[str, Any]) -> dict[str, Any]:
         "seconds": info.get("seconds"),
         "peak_rss_bytes": info.get("peak_rss_bytes"),
     }
-    for field in ("how", "error", "failed_inputs", "variant", "gates", "gpus"):
+    for field in ("how", "error", "failed_inputs", "variant", "gates", "gpus", "node"):
         if field in info:
             record[field] = info[field]
     if info["status"] not in ("failed", "input-failed") and store.is_complete(key):

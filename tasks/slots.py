@@ -150,14 +150,30 @@ def _release(held: list[tuple[int, Any]]) -> None:
         held.pop()[1].release()
 
 
+@dataclass(frozen=True)
+class Assigned:
+    """What a cluster scheduler (Ray, tasks/rayrun.py) gave a step: the GPUs it already put in
+    CUDA_VISIBLE_DEVICES, and a thread count. No slot is taken on top of them."""
+
+    gpus: list[int]
+    cpus: int
+    node: str = ""  # the scheduler's name for the machine
+
+
 @contextlib.contextmanager
 def held(
     resources: Resources | None, identity: dict[str, Any], artifacts: Path, task: str,
-    info: dict[str, Any],
+    info: dict[str, Any], assigned: Assigned | None = None,
 ) -> Iterator[None]:  # fmt: skip
     """The runner's: a step's build holds its GPU slots and runs with its thread count.
     info (the step's values for the run summary) gets "gpus", the slot indices it held, and
     its "started" becomes the time it got them (waiting is not building)."""
+    if assigned is not None:
+        if assigned.gpus:
+            info["gpus"] = assigned.gpus
+        with threads(assigned.cpus):
+            yield
+        return
     gpus = gpus_needed(resources, identity)
     cpus = None if resources is None else resources.cpus
     if (gpus or cpus) and threading.current_thread() is not threading.main_thread():

@@ -26,6 +26,7 @@ DRIVERS = {
     "history",
     "runpage",
     "graphpic",
+    "rayrun",
 }
 # Modules that stages/quantize/* may share: not stages themselves.
 SHARED_QUANTIZE = {"hf_common", "onnx_common", "onnx_calibration", "inc_common", "windows"}

@@ -11,11 +11,10 @@ import sys
 import threading
 import time
 import types
-from datetime import datetime
 from pathlib import Path
 
 import pytest
-from workspace import ROOT, Workspace
+from workspace import ROOT, Workspace, overlap, slow_data_recipe, write_rows
 
 from tasks import slots
 from tasks.errors import PreflightError, RecipeError
@@ -300,56 +299,10 @@ def test_cuda_started_is_false_in_a_process_that_never_loaded_the_driver():
 
 # ---- doit -n with fake GPUs ----------------------------------------------------------------
 
-# tsv rows, each binned and templated: about a second of Python per step, little I/O.
-ROWS = 100_000
-
 
 @pytest.fixture(scope="module")
 def rows(tmp_path_factory) -> Path:
-    folder = tmp_path_factory.mktemp("rows")
-    path = folder / "rows.tsv"
-    with open(path, "w") as fh:
-        for i in range(ROWS):
-            fh.write(f"{i}\t{(i * 7919) % 2001 / 1000 - 1:.3f}\tword{i % 97} other{i % 13}\n")
-    (folder / "model").mkdir()
-    (folder / "model" / "config.json").write_text("{}")
-    return path
-
-
-def slow_data_recipe(rows: Path) -> str:
-    """Three data steps (keys apart by heldout_fraction); two of them take a GPU."""
-    steps = ""
-    for name, fraction, resources in [
-        ("gpu-a", 0.1, "resources = { gpus = 1 }"),
-        ("gpu-b", 0.2, "resources = { gpus = 1, cpus = 1 }"),
-        ("cpu", 0.3, ""),
-    ]:
-        steps += f"""
-[data.{name}]
-path = "{rows}"
-format = "tsv"
-columns = ["id", "score", "phrase"]
-bin_field = "score"
-bin_edges = [-0.5, 0.5]
-bin_names = ["neg", "neu", "pos"]
-bin_into = "tone"
-text_template = "{{phrase}} -> {{tone}}"
-heldout_fraction = {fraction}
-{resources}
-"""
-    return f'[model]\nsource = "{rows.parent / "model"}"\n{steps}'
-
-
-def interval(step: dict) -> tuple[float, float]:
-    return (
-        datetime.fromisoformat(step["started"]).timestamp(),
-        datetime.fromisoformat(step["finished"]).timestamp(),
-    )
-
-
-def overlap(a: dict, b: dict) -> float:
-    (a0, a1), (b0, b1) = interval(a), interval(b)
-    return min(a1, b1) - max(a0, b0)
+    return write_rows(tmp_path_factory.mktemp("rows"))
 
 
 def run_slow_recipe(tmp_path: Path, rows: Path, gpus: int) -> tuple[dict, str]:

@@ -8,6 +8,7 @@ import subprocess
 import sys
 import time
 from dataclasses import dataclass
+from datetime import datetime
 from pathlib import Path
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -109,3 +110,59 @@ class Workspace:
 def executed(output: str) -> list[str]:
     """Tasks doit ran (`.  task`), not those it found up to date (`-- task`)."""
     return re.findall(r"^\.  (\S+)", output, flags=re.M)
+
+
+# ---- many small steps, and when each ran ----------------------------------------------------
+
+# tsv rows, each binned and templated: about a second of Python per data step, little I/O.
+ROWS = 100_000
+GPU_AND_CPU_STEPS = [  # (name, heldout_fraction: keeps the keys apart, the step's resources)
+    ("gpu-a", 0.1, "resources = { gpus = 1 }"),
+    ("gpu-b", 0.2, "resources = { gpus = 1, cpus = 1 }"),
+    ("cpu", 0.3, ""),
+]
+
+
+def write_rows(folder: Path, rows: int = ROWS) -> Path:
+    """folder/rows.tsv, and the empty model folder a recipe needs beside it."""
+    path = folder / "rows.tsv"
+    with open(path, "w") as fh:
+        for i in range(rows):
+            fh.write(f"{i}\t{(i * 7919) % 2001 / 1000 - 1:.3f}\tword{i % 97} other{i % 13}\n")
+    (folder / "model").mkdir(exist_ok=True)
+    (folder / "model" / "config.json").write_text("{}")
+    return path
+
+
+def slow_data_recipe(rows: Path, steps: list[tuple[str, float, str]] = GPU_AND_CPU_STEPS) -> str:
+    """Data steps reading rows (by default three, two of which take a GPU)."""
+    text = f'[model]\nsource = "{rows.parent / "model"}"\n'
+    for name, fraction, extra in steps:
+        text += f"""
+[data.{name}]
+path = "{rows}"
+format = "tsv"
+columns = ["id", "score", "phrase"]
+bin_field = "score"
+bin_edges = [-0.5, 0.5]
+bin_names = ["neg", "neu", "pos"]
+bin_into = "tone"
+text_template = "{{phrase}} -> {{tone}}"
+heldout_fraction = {fraction}
+{extra}
+"""
+    return text
+
+
+def interval(step: dict) -> tuple[float, float]:
+    """When a step of a run summary started and finished, in seconds."""
+    return (
+        datetime.fromisoformat(step["started"]).timestamp(),
+        datetime.fromisoformat(step["finished"]).timestamp(),
+    )
+
+
+def overlap(a: dict, b: dict) -> float:
+    """Seconds two steps of a run summary ran at once (negative: the gap between them)."""
+    (a0, a1), (b0, b1) = interval(a), interval(b)
+    return min(a1, b1) - max(a0, b0)
