@@ -22,21 +22,24 @@ from doit.runner import MRunner
 THREAD_VARIABLES = ("OMP_NUM_THREADS", "MKL_NUM_THREADS")
 
 
-def doit_jobs(argv: Sequence[str], default: int = 1) -> int:
-    """The N of doit's `-n N` / `--process N` on a command line (default without it; the last
-    one when given twice, as doit does)."""
-    jobs = default
+def doit_option(argv: Sequence[str], short: str, long: str) -> str | None:
+    """The value of a doit option on a command line, written `-n 2`, `-n2`, `--process 2` or
+    `--process=2` (the last one when given twice, as doit does); None without it."""
+    value = None
     for i, arg in enumerate(argv):
-        value = None
-        if arg in ("-n", "--process") and i + 1 < len(argv):
+        if arg in (short, long) and i + 1 < len(argv):
             value = argv[i + 1]
-        elif arg.startswith("--process="):
+        elif arg.startswith(long + "="):
             value = arg.split("=", 1)[1]
-        elif arg.startswith("-n") and arg[2:].isdigit():
-            value = arg[2:]
-        if value is not None and value.isdigit():
-            jobs = max(1, int(value))
-    return jobs
+        elif arg.startswith(short) and len(arg) > len(short) and not arg.startswith("--"):
+            value = arg[len(short) :]
+    return value
+
+
+def doit_jobs(argv: Sequence[str], default: int = 1) -> int:
+    """The N of doit's `-n N` / `--process N` on a command line (default without it)."""
+    value = doit_option(argv, "-n", "--process")
+    return max(1, int(value)) if value is not None and value.isdigit() else default
 
 
 def usable_cpus() -> int:

@@ -32,6 +32,7 @@ from doit.exceptions import TaskFailed
 from tasks import runner, slots
 from tasks.errors import KilnError, PreflightError, StageError
 from tasks.graph import Graph, load_graph
+from tasks.jobs import doit_option
 from tasks.keys import canonical_json, diff_identities
 from tasks.report import REPORT_STEP
 
@@ -50,21 +51,13 @@ def ray_address(value: str | None, environ: dict[str, str] | os._Environ = os.en
 
 def check_command(argv: list[str]) -> None:
     """Ray needs doit's thread workers: a `-P process` on the command line is refused."""
-    for i, arg in enumerate(argv):
-        value = None
-        if arg in ("-P", "--parallel-type") and i + 1 < len(argv):
-            value = argv[i + 1]
-        elif arg.startswith("--parallel-type="):
-            value = arg.split("=", 1)[1]
-        elif arg.startswith("-P") and len(arg) > 2:
-            value = arg[2:]
-        if value == "process":
-            raise PreflightError(
-                "ray= runs steps from doit's thread workers: a forked doit worker cannot use "
-                "the Ray client of its parent",
-                fix="leave out -P process (with ray= doit uses -P thread; -n N says how many "
-                "steps are handed to Ray at once)",
-            )
+    if doit_option(argv, "-P", "--parallel-type") == "process":
+        raise PreflightError(
+            "ray= runs steps from doit's thread workers: a forked doit worker cannot use "
+            "the Ray client of its parent",
+            fix="leave out -P process (with ray= doit uses -P thread; -n N says how many "
+            "steps are handed to Ray at once)",
+        )
 
 
 @dataclasses.dataclass(frozen=True)

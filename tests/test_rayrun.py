@@ -15,6 +15,7 @@ from workspace import Workspace, overlap, slow_data_recipe, write_rows
 
 from tasks.errors import PreflightError
 from tasks.graph import load_graph
+from tasks.hostinfo import resolve_device
 from tasks.rayrun import asks, check_command, ray_address
 from tasks.runs import STEP_FAILED
 from tasks.slots import GPUS_VARIABLE
@@ -41,6 +42,14 @@ def test_a_step_asks_ray_for_its_resources_or_one_cpu(tmp_path: Path):
     (tmp_path / "r.toml").write_text(slow_data_recipe(rows))
     graph = load_graph(tmp_path / "r.toml", tmp_path / "artifacts")
     assert [asks(graph, f"data.{n}") for n in ("gpu-a", "gpu-b", "cpu")] == [(1, 1), (1, 1), (1, 0)]
+
+
+@pytest.mark.skipif(Path("/proc/driver/nvidia/gpus").exists(), reason="a real GPU is here")
+def test_the_cuda_visible_devices_of_a_fake_ray_gpu_does_not_make_a_gpu(monkeypatch):
+    """Ray sets CUDA_VISIBLE_DEVICES=0 for a task on a GPU it was only told about: "auto" still
+    means the CPU, as the driver's key said."""
+    monkeypatch.setenv("CUDA_VISIBLE_DEVICES", "0")
+    assert resolve_device("auto") == "cpu"
 
 
 def test_without_ray_installed_ray_says_how_to_install_it(tmp_path: Path):
