@@ -14,6 +14,9 @@ import os
 import platform
 from pathlib import Path
 
+# What torch (OpenMP), MKL and the processes a step starts read their thread count from.
+THREAD_VARIABLES = ("OMP_NUM_THREADS", "MKL_NUM_THREADS")
+
 # torch's CPU capability levels (torch.backends.cpu.get_cpu_capability()) by the /proc/cpuinfo
 # flags each needs; MKL's code paths split at the same points.
 LEVELS = (

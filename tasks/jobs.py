@@ -19,7 +19,7 @@ from typing import Any
 from doit.exceptions import InvalidTask
 from doit.runner import MRunner
 
-THREAD_VARIABLES = ("OMP_NUM_THREADS", "MKL_NUM_THREADS")
+from tasks.hostinfo import THREAD_VARIABLES
 
 
 def doit_option(argv: Sequence[str], short: str, long: str) -> str | None:

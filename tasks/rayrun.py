@@ -17,6 +17,7 @@ on one Ray task. Ray is imported, and a cluster started or joined, only when a s
 
 from __future__ import annotations
 
+import contextlib
 import dataclasses
 import logging
 import os
@@ -113,15 +114,20 @@ def ray_step(graph: Graph, ref: str, task: Any, address: str) -> TaskFailed | di
         cluster = Cluster.get(address)
         cpus, gpus = asks(graph, ref)
         cluster.check_fits(name, cpus, gpus)
+        if graph.remote is not None:  # a node with a workspace of its own pulls them
+            for needed in graph.inputs(ref):
+                runner.push_step(graph.remote, graph.store, graph.keys[needed], graph.task(needed))
         values = cluster.run(request_for(graph, ref), cpus, gpus)
     except KilnError as err:
         return TaskFailed(f"{name}: {err}")
+    except Exception as err:  # Ray's own (a lost cluster, gRPC): one line, not a traceback
+        return TaskFailed(f"{name}: Ray failed: {type(err).__name__}: {_first_line(err)}")
     task.values.update(values.get("values", {}))
+    node = task.values.get("node")
     if "error" in values:
         return TaskFailed(f"{name}: {values['error']}")
     if "bug" in values:
-        return TaskFailed(f"{name}: failed on {values['values'].get('node')}:\n{values['bug']}")
-    node = task.values.get("node")
+        return TaskFailed(f"{name}: failed on {node}:\n{values['bug']}")
     try:
         if not graph.store.is_complete(graph.keys[ref]):  # built in a node's own workspace
             runner.pull_step(graph, ref, name)
@@ -136,11 +142,55 @@ def ray_step(graph: Graph, ref: str, task: Any, address: str) -> TaskFailed | di
     return task.values
 
 
+def _first_line(err: BaseException) -> str:
+    return next((line for line in str(err).splitlines() if line.strip()), "")[:300]
+
+
+# A Ray worker that died, not a step that failed: retries are off, so Ray reports it here.
+DEATHS = ("WorkerCrashedError", "OutOfMemoryError", "NodeDiedError", "LocalRayletDiedError",
+          "ObjectLostError")  # fmt: skip
+
+
 class Cluster:
     """This run's connection to Ray, made by the first step that must run (one per process)."""
 
     _lock = threading.Lock()
-    _current: Cluster | None = None
+    _current: Cluster | PreflightError | None = None  # a failed start is not tried again
+
+    @classmethod
+    def get(cls, address: str) -> Cluster:
+        with cls._lock:
+            if cls._current is None:
+                try:
+                    cls._current = cls._start(address)
+                except PreflightError as err:
+                    cls._current = err
+            if isinstance(cls._current, PreflightError):
+                raise cls._current
+            return cls._current
+
+    @classmethod
+    def _start(cls, address: str) -> Cluster:
+        """Connect from a thread that lives as long as this process. Ray starts its local
+        processes with PR_SET_PDEATHSIG, which Linux fires when the *thread* that started them
+        ends; doit's worker threads end as soon as no step is left to hand out, while others
+        still wait for theirs."""
+        ready, outcome = threading.Event(), {}
+
+        def keeper() -> None:
+            try:
+                outcome["cluster"] = cls(address)
+            except BaseException as err:
+                outcome["error"] = err
+            ready.set()
+            if "cluster" in outcome:
+                threading.Event().wait()  # until the process ends (daemon thread)
+
+        threading.Thread(target=keeper, name="ray-keeper", daemon=True).start()
+        ready.wait()
+        if "error" in outcome:
+            raise outcome["error"]
+        return outcome["cluster"]
 
     def __init__(self, address: str) -> None:
         try:
@@ -149,48 +199,48 @@ class Cluster:
             raise PreflightError("ray= needs Ray, which is not installed", fix=INSTALL) from None
         self.ray = ray
         self.address = address
+        self._functions: dict[tuple[int, int], Any] = {}
         started = time.perf_counter()
         # No usage report leaves the machine: the tool builds offline, and a cluster for one
         # run has no one to report to.
         os.environ.setdefault("RAY_USAGE_STATS_ENABLED", "0")
-        kwargs: dict[str, Any] = {"include_dashboard": False, "logging_level": "WARNING"}
-        if address == "local":
-            # address="local" always starts a new cluster (a stale /tmp/ray/ray_current_cluster
-            # would otherwise make ray.init try to join a dead one).
-            kwargs |= {"num_gpus": len(slots.gpu_ids())}
-            # The workers import this checkout's tasks/ (they inherit the environment of the
-            # cluster this process starts). A node of a cluster started elsewhere imports its
-            # own modelkiln, and refuses a step whose key it computes differently.
-            code = str(Path(runner.__file__).resolve().parents[1])
-            path = os.environ.get("PYTHONPATH")
-            os.environ["PYTHONPATH"] = code + (os.pathsep + path if path else "")
         if not sys.stderr.isatty():
             os.environ.setdefault("RAY_COLOR_PREFIX", "0")  # no colour codes in a log file
-        # ray.init from a doit thread cannot set its SIGTERM handler, and says so each run:
-        # doit's process keeps its own (tasks/interrupt.py).
+        # ray.init from a thread cannot set its SIGTERM handler, and says so each run: doit's
+        # process keeps its own (tasks/interrupt.py).
         logging.getLogger("ray._private.worker").addFilter(
             lambda record: "SIGTERM handler" not in record.getMessage()
         )
+        kwargs: dict[str, Any] = {"include_dashboard": False, "logging_level": "WARNING"}
+        before = os.environ.get("PYTHONPATH")
+        if address == "local":
+            # address="local" always starts a new cluster (a stale /tmp/ray/ray_current_cluster
+            # would otherwise make ray.init try to join a dead one).
+            kwargs["num_gpus"] = len(slots.gpu_ids())
+            # Its workers import this checkout's tasks/: they inherit the environment its
+            # processes start with. A node of a cluster started elsewhere imports its own
+            # modelkiln, and refuses a step whose key it computes differently.
+            code = str(Path(runner.__file__).resolve().parents[1])
+            os.environ["PYTHONPATH"] = code + (os.pathsep + before if before else "")
         try:
             ray.init(address=address, **kwargs)
         except Exception as err:  # ConnectionError, ValueError, RuntimeError: all say why
+            with contextlib.suppress(Exception):
+                ray.shutdown()  # whatever half started
             raise PreflightError(
                 f"could not {'start' if address == 'local' else 'join'} the Ray cluster "
-                f"{address!r}: {str(err).splitlines()[0] if str(err) else type(err).__name__}",
+                f"{address!r}: {_first_line(err) or type(err).__name__}",
                 fix="ray=local starts one for this run; `ray start --head` on a machine, then "
-                "ray=<its address:6379> (or ray=auto on that machine)",
+                "ray=<its address:6379> (or ray=auto on that machine); a cluster with token "
+                "authentication also needs RAY_AUTH_MODE=token and its ~/.ray/auth_token",
             ) from None
+        finally:
+            if address == "local":
+                _restore("PYTHONPATH", before)
+        _keep_token_private()
         self.start_seconds = time.perf_counter() - started
         print(f"  ray: {'started' if address == 'local' else 'joined'} a cluster in "
               f"{self.start_seconds:.1f} s: {self._describe()}", file=sys.stderr)  # fmt: skip
-        self._functions: dict[tuple[int, int], Any] = {}
-
-    @classmethod
-    def get(cls, address: str) -> Cluster:
-        with cls._lock:
-            if cls._current is None:
-                cls._current = cls(address)
-            return cls._current
 
     def _describe(self) -> str:
         total = self.ray.cluster_resources()
@@ -215,17 +265,21 @@ class Cluster:
     def run(self, request: Request, cpus: int, gpus: int) -> dict[str, Any]:
         """Run the step as a Ray task and wait for it: build_on_node's answer."""
         ray = self.ray
-        function = self._function(cpus, gpus)
         try:
-            return ray.get(function.remote(request))
+            return ray.get(self._function(cpus, gpus).remote(request))
         except ray.exceptions.RayError as err:
-            # The worker died (killed for memory, its node lost): with retries off, Ray says
-            # so here. The step's build folder on that node holds no manifest: nothing of it
-            # looks complete, there or on the remote.
-            first = next((line for line in str(err).splitlines() if line.strip()), "")
+            kind = type(err).__name__
+            if kind not in DEATHS:  # could not start it there: a missing module, a bad env
+                raise StageError(
+                    f"Ray could not run it on a node ({kind}: {_first_line(err)})",
+                    fix="install the same modelkiln (`pip install -e '.[all]'` in the same "
+                    "checkout) on every node",
+                ) from None
+            # Killed for memory, its node lost: nothing half-built looks complete, on the
+            # node (its build folder has no manifest) or on the remote (no manifest there).
             raise StageError(
-                f"the Ray worker building it died ({type(err).__name__}: {first[:300]}); "
-                "nothing of it was published",
+                f"the Ray worker building it died ({kind}: {_first_line(err)}); what it had "
+                "written is not published",
                 fix="see the node's memory (`ray status`; the step's peak memory in an "
                 "earlier run summary), give it more room with resources.cpus, then run again",
             ) from None
@@ -257,17 +311,21 @@ def build_on_node(request: Request) -> dict[str, Any]:
     step's values for the run summary, plus "error" (one message) or "bug" (a traceback)."""
     import traceback
 
-    here = _node_context()
-    node = f"{socket.gethostname()} ({here.node[:8]})"  # Ray's node id: two nodes on one host
     task = _Task()
-    task.values["node"] = node
     try:
+        here = _node_context()
+        node = task.values["node"] = (
+            f"{socket.gethostname()} ({here.node[:8]})"  # two nodes on one host
+        )
         graph = _node_graph(request)
         ref, name = request.ref, graph.task(request.ref)
-        if not _shares_driver_store(graph, request):
-            for needed in graph.inputs(ref):
+        for needed in graph.inputs(ref):  # a node with its own workspace, or another machine
+            if not graph.store.is_complete(graph.keys[needed]):
                 runner.pull_step(graph, needed, graph.task(needed))
         result = runner.run_step(graph, ref, task, assigned=here)
+        if not isinstance(result, TaskFailed) and graph.remote is not None:
+            # Built here before (its status "up-to-date"), it may still be missing there.
+            runner.push_step(graph.remote, graph.store, request.key, name)
     except KilnError as err:
         return {"values": task.values, "error": str(err)}
     except Exception:
@@ -278,12 +336,30 @@ def build_on_node(request: Request) -> dict[str, Any]:
 
 
 def _node_context() -> slots.Assigned:
+    """The CPUs and GPUs Ray gave this task (GPU ids as Ray names them: indices, or the
+    UUIDs a node's CUDA_VISIBLE_DEVICES listed)."""
     import ray
 
     context = ray.get_runtime_context()
     cpus = max(1, int(context.get_assigned_resources().get("CPU", 1)))
-    gpus = [int(g) for g in ray.get_gpu_ids()]
+    gpus = sorted(ray.get_gpu_ids(), key=str)
     return slots.Assigned(gpus=gpus, cpus=cpus, node=context.get_node_id())
+
+
+def _restore(name: str, value: str | None) -> None:
+    if value is None:
+        os.environ.pop(name, None)
+    else:
+        os.environ[name] = value
+
+
+def _keep_token_private() -> None:
+    """Ray 2.60 writes its cluster token readable by every user of the machine: anyone who can
+    read it can run code on the cluster."""
+    token = Path.home() / ".ray" / "auth_token"
+    with contextlib.suppress(OSError):
+        if token.is_file() and token.stat().st_uid == os.getuid():
+            token.chmod(0o600)
 
 
 def _node_graph(request: Request) -> Graph:
@@ -306,7 +382,7 @@ def _node_graph(request: Request) -> Graph:
     if overrides.get("remote"):
         # Whatever push says: a step may run on any node, and a node with a workspace of its
         # own gets its inputs (and the driver its outputs) from the remote. A remote this
-        # node may not write to is skipped with a warning (runner._push).
+        # node may not write to is skipped with a warning (runner.push_step).
         overrides["push"] = "true"
     # A worker runs steps of one doit run only (Ray ends a job's workers with it), whose
     # inputs do not change under it: the graph is loaded once per worker.
@@ -345,7 +421,3 @@ def _difference(driver: dict[str, Any], here: dict[str, Any]) -> str:
         )
         or "the same identity, another key (another modelkiln?)"
     )
-
-
-def _shares_driver_store(graph: Graph, request: Request) -> bool:
-    return graph.store.root.resolve() == Path(request.artifacts)

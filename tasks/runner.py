@@ -150,7 +150,7 @@ def _build(
         store.forget_previous(link)
     print(f"  {task}: built in {manifest['timings']['seconds']:.1f} s -> {link}", file=sys.stderr)
     if graph.remote is not None and graph.remote.push_enabled:
-        _push(graph.remote, store, key, task)
+        push_step(graph.remote, store, key, task)
     return "built"
 
 
@@ -219,7 +219,7 @@ def _pulled(remote: RemoteStore, task: str, build: Build) -> bool:
 _skipped: dict[str, str] = {}
 
 
-def _push(remote: RemoteStore, store: Store, key: str, task: str) -> None:
+def push_step(remote: RemoteStore, store: Store, key: str, task: str) -> None:
     """Upload a step just built. A remote that cannot be used is skipped for the rest of the
     run (one warning) and the build goes on: `doit push` uploads what it missed. Anything
     else (a local entry that changed since it was published) fails the step."""

@@ -27,8 +27,7 @@ from pathlib import Path
 from typing import Any
 
 from tasks.errors import PreflightError, StoreError, did_you_mean
-from tasks.hostinfo import gpu_models
-from tasks.jobs import THREAD_VARIABLES
+from tasks.hostinfo import THREAD_VARIABLES, gpu_models
 from tasks.staging import os_problem, real_dir
 
 GPUS_VARIABLE = "MODELKILN_GPUS"  # the machine's GPU count, instead of the one the driver says
@@ -155,7 +154,7 @@ class Assigned:
     """What a cluster scheduler (Ray, tasks/rayrun.py) gave a step: the GPUs it already put in
     CUDA_VISIBLE_DEVICES, and a thread count. No slot is taken on top of them."""
 
-    gpus: list[int]
+    gpus: list[int | str]
     cpus: int
     node: str = ""  # the scheduler's name for the machine
 

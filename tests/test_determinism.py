@@ -18,7 +18,7 @@ from conftest import tiny_text
 from workspace import Workspace
 
 from tasks.config import parse_config
-from tasks.jobs import THREAD_VARIABLES
+from tasks.hostinfo import THREAD_VARIABLES
 from tasks.stages import StepContext, spec_for
 
 # 4 sequences of 512 tokens make one capture batch of 2,048 tokens: on the tiny model's

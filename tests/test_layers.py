@@ -139,3 +139,29 @@ def test_every_module_has_a_layer() -> None:
     for modules in REGISTRY.values():
         for name in modules.values():
             assert layer_of(name) == STAGES and stage_unit(name) == name
+
+
+def test_a_stage_environment_imports_only_what_it_has():
+    """tasks.envrun runs inside a stage's own environment (tasks/envs.py: inc, modelopt), which
+    holds the stage's libraries but not the driver's: importing what it imports must not pull
+    in doit, xxhash, matplotlib, fsspec or ray (an import of tasks.jobs from tasks.slots once
+    broke every environment stage)."""
+    import subprocess
+    import sys
+
+    stages = [p.stem for p in (ROOT / "tasks" / "stages" / "quantize").glob("*.py")
+              if "quantize_in_env" in p.read_text()]  # fmt: skip
+    assert stages, "no stage runs in an environment of its own"
+    probe = f"""
+import importlib.abc, sys
+class Refuse(importlib.abc.MetaPathFinder):
+    def find_spec(self, name, path=None, target=None):
+        if name.split(".")[0] in ("doit", "xxhash", "matplotlib", "fsspec", "ray"):
+            raise ImportError(f"{{name}} is not in a stage environment")
+sys.meta_path.insert(0, Refuse())
+import tasks.envrun, tasks.config, tasks.errors, tasks.stages
+for stage in {stages!r}:
+    importlib.import_module("tasks.stages.quantize." + stage)
+"""
+    proc = subprocess.run([sys.executable, "-c", probe], cwd=ROOT, capture_output=True, text=True)
+    assert proc.returncode == 0, proc.stderr[-2000:]

@@ -403,7 +403,7 @@ def test_a_push_cut_off_midway_publishes_nothing_and_the_next_push_completes_it(
     remote = RemoteStore.from_settings({**settings, "push": True})
     cut_off(remote, "put_file", after=1)  # the server goes away after the first file
     monkeypatch.setattr(runner, "_skipped", {})  # a new process
-    runner._push(remote, here, key, "quantize:int8")
+    runner.push_step(remote, here, key, "quantize:int8")
     assert "not pushed, and the remote is skipped for this run" in capsys.readouterr().err
     assert remote.url in runner._skipped
     assert here.is_complete(key) and here.verify(key) == []  # the local entry stays built
