@@ -1,6 +1,6 @@
 """One key, one set of bytes: the default recipe's quantize steps built three ways on SmolLM2.
 
-    python bench/determinism.py [--tasks quantize] [--work /tmp/benchdet] [--keep]
+    python bench/determinism.py [--tasks quantize] [--work /tmp/benchdet] [--keep] [--resume]
 
 Builds the steps named by --tasks (doit targets) in three fresh workspaces that each start
 from a copy of one build of what they read (the model, the data, the fp32 capture):
@@ -12,7 +12,8 @@ from a copy of one build of what they read (the model, the data, the fp32 captur
 Then prints, per step, its key in each workspace and the sha256 of every weight file
 (*.safetensors, *.onnx, *.onnx.data, *.bin, *.pt), and whether all three agree, with each
 step's build time per workspace. Exits 1 when a key or a digest differs. Takes about an hour
-on 2 cores for the whole quantize stage.
+on 2 cores for the whole quantize stage. --resume keeps what an interrupted run left in --work:
+each workspace's `doit` then builds only the steps it lacks (their times are the earlier run's).
 """
 
 from __future__ import annotations
@@ -73,12 +74,14 @@ def main() -> None:
     parser.add_argument("--tasks", default="quantize", help="doit targets, comma separated")
     parser.add_argument("--work", type=Path, default=Path("/tmp/benchdet"))
     parser.add_argument("--keep", action="store_true")
+    parser.add_argument("--resume", action="store_true", help="reuse the workspaces in --work")
     args = parser.parse_args()
     targets = args.tasks.split(",")
     stage = targets[0].split(":")[0]
-    shutil.rmtree(args.work, ignore_errors=True)
+    if not args.resume:
+        shutil.rmtree(args.work, ignore_errors=True)
     base = Workspace(args.work / "base", RECIPE)
-    base.root.mkdir(parents=True)
+    base.root.mkdir(parents=True, exist_ok=True)
     base.write((ROOT / "recipes" / "default.toml").read_text())
     print("building the inputs once (model, data, capture:fp32) ...", file=sys.stderr, flush=True)
     doit(base, ["model", "data", "capture:fp32"], {})
@@ -86,10 +89,11 @@ def main() -> None:
     walls = {}
     for name, (extra, env) in RUNS.items():
         ws = Workspace(args.work / name.replace(" ", "-"), RECIPE)
-        ws.root.mkdir()
-        ws.write(base.recipe.read_text())
-        # A copy, not hard links: onnx refuses external data with several links to it.
-        subprocess.run(["cp", "-a", str(base.artifacts), str(ws.artifacts)], check=True)
+        if not ws.artifacts.is_dir():
+            ws.root.mkdir(exist_ok=True)
+            ws.write(base.recipe.read_text())
+            # A copy, not hard links: onnx refuses external data with several links to it.
+            subprocess.run(["cp", "-a", str(base.artifacts), str(ws.artifacts)], check=True)
         print(f"{name}: doit {' '.join(extra + targets)} ...", file=sys.stderr, flush=True)
         walls[name] = doit(ws, extra + targets, env)
         for task, entry in steps_of(ws, stage).items():
