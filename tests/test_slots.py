@@ -337,3 +337,26 @@ def test_doit_n3_with_two_gpus_runs_two_gpu_steps_at_once_on_different_gpus(
     assert sorted([a["gpus"], b["gpus"]]) == [[0], [1]]
     assert overlap(a, b) > 0.3, (a, b)
     assert "waiting for a GPU" not in stderr
+
+
+def test_doit_n_with_gpu_slots_fails_a_bad_step_and_an_impossible_one_and_builds_the_rest(
+    tmp_path: Path, rows: Path
+):
+    bad = tmp_path / "bad.tsv"
+    bad.write_text("1\tnot-a-number\tsome words\n")
+    ws = Workspace(tmp_path / "ws")
+    ws.root.mkdir()
+    ws.write(
+        slow_data_recipe(rows, [("ok", 0.3, "resources = { gpus = 1 }"),
+                                ("huge", 0.4, "resources = { gpus = 2 }")])
+        + slow_data_recipe(bad, [("bad", 0.3, "resources = { gpus = 1 }")]).split("\n", 2)[2]
+    )  # fmt: skip
+    proc = ws.doit("-n", "3", "data", env={GPUS_VARIABLE: "1"}, check=False, timeout=120)
+    assert proc.returncode == 1, proc.stdout + proc.stderr
+    steps = json.loads((ws.artifacts / "recipe" / "runs" / "latest.json").read_text())["steps"]
+    assert {t: s["status"] for t, s in steps.items()} == {
+        "data:ok": "built", "data:huge": "failed", "data:bad": "failed",
+    }  # fmt: skip
+    assert "it needs 2 GPUs (resources.gpus) and this machine has 1" in steps["data:huge"]["error"]
+    assert "score = 'not-a-number' is not a number" in steps["data:bad"]["error"]
+    assert steps["data:ok"]["gpus"] == [0] and "Traceback" not in proc.stderr
