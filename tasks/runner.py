@@ -280,8 +280,8 @@ def _run(graph: Graph, ref: str, task: str, tmp: Path) -> dict[str, Any]:
         ctx.input = graph.entry(step.source)
     for data_ref in step.data:
         ctx.data[data_ref.split(".", 1)[1]] = graph.entry(data_ref)
-    for field, ref in step.extra:
-        ctx.steps[field] = graph.entry(ref)
+    for field, other in step.extra:
+        ctx.steps[field] = graph.entry(other)
     try:
         metrics = step.spec.run(_as_keyed(graph, ref), ctx) or {}
     finally:
