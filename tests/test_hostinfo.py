@@ -3,6 +3,9 @@ calibrated quantizers, and the device `device = "auto"` stands for."""
 
 from __future__ import annotations
 
+import dataclasses
+import json
+
 import pytest
 
 from tasks import graph as graph_module
@@ -90,3 +93,43 @@ def test_a_device_written_out_is_kept(tmp_path, tiny_model, prose_file, written)
     graph = load_graph(path, tmp_path / "artifacts")
     assert graph.identities["quantize.rtn"]["device"]["type"] == written
     assert _as_keyed(graph, "quantize.rtn").device == written
+
+
+def test_a_step_with_a_step_field_runs_with_its_own_config(
+    tmp_path, tiny_model, prose_file, monkeypatch
+):
+    """evaluate's prompts_from names a finetune step: the evaluation still gets its own config
+    (a loop over such inputs once rebound the step's ref, and it ran with the finetune's)."""
+    from stages.test_finetune import tone_records
+
+    from tasks import runner
+
+    tone = tmp_path / "tone.jsonl"
+    tone.write_text("".join(json.dumps(r) + "\n" for r in tone_records()))
+    path = tmp_path / "r.toml"
+    path.write_text(f"""
+[model]
+source = "{tiny_model}"
+
+[data.tone]
+path = "{tone}"
+format = "jsonl"
+
+[finetune.a]
+data = "tone"
+text_template = "{{phrase}} => {{tone}}"
+answer_field = "tone"
+
+[evaluate.before]
+data = "tone"
+prompts_from = "finetune.a"
+""")
+    graph = load_graph(path, tmp_path / "artifacts")
+    step = graph.step("evaluate.before")
+    got = []
+    spy = dataclasses.replace(step.spec, run=lambda config, ctx: got.append(config) or {})
+    monkeypatch.setitem(graph.recipe.steps, step.ref, dataclasses.replace(step, spec=spy))
+    monkeypatch.setattr(runner, "_refuse_damaged_input", lambda *a: None)
+    monkeypatch.setattr(runner, "_refuse_changed_input", lambda *a: None)
+    runner._run(graph, "evaluate.before", "evaluate:before", tmp_path / "out")
+    assert got == [step.config]
