@@ -39,12 +39,28 @@ def cpu_level() -> str:
     return level_of(text)
 
 
-def level_of(cpuinfo: str) -> str:
-    flags: set[str] = set()
+def flags_of(cpuinfo: str) -> set[str]:
+    """The first "flags" line of /proc/cpuinfo's text, as a set (empty off x86)."""
     for line in cpuinfo.splitlines():
         if line.startswith("flags"):
-            flags = set(line.split(":", 1)[1].split())
-            break
+            return set(line.split(":", 1)[1].split())
+    return set()
+
+
+def saturates_int8(cpuinfo: str | None = None) -> bool:
+    """x86 with AVX2 but no VNNI: onnxruntime's u8s8 int8 kernels sum in 16 bits there and
+    saturate; 7-bit weights (reduce_range) are onnxruntime's advice."""
+    if cpuinfo is None:
+        try:
+            cpuinfo = Path("/proc/cpuinfo").read_text()
+        except OSError:
+            return False
+    flags = flags_of(cpuinfo)
+    return "avx2" in flags and not flags & {"avx512_vnni", "avx_vnni"}
+
+
+def level_of(cpuinfo: str) -> str:
+    flags = flags_of(cpuinfo)
     if not flags:
         return platform.machine().lower() or "unknown"
     return next((name for name, needs in LEVELS if needs <= flags), "baseline")

@@ -4,12 +4,12 @@ from __future__ import annotations
 
 import json
 import math
-from pathlib import Path
 
 import pytest
 from workspace import ROOT, Workspace, executed, tiny_recipe
 
 from tasks.formats.genai import model_file
+from tasks.hostinfo import saturates_int8
 from tasks.recipe import load_recipe
 from tasks.runtimes.onnx import op_counts
 from tasks.store import read_manifest
@@ -69,11 +69,6 @@ def test_onnx_fp32_matches_pytorch_and_quantized_variants_are_close(default_buil
     assert metrics(ws, "int8-keep-down")["perplexity"] < 1.15 * torch_ppl
 
 
-def _has_vnni() -> bool:
-    text = Path("/proc/cpuinfo").read_text() if Path("/proc/cpuinfo").is_file() else ""
-    return "avx2" not in text or any(f in text.split() for f in ("avx512_vnni", "avx_vnni"))
-
-
 def test_intel_and_nvidia_quantizers_hold_up_and_agree(default_build):
     """Both run in their own environments; Intel's and ModelOpt's int4 RTN (block 32, LM head
     in float) are two implementations of one method, so their perplexities agree."""
@@ -85,7 +80,7 @@ def test_intel_and_nvidia_quantizers_hold_up_and_agree(default_build):
         ("nvmo-rtn", 1.3, 2.5),
     ):
         m = metrics(ws, name)
-        if name == "inc-int8" and not _has_vnni():
+        if name == "inc-int8" and saturates_int8():
             # Its u8s8 int8 saturates on x86 without VNNI (perplexity 9.5 million on an
             # AVX2-only EPYC, reduce_range did not help there): an open point of the issue note.
             continue

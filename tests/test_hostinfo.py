@@ -133,3 +133,10 @@ prompts_from = "finetune.a"
     monkeypatch.setattr(runner, "_refuse_changed_input", lambda *a: None)
     runner._run(graph, "evaluate.before", "evaluate:before", tmp_path / "out")
     assert got == [step.config]
+
+
+def test_int8_saturates_on_avx2_without_vnni_only():
+    assert hostinfo.saturates_int8("flags\t\t: fpu sse2 avx avx2 fma\n")
+    assert not hostinfo.saturates_int8("flags\t\t: fpu avx2 fma avx_vnni\n")
+    assert hostinfo.saturates_int8(AVX512)  # AVX-512 without VNNI (Skylake) saturates too
+    assert not hostinfo.saturates_int8("processor : 0\n")  # not x86

@@ -10,6 +10,7 @@ import pytest
 
 from tasks.config import parse_config
 from tasks.errors import RecipeError, StageError
+from tasks.hostinfo import saturates_int8
 from tasks.runtimes.onnx import genai_generate, onnx_logits, op_counts, prompt_ids
 from tasks.stages import StepContext, spec_for
 from tasks.stages.quantize import bnb4
@@ -28,17 +29,8 @@ def nf4(fp32: Path, tmp_path_factory) -> tuple[Path, dict[str, Any]]:
     return out, step("quantize", "bnb4", fp32, out)
 
 
-def _has_vnni() -> bool:
-    """x86 without VNNI runs onnxruntime's u8s8 MatMulInteger through 16-bit sums that
-    saturate; 7-bit weights (reduce_range) are onnxruntime's advice there."""
-    try:
-        text = Path("/proc/cpuinfo").read_text()
-    except OSError:
-        return True
-    return any(flag in text.split() for flag in ("avx512_vnni", "avx_vnni")) or "avx2" not in text
-
-
-NO_VNNI = {"reduce_range": not _has_vnni()}
+# onnxruntime advises 7-bit weights where its int8 kernels saturate (hostinfo.saturates_int8).
+NO_VNNI = {"reduce_range": saturates_int8()}
 CASES = {
     "dynamic-per-tensor": ("ort-dynamic", NO_VNNI, "MatMulInteger", 0.1),
     "dynamic-per-channel": ("ort-dynamic", {"per_channel": True, **NO_VNNI}, "MatMulInteger", 0.1),
