@@ -33,8 +33,7 @@ from tasks.glue import (
     verify,
 )  # fmt: skip
 from tasks.graph import load_graph
-from tasks.jobs import doit_jobs, share_cpus, watch_workers
-from tasks.rayrun import IN_FLIGHT, check_command, ray_address
+from tasks.jobs import IN_FLIGHT, check_command, doit_jobs, ray_address, share_cpus, watch_workers
 from tasks.runs import BAD_COMMAND, RunReporter, draw_graph
 from tasks.stages import algorithms
 from tasks.staging import os_problem

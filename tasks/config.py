@@ -9,6 +9,7 @@ types, values outside those and values that `__post_init__` rejects all become o
 from __future__ import annotations
 
 import dataclasses
+import functools
 import json
 import tomllib
 import types
@@ -198,9 +199,14 @@ def _wrong_value(key: str, value: Any, hint: Any) -> tuple[str, str]:
     return problem, f"{key} takes {wanted}"
 
 
+@functools.cache
+def _hints(cls: type) -> dict[str, Any]:
+    return typing.get_type_hints(cls)  # evaluates every annotation: once per class, not per step
+
+
 def parse_config(cls: type, table: dict[str, Any], file: str, where: str) -> Any:
     """Build `cls` from a TOML table, or raise a RecipeError that says how to fix it."""
-    hints = typing.get_type_hints(cls)
+    hints = _hints(cls)
     fields = {f.name: f for f in dataclasses.fields(cls)}
     known = set(fields)
     values = {}

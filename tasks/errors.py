@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import difflib
 from collections.abc import Iterable, Sequence
 
 
@@ -35,6 +34,8 @@ class StoreError(KilnError):
 
 def did_you_mean(word: str, choices: Iterable[str]) -> str:
     """' (did you mean x?)' for the closest choice, or ''."""
+    import difflib  # only when a name is wrong: every doit run imports this module
+
     close = difflib.get_close_matches(word, list(choices), n=1, cutoff=0.6)
     return f" (did you mean {close[0]}?)" if close else ""
 

@@ -12,23 +12,24 @@ the build then fetches like any other.
 
 from __future__ import annotations
 
-import difflib
 import hashlib
 import io
 import os
 import re
 import shutil
-import tarfile
 import zipfile
 from collections.abc import Callable, Iterable
 from functools import partial
 from pathlib import Path, PurePosixPath
-from typing import IO, Any
+from typing import IO, TYPE_CHECKING, Any
 
 from tasks.config import ConfigValueError
 from tasks.errors import StageError
 from tasks.requirement import NAME, VERSION, split_floating
 from tasks.staging import Staging, remove_path
+
+if TYPE_CHECKING:
+    import tarfile
 
 ARCHIVE_SUFFIXES = (".whl", ".zip", ".tar.gz", ".tgz", ".tar", ".tar.bz2", ".tar.xz")
 DOWNLOADS = "downloads"  # the download cache, under the artifacts root
@@ -351,6 +352,8 @@ def _locate(
 
 
 def _open_archive(f: IO[bytes], label: str) -> zipfile.ZipFile | tarfile.TarFile:
+    import tarfile  # here: every doit run imports this module, few open an archive
+
     if zipfile.is_zipfile(f):
         f.seek(0)
         return zipfile.ZipFile(f)
@@ -388,6 +391,8 @@ def _clean(name: str) -> str:
 
 def _missing(label: str, wanted: str, names: list[str]) -> tuple[str, str]:
     """(problem, fix) for a member the archive lacks, with the names closest to it."""
+    import difflib
+
     base = PurePosixPath(wanted).name
     close = difflib.get_close_matches(wanted, names, n=5, cutoff=0.4)
     close += [n for n in names if PurePosixPath(n).name == base and n not in close]

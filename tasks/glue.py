@@ -2,6 +2,10 @@
 
 A step is up to date exactly when its key's manifest exists in the store, so doit's own
 database decides nothing: reverting a recipe brings the earlier output back with nothing run.
+
+Every `doit` imports this module, a no-op run too (bench/noop.py times it), so what only a
+step's build or one maintenance command needs (the runner, Ray, stage environments) is
+imported where it is used.
 """
 
 from __future__ import annotations
@@ -21,16 +25,14 @@ from typing import Any
 
 from doit.exceptions import TaskFailed
 
-from tasks import envs, steplog
+from tasks import steplog
 from tasks.errors import KilnError, StoreError, did_you_mean
 from tasks.fetch import downloads_dir
 from tasks.graph import Graph, load_graph
 from tasks.keys import canonical_json, diff_identities
-from tasks.rayrun import ray_step
 from tasks.recipe import Step, inputs_of
 from tasks.remote import RemoteStore, RemoteUnavailable
 from tasks.report import REPORT_STEP
-from tasks.runner import run_step, transfer_bar
 from tasks.stages import algorithms
 from tasks.staging import Staging, disk_usage, os_problem, real_dir
 from tasks.store import Store
@@ -82,9 +84,23 @@ def run_on_ray(address: str) -> None:
     _ray_address = address
 
 
+def _build(graph: Graph, ref: str, task: Any) -> TaskFailed | dict[str, Any]:
+    """The doit action of a step: tasks/runner.py builds it here."""
+    from tasks.runner import run_step
+
+    return run_step(graph, ref, task)
+
+
+def _build_on_ray(graph: Graph, ref: str, task: Any, address: str) -> TaskFailed | dict[str, Any]:
+    """The doit action of a step with ray=: tasks/rayrun.py builds it on the cluster."""
+    from tasks.rayrun import ray_step
+
+    return ray_step(graph, ref, task, address)
+
+
 def _task(graph: Graph, ref: str, doc: str, deps: list[str]) -> dict[str, Any]:
-    action = (ray_step, [graph, ref], {"address": _ray_address}) if _ray_address else (
-        run_step, [graph, ref]
+    action = (_build_on_ray, [graph, ref], {"address": _ray_address}) if _ray_address else (
+        _build, [graph, ref]
     )  # fmt: skip
     return {
         "actions": [action],
@@ -211,6 +227,7 @@ def _refs(graph: Graph, names: list[str]) -> list[str]:
 
 def push(graph: Graph, names: list[str]) -> TaskFailed | None:
     """Upload the recipe's entries built here (or the named steps') that the remote lacks."""
+    from tasks.runner import transfer_bar
 
     def push_one(remote: RemoteStore, ref: str) -> str:
         if not graph.store.is_complete(graph.keys[ref]):
@@ -224,6 +241,7 @@ def push(graph: Graph, names: list[str]) -> TaskFailed | None:
 def pull(graph: Graph, names: list[str]) -> TaskFailed | None:
     """Download the recipe's entries (or the named steps') that the remote has and this store
     lacks, and link them, without building anything."""
+    from tasks.runner import transfer_bar
 
     def pull_one(remote: RemoteStore, ref: str) -> str:
         key = graph.keys[ref]
@@ -269,6 +287,8 @@ FAILED_LOG_DAYS = 14
 
 
 def _gc(graph: Graph, dry_run: bool) -> None:
+    from tasks import envs
+
     store = graph.store
     verb = "would remove" if dry_run else "removing"
     freed, removed = 0, 0
@@ -346,6 +366,8 @@ def _gc_unfinished(store: Store, dry_run: bool) -> list[tuple[Path, int]]:
 
 def _gc_environments(graph: Graph, live: set[str], verb: str, dry_run: bool) -> int:
     """Remove the stage environments that no step of this recipe and no kept entry uses."""
+    from tasks import envs
+
     declared = [s.spec.environment_of(s.config) for s in graph.recipe.steps.values()]
     used = {env.key for env in declared if env is not None}
     for key in live:

@@ -19,6 +19,7 @@ from typing import Any
 from doit.exceptions import InvalidTask
 from doit.runner import MRunner
 
+from tasks.errors import PreflightError
 from tasks.hostinfo import THREAD_VARIABLES
 
 
@@ -114,3 +115,27 @@ def watch_workers() -> None:
     import doit.cmd_run
 
     doit.cmd_run.MRunner = WatchedMRunner
+
+
+# ---- ray= (tasks/rayrun.py builds the steps; these run on every doit start) -------------
+
+RAY_VARIABLE = "MODELKILN_RAY"  # the `ray=` of every run, for a CI job or a builder's shell
+IN_FLIGHT = 16  # steps handed to Ray at once without `-n`: Ray queues what does not fit
+
+
+def ray_address(value: str | None, environ: dict[str, str] | os._Environ = os.environ) -> str:
+    """The run's Ray cluster: the `ray=` variable, else MODELKILN_RAY; '' runs no Ray.
+    "local" starts a cluster on this machine for the run; anything else is an address
+    (`auto`: the cluster `ray start` made on this machine; `host:6379`)."""
+    return (environ.get(RAY_VARIABLE, "") if value is None else value).strip()
+
+
+def check_command(argv: list[str]) -> None:
+    """Ray needs doit's thread workers: a `-P process` on the command line is refused."""
+    if doit_option(argv, "-P", "--parallel-type") == "process":
+        raise PreflightError(
+            "ray= runs steps from doit's thread workers: a forked doit worker cannot use "
+            "the Ray client of its parent",
+            fix="leave out -P process (with ray= doit uses -P thread; -n N says how many "
+            "steps are handed to Ray at once)",
+        )

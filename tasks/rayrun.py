@@ -33,32 +33,11 @@ from doit.exceptions import TaskFailed
 from tasks import runner, slots
 from tasks.errors import KilnError, PreflightError, StageError
 from tasks.graph import Graph, load_graph
-from tasks.jobs import doit_option
 from tasks.keys import canonical_json, diff_identities
 from tasks.report import REPORT_STEP
 
-RAY_VARIABLE = "MODELKILN_RAY"  # the `ray=` of every run, for a CI job or a builder's shell
 NODE_ARTIFACTS = "MODELKILN_ARTIFACTS"  # in a node's environment: its own artifacts folder
-IN_FLIGHT = 16  # steps handed to Ray at once without `-n`: Ray queues what does not fit
 INSTALL = "pip install 'modelkiln[ray]'"
-
-
-def ray_address(value: str | None, environ: dict[str, str] | os._Environ = os.environ) -> str:
-    """The run's Ray cluster: the `ray=` variable, else MODELKILN_RAY; '' runs no Ray.
-    "local" starts a cluster on this machine for the run; anything else is an address
-    (`auto`: the cluster `ray start` made on this machine; `host:6379`)."""
-    return (environ.get(RAY_VARIABLE, "") if value is None else value).strip()
-
-
-def check_command(argv: list[str]) -> None:
-    """Ray needs doit's thread workers: a `-P process` on the command line is refused."""
-    if doit_option(argv, "-P", "--parallel-type") == "process":
-        raise PreflightError(
-            "ray= runs steps from doit's thread workers: a forked doit worker cannot use "
-            "the Ray client of its parent",
-            fix="leave out -P process (with ray= doit uses -P thread; -n N says how many "
-            "steps are handed to Ray at once)",
-        )
 
 
 @dataclasses.dataclass(frozen=True)

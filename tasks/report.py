@@ -6,7 +6,6 @@ only when one of them changes.
 
 from __future__ import annotations
 
-import html
 from pathlib import Path
 from typing import Any
 
@@ -83,6 +82,8 @@ def markdown_table(rows: list[dict[str, Any]]) -> str:
 
 def _bars(rows: list[dict[str, Any]], metric: str, title: str, fmt: Any) -> str:
     """An inline SVG bar chart of one metric: no plotting library needed to read the report."""
+    import html  # here and below: every doit run imports this module (for the report's key)
+
     values = [(r["step"], r.get(metric)) for r in rows if r.get(metric) is not None]
     if not values:
         return ""
@@ -101,6 +102,8 @@ def _bars(rows: list[dict[str, Any]], metric: str, title: str, fmt: Any) -> str:
 
 
 def html_report(rows: list[dict[str, Any]], title: str) -> str:
+    import html
+
     head = "".join(f"<th>{html.escape(h)}</th>" for h in headers())
     body = "".join(
         "<tr>" + "".join(f"<td>{html.escape(c)}</td>" for c in _cells(r)) + "</tr>" for r in rows

@@ -165,3 +165,27 @@ for stage in {stages!r}:
 """
     proc = subprocess.run([sys.executable, "-c", probe], cwd=ROOT, capture_output=True, text=True)
     assert proc.returncode == 0, proc.stderr[-2000:]
+
+
+def test_a_run_loads_nothing_only_a_build_needs():
+    """Every `doit` loads dodo.py and the recipe's stage modules, a no-op run too (bench/noop.py
+    times it at about a quarter of a second, most of it Python's and doit's own start): the
+    runner, Ray, the report page and the libraries a step builds with are imported by the step
+    that needs them, and so are the standard modules only one step or error message uses."""
+    import subprocess
+    import sys
+
+    probe = """
+import atexit, runpy, sys
+atexit.register(lambda: print(" ".join(sys.modules)))
+sys.argv = ["doit", "-f", "dodo.py", "list"]
+runpy.run_module("doit", run_name="__main__")
+"""
+    proc = subprocess.run([sys.executable, "-c", probe], cwd=ROOT, capture_output=True, text=True)
+    assert proc.returncode == 0, proc.stderr[-2000:]
+    loaded = set(proc.stdout.split("\n")[-2].split())
+    assert "tasks.stages.quantize.awq" in loaded  # the default recipe's steps were loaded
+    heavy = {"torch", "numpy", "onnx", "onnxruntime", "transformers", "fsspec", "s3fs", "ray",
+             "matplotlib", "tasks.runner", "tasks.rayrun", "tasks.runpage", "tasks.history",
+             "statistics", "html", "tarfile", "difflib"}  # fmt: skip
+    assert not heavy & loaded, sorted(heavy & loaded)

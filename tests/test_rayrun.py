@@ -16,7 +16,8 @@ from workspace import Workspace, overlap, slow_data_recipe, write_rows
 from tasks.errors import PreflightError
 from tasks.graph import load_graph
 from tasks.hostinfo import resolve_device
-from tasks.rayrun import asks, check_command, ray_address
+from tasks.jobs import check_command, ray_address
+from tasks.rayrun import asks
 from tasks.runs import STEP_FAILED
 from tasks.slots import GPUS_VARIABLE
 

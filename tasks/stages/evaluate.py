@@ -20,7 +20,6 @@ from __future__ import annotations
 import dataclasses
 import importlib.util
 import json
-import statistics
 import time
 from dataclasses import dataclass
 from pathlib import Path
@@ -119,6 +118,8 @@ def time_generation(
 ) -> tuple[list[int], dict[str, float]]:
     """The greedy sample (stopped at EOS; also the warm-up) and the median latency of
     `repeats` runs of exactly new_tokens: EOS is ignored so every run times the same work."""
+    import statistics  # here, not at the top: every doit run imports this module
+
     from tasks.runtimes.runners import greedy
 
     sample, _, _ = greedy(runner, prompt, config.new_tokens, eos)
