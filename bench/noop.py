@@ -6,7 +6,10 @@ For each size it builds a small recipe (model -> data -> capture -> quantize -> 
 report) on a local model directory padded with that many GB of extra weight files, then times
 `doit` runs that find everything up to date. Peers measured in the same run on the same files:
 raw read speed (the floor for any content hash), MD5 (what doit's file_dep and DVC use) and
-xxh3-128 through modelkiln's digest cache with an empty cache (a cold model directory).
+xxh3-128 through modelkiln's digest cache with an empty cache (a cold model directory). The
+no-op runs alternate with those of doit alone, a dodo.py of as many always-up-to-date tasks
+with modelkiln's doit settings, in the same Python: what no dodo.py can go below (the
+interpreter, doit's import and its plug-in scans), so the difference is modelkiln's own share.
 """
 
 from __future__ import annotations
@@ -16,6 +19,7 @@ import hashlib
 import os
 import shutil
 import statistics
+import subprocess
 import sys
 import tempfile
 import time
@@ -80,6 +84,29 @@ def md5(path: Path) -> None:
             h.update(chunk)
 
 
+DOIT_ALONE = """
+DOIT_CONFIG = {"dep_file": ":memory:", "backend": "sqlite3", "verbosity": 2}
+
+
+def task_step():
+    for n in range(%d):
+        yield {"name": str(n), "actions": [], "uptodate": [True]}
+"""
+
+
+def doit_alone(folder: Path, tasks: int) -> list[str]:
+    """The command of doit alone on a dodo.py of `tasks` up-to-date tasks."""
+    folder.mkdir(exist_ok=True)
+    (folder / "dodo.py").write_text(DOIT_ALONE % tasks)
+    return [sys.executable, "-m", "doit", "-f", str(folder / "dodo.py"), "-d", str(folder)]
+
+
+def timed(run) -> float:
+    start = time.perf_counter()
+    run()
+    return time.perf_counter() - start
+
+
 def measure(work: Path, gigabytes: float, runs: int, prose: Path, tiny: Path) -> dict:
     model = work / f"model-{gigabytes}GB"
     shutil.copytree(tiny, model)
@@ -95,14 +122,15 @@ def measure(work: Path, gigabytes: float, runs: int, prose: Path, tiny: Path) ->
     row["md5 MB/s"] = throughput(model, md5)
     cold = DigestCache(work / f"cold-{gigabytes}.sqlite")
     row["xxh3 cold MB/s"] = throughput(model, cold.file_digest)
-    times, ran = [], []
+    alone = doit_alone(work / f"doit-alone-{gigabytes}GB", row["steps"])
+    times, peer, ran = [], [], []
     for _ in range(runs):
-        start = time.perf_counter()
-        proc = ws.doit()
-        times.append(time.perf_counter() - start)
-        ran += executed(proc.stdout)
+        peer.append(timed(lambda: subprocess.run(alone, capture_output=True, check=True)))
+        times.append(timed(lambda: ran.extend(executed(ws.doit().stdout))))
     row.update({"no-op median s": statistics.median(times), "no-op min s": min(times),
-                "no-op max s": max(times), "steps rerun": len(ran)})  # fmt: skip
+                "no-op max s": max(times), "doit alone median s": statistics.median(peer),
+                "modelkiln's share s": statistics.median(times) - statistics.median(peer),
+                "steps rerun": len(ran)})  # fmt: skip
     return row
 
 

@@ -48,6 +48,7 @@ def quantize_in_env(
     config: Config, ctx: StepContext, model: str, exclude: list[str]
 ) -> dict[str, Any]:
     """Runs inside the inc environment."""
+    from onnx_neural_compressor.quantization import algorithm_entry
     from onnx_neural_compressor.quantization import config as inc_config
     from onnx_neural_compressor.quantization.quantize import quantize
     from onnxruntime.quantization import QuantType
@@ -60,10 +61,27 @@ def quantize_in_env(
         use_external_data_format=True,
         execution_provider="CPUExecutionProvider",
     )
-    quantize(model, str(ctx.out / Path(model).name), settings)
+    # onnx-neural-compressor 1.0 keeps reduce_range in its config but never hands it to the
+    # quantizer (dynamic_quantize_entry makes its DynamicQuantizer without it, and that class
+    # drops the argument anyway), so its int8 was full range whatever the recipe said, and
+    # saturated on x86 without VNNI. The quantizer it makes is given the setting here.
+    entry = algorithm_entry.quantizer
+    made = entry.DynamicQuantizer
+
+    class DynamicQuantizer(made):
+        def __init__(self, *args: Any, **kwargs: Any) -> None:
+            super().__init__(*args, **kwargs)
+            self.reduce_range = config.reduce_range
+
+    entry.DynamicQuantizer = DynamicQuantizer
+    try:
+        quantize(model, str(ctx.out / Path(model).name), settings)
+    finally:
+        entry.DynamicQuantizer = made
     return {}
 
 
 SPEC = onnx_quantizer_spec(
-    "inc-dynamic", Config, run, "Intel Neural Compressor dynamic int8 quantization", INC
-)
+    "inc-dynamic", Config, run, "Intel Neural Compressor dynamic int8 quantization", INC,
+    version="2",  # 2: reduce_range reaches the quantizer
+)  # fmt: skip
