@@ -29,7 +29,7 @@ ROOT = Path(__file__).resolve().parents[1]
 sys.path[:0] = [str(ROOT), str(ROOT / "tests")]
 
 from conftest import build_tiny_model, tiny_text  # noqa: E402
-from workspace import Workspace, executed, tiny_recipe  # noqa: E402
+from workspace import Workspace, doit_alone, executed, tiny_recipe  # noqa: E402
 
 from tasks.digest import DigestCache  # noqa: E402
 
@@ -82,23 +82,6 @@ def md5(path: Path) -> None:
     with open(path, "rb") as fh:
         while chunk := fh.read(8 << 20):
             h.update(chunk)
-
-
-DOIT_ALONE = """
-DOIT_CONFIG = {"dep_file": ":memory:", "backend": "sqlite3", "verbosity": 2}
-
-
-def task_step():
-    for n in range(%d):
-        yield {"name": str(n), "actions": [], "uptodate": [True]}
-"""
-
-
-def doit_alone(folder: Path, tasks: int) -> list[str]:
-    """The command of doit alone on a dodo.py of `tasks` up-to-date tasks."""
-    folder.mkdir(exist_ok=True)
-    (folder / "dodo.py").write_text(DOIT_ALONE % tasks)
-    return [sys.executable, "-m", "doit", "-f", str(folder / "dodo.py"), "-d", str(folder)]
 
 
 def timed(run) -> float:

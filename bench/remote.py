@@ -15,8 +15,9 @@ GIL with the client being measured) listens on 127.0.0.1. Then:
 2. Workspace B, fresh, with the same recipe and remote, runs the same `doit`: every step must
    be pulled (`pulled from` in its log), none built. Its wall time is printed next to A's.
 3. No-op `doit` in B, --noop-runs times (median), with the remote configured and, as the
-   peer, with `remote=` (no remote); PYTHONDONTWRITEBYTECODE is removed from the children's
-   environment. For these runs B's recipe points its endpoint at a counting TCP proxy in front
+   peer, with `remote=` (no remote); and doit alone, a dodo.py of as many up-to-date tasks
+   as the recipe has (what no dodo.py goes below on this machine at this moment), all three in
+   alternation. PYTHONDONTWRITEBYTECODE is removed from the children's environment. For these runs B's recipe points its endpoint at a counting TCP proxy in front
    of the server: the connections it accepted and the requests the server counted must be 0.
 4. Throughput of one entry (--entry, a link under artifacts/default/; the AWQ checkpoint,
    about 175 MB, by default): RemoteStore.push from A's store and RemoteStore.pull into a fresh
@@ -52,9 +53,10 @@ from pathlib import Path
 ROOT = Path(__file__).resolve().parents[1]
 sys.path[:0] = [str(ROOT), str(ROOT / "tests")]
 
-from workspace import Workspace, executed  # noqa: E402
+from workspace import Workspace, doit_alone, executed  # noqa: E402
 
 from tasks.digest import hash_file  # noqa: E402
+from tasks.recipe import load_recipe  # noqa: E402
 from tasks.remote import RemoteStore  # noqa: E402
 from tasks.store import Store  # noqa: E402
 
@@ -324,13 +326,22 @@ def main() -> None:
         proxy = CountingProxy(server.port)
         b.write(recipe_text(remote, proxy.endpoint))
         before = server.requests()
-        noop: dict[str, list[float]] = {"remote": [], "none": []}
+        noop: dict[str, list[float]] = {"remote": [], "none": [], "doit alone": []}
         rerun = []
         kinds = {"remote": variables, "none": ("remote=",)}
+        alone_tasks = len(load_recipe(b.recipe).steps) + 1  # and the report
+        alone = doit_alone(work / "doit-alone", alone_tasks)
         for i in range(args.noop_runs + 1):  # the first of each kind: a warm-up, not timed
-            for kind in ("remote", "none") if i % 2 == 0 else ("none", "remote"):
-                seconds, proc = doit(b, targets, env, *kinds[kind])
-                rerun += executed(proc.stdout)
+            for kind in (
+                ("remote", "none", "doit alone") if i % 2 == 0 else ("doit alone", "none", "remote")
+            ):
+                if kind == "doit alone":
+                    start = time.perf_counter()
+                    subprocess.run(alone, capture_output=True, check=True, env=env)
+                    seconds = time.perf_counter() - start
+                else:
+                    seconds, proc = doit(b, targets, env, *kinds[kind])
+                    rerun += executed(proc.stdout)
                 if i:
                     noop[kind].append(seconds)
         noop_requests = server.requests() - before
@@ -368,6 +379,9 @@ def main() -> None:
         (f"B: no-op `doit {args.tasks}`, remote on, median s", f"{noop_med['remote']:.3f}",
          "same, `remote=` (no remote)", f"{noop_med['none']:.3f}",
          f"{noop_med['remote'] / noop_med['none']:.2f}x"),
+        (f"B: no-op `doit {args.tasks}`, remote on, median s", f"{noop_med['remote']:.3f}",
+         f"doit alone, {alone_tasks} up-to-date tasks", f"{noop_med['doit alone']:.3f}",
+         f"+{noop_med['remote'] - noop_med['doit alone']:.3f} s"),
         (f"requests to the server in {2 * (args.noop_runs + 1)} no-op runs", str(noop_requests),
          "connections to the proxy", str(proxy.connections), ""),
     ]  # fmt: skip

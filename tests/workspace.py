@@ -107,6 +107,24 @@ class Workspace:
         return proc
 
 
+DOIT_ALONE = """
+DOIT_CONFIG = {"dep_file": ":memory:", "backend": "sqlite3", "verbosity": 2}
+
+
+def task_step():
+    for n in range(%d):
+        yield {"name": str(n), "actions": [], "uptodate": [True]}
+"""
+
+
+def doit_alone(folder: Path, tasks: int) -> list[str]:
+    """The command of doit alone on a dodo.py of `tasks` up-to-date tasks, with modelkiln's
+    doit settings: the benches' peer for a no-op (what no dodo.py can go below)."""
+    folder.mkdir(exist_ok=True)
+    (folder / "dodo.py").write_text(DOIT_ALONE % tasks)
+    return [sys.executable, "-m", "doit", "-f", str(folder / "dodo.py"), "-d", str(folder)]
+
+
 def executed(output: str) -> list[str]:
     """Tasks doit ran (`.  task`), not those it found up to date (`-- task`)."""
     return re.findall(r"^\.  (\S+)", output, flags=re.M)
