@@ -31,14 +31,16 @@ import time
 from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 from tasks import interrupt
 from tasks.errors import StageError
 from tasks.keys import key_of
-from tasks.pipconfig import Settings, pip_settings
 from tasks.requirement import normalize_name
 from tasks.staging import Staging, remove_path
+
+if TYPE_CHECKING:  # pip's settings are read only when an environment is built
+    from tasks.pipconfig import Settings
 
 ENV_VERSION = "3"  # bump when the way environments are built changes (2: from hashed locks;
 # 3: by uv, so no pip and no unlocked setuptools from ensurepip in them)
@@ -162,6 +164,8 @@ def ensure(artifacts: Path, env: Environment, log: Callable[[str], None]) -> Pat
 
 
 def _build(tmp: Path, env: Environment, started: float, cache: Path) -> None:
+    from tasks.pipconfig import pip_settings
+
     if stale := lock_mismatches(env):
         raise StageError(
             f"the lock of the {env.name} environment ({env.lock}) does not match its pins: "
