@@ -8,8 +8,9 @@ report) on a local model directory padded with that many GB of extra weight file
 raw read speed (the floor for any content hash), MD5 (what doit's file_dep and DVC use) and
 xxh3-128 through modelkiln's digest cache with an empty cache (a cold model directory). The
 no-op runs alternate with those of doit alone, a dodo.py of as many always-up-to-date tasks
-with modelkiln's doit settings, in the same Python: what no dodo.py can go below (the
-interpreter, doit's import and its plug-in scans), so the difference is modelkiln's own share.
+with modelkiln's in-memory task database, in the same Python: about what no dodo.py can go
+below (the interpreter, doit's import and its plug-in scans), so the difference is close to
+modelkiln's own share.
 """
 
 from __future__ import annotations

@@ -329,8 +329,10 @@ def main() -> None:
         noop: dict[str, list[float]] = {"remote": [], "none": [], "doit alone": []}
         rerun = []
         kinds = {"remote": variables, "none": ("remote=",)}
-        alone_tasks = len(load_recipe(b.recipe).steps) + 1  # and the report
+        alone_tasks = len(load_recipe(b.recipe).steps) + 1  # and the report: as many as doit loads
         alone = doit_alone(work / "doit-alone", alone_tasks)
+        if targets:  # doit then checks only the targets and their inputs: as many of its own
+            alone += [f"step:{n}" for n in range(len(built))]
         for i in range(args.noop_runs + 1):  # the first of each kind: a warm-up, not timed
             for kind in (
                 ("remote", "none", "doit alone") if i % 2 == 0 else ("doit alone", "none", "remote")
@@ -380,7 +382,7 @@ def main() -> None:
          "same, `remote=` (no remote)", f"{noop_med['none']:.3f}",
          f"{noop_med['remote'] / noop_med['none']:.2f}x"),
         (f"B: no-op `doit {args.tasks}`, remote on, median s", f"{noop_med['remote']:.3f}",
-         f"doit alone, {alone_tasks} up-to-date tasks", f"{noop_med['doit alone']:.3f}",
+         f"doit alone, {alone_tasks} tasks, {len(built) if targets else alone_tasks} checked", f"{noop_med['doit alone']:.3f}",
          f"+{noop_med['remote'] - noop_med['doit alone']:.3f} s"),
         (f"requests to the server in {2 * (args.noop_runs + 1)} no-op runs", str(noop_requests),
          "connections to the proxy", str(proxy.connections), ""),

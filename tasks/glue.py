@@ -4,7 +4,7 @@ A step is up to date exactly when its key's manifest exists in the store, so doi
 database decides nothing: reverting a recipe brings the earlier output back with nothing run.
 
 Every `doit` imports this module, a no-op run too (bench/noop.py times it), so what only a
-step's build or one maintenance command needs (the runner, Ray, stage environments) is
+step's build or one maintenance command needs (the runner, Ray, environment clean-up) is
 imported where it is used.
 """
 

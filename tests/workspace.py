@@ -118,8 +118,9 @@ def task_step():
 
 
 def doit_alone(folder: Path, tasks: int) -> list[str]:
-    """The command of doit alone on a dodo.py of `tasks` up-to-date tasks, with modelkiln's
-    doit settings: the benches' peer for a no-op (what no dodo.py can go below)."""
+    """The command of doit alone on a dodo.py of `tasks` up-to-date tasks (named step:0,
+    step:1, ...), with modelkiln's in-memory task database: the benches' peer for a no-op,
+    about what no dodo.py can go below."""
     folder.mkdir(exist_ok=True)
     (folder / "dodo.py").write_text(DOIT_ALONE % tasks)
     return [sys.executable, "-m", "doit", "-f", str(folder / "dodo.py"), "-d", str(folder)]
