@@ -7,10 +7,11 @@ report) on a local model directory padded with that many GB of extra weight file
 `doit` runs that find everything up to date. Peers measured in the same run on the same files:
 raw read speed (the floor for any content hash), MD5 (what doit's file_dep and DVC use) and
 xxh3-128 through modelkiln's digest cache with an empty cache (a cold model directory). The
-no-op runs alternate with those of doit alone, a dodo.py of as many always-up-to-date tasks
+warm no-op runs alternate with those of doit alone, a dodo.py of as many always-up-to-date tasks
 with modelkiln's in-memory task database, in the same Python: about what no dodo.py can go
 below (the interpreter, doit's import and its plug-in scans), so the difference is close to
-modelkiln's own share.
+modelkiln's own share. The first no-op after the peers' reads (which drop the page cache) is
+reported apart, as the cold no-op; the medians are of warm runs after one warm-up of each.
 """
 
 from __future__ import annotations
@@ -108,6 +109,12 @@ def measure(work: Path, gigabytes: float, runs: int, prose: Path, tiny: Path) ->
     row["xxh3 cold MB/s"] = throughput(model, cold.file_digest)
     alone = doit_alone(work / f"doit-alone-{gigabytes}GB", row["steps"])
     times, peer, ran = [], [], []
+    # The reads above left the page cache cold (Python, doit, the libraries): the first no-op
+    # is reported apart, and one more run of each warms up before the timed ones.
+    row["cold no-op s"] = timed(lambda: ran.extend(executed(ws.doit().stdout)))
+    for _ in range(2):
+        subprocess.run(alone, capture_output=True, check=True)
+    ran.extend(executed(ws.doit().stdout))
     for _ in range(runs):
         peer.append(timed(lambda: subprocess.run(alone, capture_output=True, check=True)))
         times.append(timed(lambda: ran.extend(executed(ws.doit().stdout))))
