@@ -31,7 +31,7 @@ ROOT = Path(__file__).resolve().parents[1]
 sys.path[:0] = [str(ROOT), str(ROOT / "tests")]
 
 from conftest import build_tiny_model, tiny_text  # noqa: E402
-from workspace import Workspace, doit_alone, executed, tiny_recipe  # noqa: E402
+from workspace import Workspace, doit_alone, executed, timed, tiny_recipe  # noqa: E402
 
 from tasks.digest import DigestCache  # noqa: E402
 
@@ -86,12 +86,6 @@ def md5(path: Path) -> None:
             h.update(chunk)
 
 
-def timed(run) -> float:
-    start = time.perf_counter()
-    run()
-    return time.perf_counter() - start
-
-
 def measure(work: Path, gigabytes: float, runs: int, prose: Path, tiny: Path) -> dict:
     model = work / f"model-{gigabytes}GB"
     shutil.copytree(tiny, model)
@@ -109,8 +103,8 @@ def measure(work: Path, gigabytes: float, runs: int, prose: Path, tiny: Path) ->
     row["xxh3 cold MB/s"] = throughput(model, cold.file_digest)
     alone = doit_alone(work / f"doit-alone-{gigabytes}GB", row["steps"])
     times, peer, ran = [], [], []
-    # The reads above left the page cache cold (Python, doit, the libraries): the first no-op
-    # is reported apart, and one more run of each warms up before the timed ones.
+    # The reads above left the page cache cold (Python, doit, the libraries): modelkiln's first
+    # no-op is reported apart, and each command runs untimed until it has had one warm run.
     row["cold no-op s"] = timed(lambda: ran.extend(executed(ws.doit().stdout)))
     for _ in range(2):
         subprocess.run(alone, capture_output=True, check=True)

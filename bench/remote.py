@@ -17,7 +17,8 @@ GIL with the client being measured) listens on 127.0.0.1. Then:
 3. No-op `doit` in B, --noop-runs times (median), with the remote configured and, as the
    peer, with `remote=` (no remote); and doit alone, a dodo.py of as many up-to-date tasks
    as the recipe has (what no dodo.py goes below on this machine at this moment), all three in
-   alternation. PYTHONDONTWRITEBYTECODE is removed from the children's environment. For these runs B's recipe points its endpoint at a counting TCP proxy in front
+   alternation. PYTHONDONTWRITEBYTECODE is removed from the children's environment. For
+   these runs B's recipe points its endpoint at a counting TCP proxy in front
    of the server: the connections it accepted and the requests the server counted must be 0.
 4. Throughput of one entry (--entry, a link under artifacts/default/; the AWQ checkpoint,
    about 175 MB, by default): RemoteStore.push from A's store and RemoteStore.pull into a fresh
@@ -47,13 +48,12 @@ import threading
 import time
 import urllib.request
 import uuid
-from collections.abc import Callable
 from pathlib import Path
 
 ROOT = Path(__file__).resolve().parents[1]
 sys.path[:0] = [str(ROOT), str(ROOT / "tests")]
 
-from workspace import Workspace, doit_alone, executed  # noqa: E402
+from workspace import Workspace, doit_alone, executed, timed  # noqa: E402
 
 from tasks.digest import hash_file  # noqa: E402
 from tasks.recipe import load_recipe  # noqa: E402
@@ -191,12 +191,6 @@ def log(message: str) -> None:
 
 
 # ---- 1. transfer throughput ----------------------------------------------------------------
-
-
-def timed(call: Callable[[], object]) -> float:
-    start = time.perf_counter()
-    call()
-    return time.perf_counter() - start
 
 
 def throughput(store: Store, key: str, server: S3Server, bucket: str, work: Path, reps: int):
@@ -338,9 +332,8 @@ def main() -> None:
                 ("remote", "none", "doit alone") if i % 2 == 0 else ("doit alone", "none", "remote")
             ):
                 if kind == "doit alone":
-                    start = time.perf_counter()
-                    subprocess.run(alone, capture_output=True, check=True, env=env)
-                    seconds = time.perf_counter() - start
+                    seconds = timed(lambda: subprocess.run(alone, capture_output=True, check=True,
+                                                           env=env))  # fmt: skip
                 else:
                     seconds, proc = doit(b, targets, env, *kinds[kind])
                     rerun += executed(proc.stdout)

@@ -32,11 +32,15 @@ def cpu_level() -> str:
     forced = os.environ.get("ATEN_CPU_CAPABILITY", "").strip().lower()
     if forced:
         return "baseline" if forced == "default" else forced
+    return level_of(_cpuinfo())
+
+
+def _cpuinfo() -> str:
+    """/proc/cpuinfo's text; '' where there is none (then no flags: the architecture counts)."""
     try:
-        text = Path("/proc/cpuinfo").read_text()
+        return Path("/proc/cpuinfo").read_text()
     except OSError:
-        return platform.machine().lower() or "unknown"
-    return level_of(text)
+        return ""
 
 
 def flags_of(cpuinfo: str) -> set[str]:
@@ -50,12 +54,7 @@ def flags_of(cpuinfo: str) -> set[str]:
 def saturates_int8(cpuinfo: str | None = None) -> bool:
     """x86 with AVX2 but no VNNI: onnxruntime's u8s8 int8 kernels sum in 16 bits there and
     saturate; 7-bit weights (reduce_range) are onnxruntime's advice."""
-    if cpuinfo is None:
-        try:
-            cpuinfo = Path("/proc/cpuinfo").read_text()
-        except OSError:
-            return False
-    flags = flags_of(cpuinfo)
+    flags = flags_of(_cpuinfo() if cpuinfo is None else cpuinfo)
     return "avx2" in flags and not flags & {"avx512_vnni", "avx_vnni"}
 
 

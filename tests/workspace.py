@@ -7,6 +7,7 @@ import re
 import subprocess
 import sys
 import time
+from collections.abc import Callable
 from dataclasses import dataclass
 from datetime import datetime
 from pathlib import Path
@@ -124,6 +125,13 @@ def doit_alone(folder: Path, tasks: int) -> list[str]:
     folder.mkdir(exist_ok=True)
     (folder / "dodo.py").write_text(DOIT_ALONE % tasks)
     return [sys.executable, "-m", "doit", "-f", str(folder / "dodo.py"), "-d", str(folder)]
+
+
+def timed(call: Callable[[], object]) -> float:
+    """Wall seconds of call()."""
+    start = time.perf_counter()
+    call()
+    return time.perf_counter() - start
 
 
 def executed(output: str) -> list[str]:
