@@ -26,7 +26,9 @@ GIL with the client being measured) listens on 127.0.0.1. Then:
    server, alternating, --reps times each (medians), each run started with nothing left to
    write back (`os.sync()`, untimed). RemoteStore.pull checks each file's xxh3 and the local
    publish fsyncs it: both are part of its cost (a plain get syncs nothing), so the time of one
-   xxh3 pass over the entry is printed too.
+   xxh3 pass over the entry is printed too. Ratios are given twice: of the medians, and the
+   median of each repetition's back-to-back pair; each transfer's CPU steal (the share of the
+   machine's time a shared VM's hypervisor gave elsewhere, from /proc/stat) is printed beside it.
 
 The endpoint reaches doit through the recipe (`[store] endpoint_url`, only settable there): the
 bench writes a copy of recipes/default.toml with a [store] table into its scratch folder.
@@ -211,6 +213,7 @@ def throughput(store: Store, key: str, server: S3Server, bucket: str, work: Path
     entry, files = store.entry(key), store.manifest(key)["files"]
     source = puller.upload_path(key, puller.manifest(key)["upload"])  # what A's doit pushed
     times: dict[str, list[float]] = {"push": [], "put": [], "pull": [], "get": []}
+    steal: dict[str, list[float]] = {name: [] for name in times}
 
     def push(i: int) -> None:
         times["push"].append(timed(lambda: pusher.push(store, key, progress)))
@@ -248,10 +251,31 @@ def throughput(store: Store, key: str, server: S3Server, bucket: str, work: Path
                 # Untimed: the disk's writeback of the run before (a plain get leaves its files
                 # unsynced) would otherwise be paid by the next run's fsync, a pull's publish.
                 os.sync()
+                before = cpu_ticks()
                 run(i)
-                log(f"  {run.__name__} {i + 1}/{reps}: {times[run.__name__][-1]:.2f} s")
+                steal[run.__name__].append(steal_share(before, cpu_ticks()))
+                log(f"  {run.__name__} {i + 1}/{reps}: {times[run.__name__][-1]:.2f} s, "
+                    f"steal {steal[run.__name__][-1]:.0%}")  # fmt: skip
     hashes = [timed(lambda: [hash_file(entry / r["path"]) for r in files]) for _ in range(reps)]
-    return times, hashes
+    return times, hashes, steal
+
+
+def cpu_ticks() -> list[int]:
+    """The machine's CPU time counters (/proc/stat's first line; [] where there is none)."""
+    try:
+        with open("/proc/stat") as fh:
+            return [int(v) for v in fh.readline().split()[1:]]
+    except OSError:
+        return []
+
+
+def steal_share(before: list[int], after: list[int]) -> float:
+    """The share of CPU time the hypervisor gave to other guests between two readings: on a
+    shared VM, runs with steal are the slow ones, whatever is being measured."""
+    if len(before) < 8 or len(after) < 8:
+        return 0.0
+    total = sum(after) - sum(before)
+    return (after[7] - before[7]) / total if total else 0.0
 
 
 # ---- the whole bench -------------------------------------------------------------------------
@@ -263,7 +287,7 @@ def main() -> None:
                         help="doit targets to build, comma separated; `all`: the whole recipe")  # fmt: skip
     parser.add_argument("--entry", default="quantize/awq",
                         help="the step whose entry the throughput is measured on")  # fmt: skip
-    parser.add_argument("--reps", type=int, default=3, help="repetitions of each transfer")
+    parser.add_argument("--reps", type=int, default=5, help="repetitions of each transfer")
     parser.add_argument("--noop-runs", type=int, default=5, help="timed no-op runs of each kind")
     parser.add_argument("--work", type=Path, default=Path("/tmp/benchremote"))
     parser.add_argument("--keep", action="store_true", help="keep the scratch folder")
@@ -319,6 +343,7 @@ def main() -> None:
         # ---- 3. no-op in B: with the remote (its endpoint a counting proxy) and without ---------
         proxy = CountingProxy(server.port)
         b.write(recipe_text(remote, proxy.endpoint))
+        os.sync()  # untimed: the server's copy of A's push is still being written back
         before = server.requests()
         noop: dict[str, list[float]] = {"remote": [], "none": [], "doit alone": []}
         rerun = []
@@ -351,7 +376,7 @@ def main() -> None:
         files = store.manifest(key)["files"]
         size = sum(r["size"] for r in files)
         log(f"throughput of {args.entry}: {len(files)} files, {size / 1e6:.1f} MB ...")
-        times, hashes = throughput(store, key, server, bucket, work, args.reps)
+        times, hashes, steal = throughput(store, key, server, bucket, work, args.reps)
     finally:
         if proxy:
             proxy.close()
@@ -360,6 +385,10 @@ def main() -> None:
     med = {name: statistics.median(values) for name, values in times.items()}
     mbs = {name: size / 1e6 / seconds for name, seconds in med.items()}
     xxh3 = size / 1e6 / statistics.median(hashes)
+    # Each repetition runs ours and the peer back to back: the median of their ratios pairs
+    # runs made within seconds of each other, so a minute of steal moves both sides.
+    paired = {ours: statistics.median(p / o for o, p in zip(times[ours], times[peer], strict=True))
+              for ours, peer in (("push", "put"), ("pull", "get"))}  # fmt: skip
     noop_med = {kind: statistics.median(values) for kind, values in noop.items()}
     steps = ", ".join(built)
     rows = [
@@ -389,15 +418,21 @@ def main() -> None:
     print(f"\nsteps built in A and pulled in B: {steps} "
           f"(B: {'every step pulled, none built' if pull_ok else 'CHECK FAILED: built ' + str(b_built)};"
           f" {b_requests} requests)")  # fmt: skip
-    print(f"transfer ratios: target >= 0.8x of plain s3fs (push {mbs['push'] / mbs['put']:.2f}x, "
-          f"pull {mbs['pull'] / mbs['get']:.2f}x); no-op steps rerun: {len(rerun)}; "
+    print(f"transfer ratios: target >= 0.8x of plain s3fs (medians: push {mbs['push'] / mbs['put']:.2f}x, "
+          f"pull {mbs['pull'] / mbs['get']:.2f}x; median of the {args.reps} back-to-back pairs: push "
+          f"{paired['push']:.2f}x, pull {paired['pull']:.2f}x); no-op steps rerun: {len(rerun)}; "
           f"no-op requests: {noop_requests} (target 0)")  # fmt: skip
-    print("seconds per run: " + "; ".join(
-        f"{name} {', '.join(f'{s:.2f}' for s in values)}"
-        for name, values in {**times, **{f"no-op {k}": v for k, v in noop.items()}}.items()))  # fmt: skip
+    runs = {**times, **{f"no-op {kind}": values for kind, values in noop.items()}}
+    print("seconds per run (CPU steal, where any): " + "; ".join(
+        f"{name} {', '.join(_run(s, t) for s, t in zip(values, steal.get(name, [0.0] * len(values)), strict=True))}"
+        for name, values in runs.items()))  # fmt: skip
     print(f"whole bench: {time.perf_counter() - started:.0f} s")
     if not args.keep:
         shutil.rmtree(work, ignore_errors=True)
+
+
+def _run(seconds: float, steal: float) -> str:
+    return f"{seconds:.2f}" + (f" ({steal:.0%})" if steal >= 0.005 else "")
 
 
 def _version(name: str) -> str:
