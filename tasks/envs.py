@@ -20,7 +20,6 @@ import functools
 import hashlib
 import json
 import os
-import platform
 import re
 import shutil
 import subprocess
@@ -72,13 +71,19 @@ class Environment:
             "environment": self.name,
             "version": ENV_VERSION,
             "lock": hashlib.sha256("\n".join(lock_lines(self)).encode()).hexdigest(),
-            "python": platform.python_version(),
+            "python": python_version(),
             "platform": sysconfig.get_platform(),
         }
 
     @functools.cached_property
     def key(self) -> str:  # read once: every doit loads the graph, and a lock is 60-90 KB
         return key_of(self.identity())
+
+
+def python_version() -> str:
+    """platform.python_version() ("3.11.7", "3.13.0rc1"): the first word of sys.version, which
+    is what it parses, without importing platform on every run."""
+    return sys.version.split()[0]
 
 
 def lock_lines(env: Environment) -> list[str]:

@@ -8,7 +8,7 @@ from __future__ import annotations
 
 import functools
 import os
-import platform
+import sys
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -185,10 +185,11 @@ def _resolve(step: Step, file: str) -> dict[str, str] | None:
 def platform_identity() -> dict[str, str]:
     """What a step's output can depend on besides its inputs: the kernels libraries pick (by OS
     and architecture) and the Python that ran them."""
+    uname = os.uname()  # what platform.system() and .machine() read, without importing it
     return {
-        "os": platform.system().lower(),
-        "machine": platform.machine().lower(),
-        "python": ".".join(platform.python_version_tuple()[:2]),
+        "os": uname.sysname.lower(),
+        "machine": uname.machine.lower(),
+        "python": f"{sys.version_info.major}.{sys.version_info.minor}",
     }
 
 

@@ -11,7 +11,6 @@ from __future__ import annotations
 import functools
 import glob
 import os
-import platform
 from pathlib import Path
 
 # What torch (OpenMP), MKL and the processes a step starts read their thread count from.
@@ -61,7 +60,7 @@ def saturates_int8(cpuinfo: str | None = None) -> bool:
 def level_of(cpuinfo: str) -> str:
     flags = flags_of(cpuinfo)
     if not flags:
-        return platform.machine().lower() or "unknown"
+        return os.uname().machine.lower() or "unknown"
     return next((name for name, needs in LEVELS if needs <= flags), "baseline")
 
 

@@ -1,4 +1,5 @@
 import dataclasses
+import pickle
 from dataclasses import dataclass
 from typing import Literal
 
@@ -7,10 +8,12 @@ import pytest
 from tasks.config import (
     ConfigValueError,
     PowerOfTwo,
+    StageConfig,
     as_params,
     field_docs,
     option,
     parse_config,
+    stage_config,
 )
 from tasks.errors import KilnError, PreflightError, RecipeError, StageError
 
@@ -173,3 +176,73 @@ def test_field_docs_cover_every_field():
     names = [name for name, *_ in field_docs(Demo)]
     assert names == ["bits", "group_size", "ratio", "sym", "modules"]
     assert all(doc for *_, doc in field_docs(Demo))
+
+
+@stage_config
+class Light(StageConfig):
+    """A stage config as the stages declare theirs."""
+
+    bits: Literal[2, 4, 8] = option(4, "weight bits")
+    modules: tuple[str, ...] = option(("lm_head",), "names")
+    seen: list = dataclasses.field(default_factory=list)
+
+    def __post_init__(self):
+        if self.bits == 2:
+            raise ConfigValueError("bits", "2 is too few", "use 4 or 8")
+
+
+@stage_config
+class Heavier(Light):
+    extra: int = option(1, "one more")
+
+
+def test_a_stage_config_behaves_as_a_frozen_keyword_only_dataclass():
+    config = Light(bits=8)
+    assert (config.bits, config.modules, config.seen) == (8, ("lm_head",), [])
+    assert Light().seen is not Light().seen  # a fresh default per instance, as default_factory
+    assert config == Light(bits=8) and config != Light() and Light() != Heavier()
+    assert hash(Light(seen=())) == hash(Light(seen=()))
+    assert repr(config) == "Light(bits=8, modules=('lm_head',), seen=[])"
+    with pytest.raises(dataclasses.FrozenInstanceError):
+        config.bits = 4
+    with pytest.raises(dataclasses.FrozenInstanceError):
+        del config.bits
+    with pytest.raises(TypeError, match="unexpected keyword arguments \\['bitz'\\]"):
+        Light(bitz=4)
+    with pytest.raises(ConfigValueError, match="2 is too few"):  # __post_init__ ran
+        Light(bits=2)
+    assert dataclasses.replace(config, bits=4) == Light()
+    assert dataclasses.asdict(Heavier(extra=3)) == {
+        "bits": 4, "modules": ("lm_head",), "seen": [], "extra": 3
+    }  # fmt: skip
+    assert [f.name for f in dataclasses.fields(Heavier)] == ["bits", "modules", "seen", "extra"]
+    assert pickle.loads(pickle.dumps(Heavier(extra=3))) == Heavier(extra=3)
+    assert parse_config(Heavier, {"extra": 2}, "r.toml", "x").extra == 2
+
+
+def test_a_required_field_without_default_is_required():
+    @stage_config
+    class Needs(StageConfig):
+        name: str
+
+    assert Needs(name="a").name == "a"
+    with pytest.raises(TypeError, match="missing keyword argument 'name'"):
+        Needs()
+
+
+def test_a_stage_config_must_derive_from_the_base():
+    with pytest.raises(TypeError, match="must derive from StageConfig"):
+
+        @stage_config
+        class Plain:
+            bits: int = 4
+
+
+def test_every_stage_config_is_a_stage_config():
+    """So that equality, hash and freezing are StageConfig's everywhere (the registry's)."""
+    from tasks.stages import REGISTRY, spec_for
+
+    for stage, algorithms in REGISTRY.items():
+        for algorithm in algorithms:
+            config = spec_for(stage, algorithm).config
+            assert issubclass(config, StageConfig), (stage, algorithm)

@@ -178,14 +178,16 @@ def test_the_platform_is_in_the_identity_of_steps_that_depend_on_it(
 ):
     """An entry built on one platform is never taken for another's once stores are shared;
     a data set, plain text handled in Python, is the same everywhere."""
-    import platform
+    import os
 
     from tasks import graph
 
     text = tiny_recipe(tiny_model, prose_file)
     here = keys_of(tmp_path / "x86", text)
     graph.platform_identity.cache_clear()
-    monkeypatch.setattr(platform, "machine", lambda: "arm64")
+    u = os.uname()
+    arm = os.uname_result((u.sysname, u.nodename, u.release, u.version, "arm64"))
+    monkeypatch.setattr(os, "uname", lambda: arm)
     try:
         there = keys_of(tmp_path / "arm", text)
     finally:
@@ -193,3 +195,19 @@ def test_the_platform_is_in_the_identity_of_steps_that_depend_on_it(
     assert here["data.prose"] == there["data.prose"]
     for ref in ("model", "capture.fp32", "quantize.int8", "evaluate.int8", "report"):
         assert here[ref] != there[ref], ref
+
+
+def test_the_platform_is_read_as_the_platform_module_reads_it():
+    """The identity reads os.uname() and sys.version (importing platform costs every run
+    milliseconds); keys made before that change must not move."""
+    import platform
+
+    from tasks.envs import python_version
+    from tasks.graph import platform_identity
+
+    assert platform_identity() == {
+        "os": platform.system().lower(),
+        "machine": platform.machine().lower(),
+        "python": ".".join(platform.python_version_tuple()[:2]),
+    }
+    assert python_version() == platform.python_version()

@@ -187,5 +187,6 @@ runpy.run_module("doit", run_name="__main__")
     assert "tasks.stages.quantize.awq" in loaded  # the default recipe's steps were loaded
     heavy = {"torch", "numpy", "onnx", "onnxruntime", "transformers", "fsspec", "s3fs", "ray",
              "matplotlib", "tasks.runner", "tasks.rayrun", "tasks.runpage", "tasks.history",
-             "tasks.pipconfig", "statistics", "html", "tarfile", "difflib"}  # fmt: skip
+             "tasks.pipconfig", "statistics", "html", "tarfile", "difflib", "platform",
+             "multiprocessing.queues", "ctypes"}  # fmt: skip
     assert not heavy & loaded, sorted(heavy & loaded)

@@ -19,19 +19,18 @@ from __future__ import annotations
 import dataclasses
 import json
 import shutil
-from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-from tasks.config import option
+from tasks.config import StageConfig, option, stage_config
 from tasks.errors import RecipeError, StageError
 from tasks.formats.finetune import ADAPTER_INFO, FINETUNE_INFO
 from tasks.runtimes.onnx import ONNX_NEEDS
 from tasks.stages import ONNX, ONNX_ADAPTER, PEFT, StageSpec, Step, StepContext, spec_for
 
 
-@dataclass(frozen=True, kw_only=True)
-class Config:
+@stage_config
+class Config(StageConfig):
     """The ONNX form of one LoRA adapter."""
 
     base: str = option(

@@ -20,12 +20,11 @@ import re
 import shutil
 import subprocess
 import sys
-from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Literal
 
 from tasks import interrupt
-from tasks.config import ConfigValueError, option, refuse_inapplicable
+from tasks.config import ConfigValueError, StageConfig, option, refuse_inapplicable, stage_config
 from tasks.errors import StageError
 from tasks.runtimes.onnx import (
     NBITS_BLOCK_SIZE,
@@ -58,8 +57,8 @@ LIBRARIES = (
 WEIGHT_SUFFIXES = {".safetensors", ".bin", ".pt", ".pth", ".gguf", ".h5", ".msgpack"}
 
 
-@dataclass(frozen=True, kw_only=True)
-class Config:
+@stage_config
+class Config(StageConfig):
     """How to turn the Hugging Face model into ONNX."""
 
     ort_genai: bool = option(True, "use onnxruntime-genai's model builder (else torch.onnx)")

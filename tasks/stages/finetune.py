@@ -18,11 +18,10 @@ held-out loss curves.
 from __future__ import annotations
 
 import json
-from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Literal
 
-from tasks.config import ConfigValueError, option, refuse_inapplicable
+from tasks.config import ConfigValueError, StageConfig, option, refuse_inapplicable, stage_config
 from tasks.errors import StageError
 from tasks.formats.finetune import FINETUNE_INFO
 from tasks.stages import HF, StageSpec, StepContext
@@ -31,8 +30,8 @@ from tasks.tune.lora import DEFAULT_TARGETS
 PEFT = "peft"  # the output format: a PEFT adapter for the input model
 
 
-@dataclass(frozen=True, kw_only=True)
-class Config:
+@stage_config
+class Config(StageConfig):
     """One LoRA adapter trained on a named data set."""
 
     method: Literal["lora", "qlora"] = option(

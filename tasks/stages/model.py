@@ -22,11 +22,10 @@ from __future__ import annotations
 
 import json
 import tempfile
-from dataclasses import dataclass
 from pathlib import Path, PurePath, PurePosixPath
 from typing import Any, Literal
 
-from tasks.config import ConfigValueError, option
+from tasks.config import ConfigValueError, StageConfig, option, stage_config
 from tasks.digest import dir_size
 from tasks.errors import StageError
 from tasks.fetch import (
@@ -58,8 +57,8 @@ def source_kind(source: str) -> SourceKind:
     return "hub"
 
 
-@dataclass(frozen=True, kw_only=True)
-class Config(Floating):
+@stage_config
+class Config(Floating, StageConfig):
     """Where the base model comes from and the dtype its weights are saved in."""
 
     source: str = option(

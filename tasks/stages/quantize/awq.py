@@ -13,15 +13,14 @@ data = "botchan"
 
 from __future__ import annotations
 
-from dataclasses import dataclass
 from typing import Any
 
-from tasks.config import option
+from tasks.config import option, stage_config
 from tasks.stages import StepContext
 from tasks.stages.quantize.hf_common import HFQuantConfig, hf_spec, run_quantizer
 
 
-@dataclass(frozen=True, kw_only=True)
+@stage_config
 class Config(HFQuantConfig):
     """AWQ scale search and weight clipping, then RTN. 4 bits: the AWQ GEMM layout; other
     widths: the GPTQ layout (AWQ's layout is 4-bit only)."""

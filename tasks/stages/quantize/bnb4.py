@@ -10,10 +10,9 @@ block_size = 64
 
 from __future__ import annotations
 
-from dataclasses import dataclass
 from typing import Any, Literal
 
-from tasks.config import PowerOfTwo, option
+from tasks.config import PowerOfTwo, option, stage_config
 from tasks.formats.genai import model_file
 from tasks.runtimes.onnx import require_provider, target_provider
 from tasks.stages import StepContext
@@ -25,7 +24,7 @@ from tasks.stages.quantize.onnx_common import (
 )
 
 
-@dataclass(frozen=True, kw_only=True)
+@stage_config
 class Config(NodeExclusion):
     """4-bit block-wise quantization of constant MatMul weights (MatMulBnb4)."""
 

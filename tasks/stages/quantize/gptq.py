@@ -14,14 +14,14 @@ act_order = false
 
 from __future__ import annotations
 
-from dataclasses import dataclass
 from typing import Any
 
+from tasks.config import stage_config
 from tasks.stages import StepContext
 from tasks.stages.quantize.hf_common import GptqSettings, hf_spec, run_quantizer
 
 
-@dataclass(frozen=True, kw_only=True)
+@stage_config
 class Config(GptqSettings):
     """GPTQ on every decoder linear, layer by layer; the GPTQ checkpoint layout (v1)."""
 

@@ -6,11 +6,17 @@ from __future__ import annotations
 
 import json
 import shutil
-from dataclasses import dataclass
 from pathlib import Path
 from typing import TYPE_CHECKING, Any, Literal
 
-from tasks.config import ConfigValueError, PowerOfTwo, option, refuse_inapplicable
+from tasks.config import (
+    ConfigValueError,
+    PowerOfTwo,
+    StageConfig,
+    option,
+    refuse_inapplicable,
+    stage_config,
+)
 from tasks.errors import StageError
 from tasks.stages import HF, StageSpec, StepContext
 
@@ -31,8 +37,8 @@ GROUP_SIZE = PowerOfTwo(
 )  # fmt: skip
 
 
-@dataclass(frozen=True, kw_only=True)
-class HFQuantConfig:
+@stage_config
+class HFQuantConfig(StageConfig):
     """Keys every Hugging Face quantizer takes."""
 
     bits: Literal[2, 3, 4, 8] = option(4, "bits per weight")
@@ -82,7 +88,7 @@ class HFQuantConfig:
         return QuantSpec(self.bits, self.group_size, self.sym)
 
 
-@dataclass(frozen=True, kw_only=True)
+@stage_config
 class GptqSettings(HFQuantConfig):
     """GPTQ's keys: the gptq algorithm's, and quarot's when GPTQ quantizes the rotated weights."""
 

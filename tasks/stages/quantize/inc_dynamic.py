@@ -11,10 +11,10 @@ per_channel = true
 
 from __future__ import annotations
 
-from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
+from tasks.config import stage_config
 from tasks.stages import StepContext
 from tasks.stages.quantize.inc_common import INC
 from tasks.stages.quantize.onnx_common import (
@@ -27,7 +27,7 @@ from tasks.stages.quantize.onnx_common import (
 )
 
 
-@dataclass(frozen=True, kw_only=True)
+@stage_config
 class Config(Int8Settings):
     """Dynamic int8 quantization of MatMul weights with Intel's quantizer."""
 

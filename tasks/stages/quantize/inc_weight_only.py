@@ -14,11 +14,10 @@ data = "botchan"           # calibration text (awq and gptq)
 
 from __future__ import annotations
 
-from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Literal
 
-from tasks.config import option
+from tasks.config import option, stage_config
 from tasks.formats.genai import save_with_external_data
 from tasks.runtimes.onnx import NBITS_BLOCK_SIZE
 from tasks.stages import StepContext
@@ -32,7 +31,7 @@ from tasks.stages.quantize.onnx_common import (
 )
 
 
-@dataclass(frozen=True, kw_only=True)
+@stage_config
 class Config(TextCalibration):
     """Weight-only quantization of MatMul weights into MatMulNBits with Intel's quantizer."""
 

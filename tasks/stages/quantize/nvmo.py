@@ -22,11 +22,11 @@ own, where `awq_lite` and `awq_full` run; the output is checked on the CPU as al
 from __future__ import annotations
 
 import re
-from dataclasses import dataclass, replace
+from dataclasses import replace
 from pathlib import Path
 from typing import Any, Literal
 
-from tasks.config import ConfigValueError, option, refuse_inapplicable
+from tasks.config import ConfigValueError, option, refuse_inapplicable, stage_config
 from tasks.envs import Environment
 from tasks.errors import PreflightError, StageError
 from tasks.runtimes.onnx import NBITS_BLOCK_SIZE
@@ -103,7 +103,7 @@ NEVER = {"rtn": "its output does not load in onnxruntime's CPU provider"}
 BLOCK_SIZE = replace(NBITS_BLOCK_SIZE, divides="each MatMul's input size")
 
 
-@dataclass(frozen=True, kw_only=True)
+@stage_config
 class Config(TextCalibration, NodeExclusion):
     """ONNX -> ONNX quantization with NVIDIA ModelOpt."""
 

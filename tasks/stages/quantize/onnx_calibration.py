@@ -7,16 +7,15 @@ input feeds (an empty key/value cache) with its own onnxruntime.
 
 from __future__ import annotations
 
-from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-from tasks.config import ConfigValueError, option, refuse_inapplicable
+from tasks.config import ConfigValueError, StageConfig, option, refuse_inapplicable, stage_config
 from tasks.stages import StepContext
 
 
-@dataclass(frozen=True, kw_only=True)
-class TextCalibration:
+@stage_config
+class TextCalibration(StageConfig):
     """The settings of a quantizer that calibrates on windows of a data set's train split."""
 
     SETTINGS_LAST = True  # in the docs, after the stage's own settings

@@ -6,11 +6,10 @@ from __future__ import annotations
 import math
 from collections.abc import Iterator, Sequence
 from contextlib import contextmanager
-from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Literal
 
-from tasks.config import option
+from tasks.config import StageConfig, option, stage_config
 from tasks.errors import StageError
 from tasks.formats.genai import copy_sidecars, model_file, private_copy
 from tasks.runtimes.onnx import (
@@ -39,8 +38,8 @@ def onnx_quantizer_spec(
     )  # fmt: skip
 
 
-@dataclass(frozen=True, kw_only=True)
-class NodeExclusion:
+@stage_config
+class NodeExclusion(StageConfig):
     """The setting every ONNX quantizer takes: nodes kept in float."""
 
     SETTINGS_LAST = True  # in the docs, after the stage's own settings
@@ -75,7 +74,7 @@ def match_nodes(model_path: Path, patterns: Sequence[str]) -> list[str]:
     return sorted(matched)
 
 
-@dataclass(frozen=True, kw_only=True)
+@stage_config
 class Int8Settings(NodeExclusion):
     """What every dynamic int8 quantizer takes (onnxruntime's, Intel's)."""
 

@@ -10,10 +10,9 @@ per_channel = false
 
 from __future__ import annotations
 
-from dataclasses import dataclass
 from typing import Any, Literal
 
-from tasks.config import ConfigValueError, option
+from tasks.config import ConfigValueError, option, stage_config
 from tasks.stages import StepContext
 from tasks.stages.quantize.onnx_common import (
     Int8Settings,
@@ -25,7 +24,7 @@ from tasks.stages.quantize.onnx_common import (
 )
 
 
-@dataclass(frozen=True, kw_only=True)
+@stage_config
 class Config(Int8Settings):
     """Dynamic int8 quantization of MatMul weights (QOperator: MatMulInteger)."""
 

@@ -16,15 +16,14 @@ seed = 0
 from __future__ import annotations
 
 import json
-from dataclasses import dataclass
 from typing import Any, Literal
 
-from tasks.config import option
+from tasks.config import option, stage_config
 from tasks.stages import StepContext
 from tasks.stages.quantize.hf_common import GptqSettings, hf_spec, run_quantizer
 
 
-@dataclass(frozen=True, kw_only=True)
+@stage_config
 class Config(GptqSettings):
     """Hadamard rotation fused into the weights, then GPTQ (or RTN); the GPTQ layout. The LM
     head and the embedding come out untied (the final norm is folded into the head)."""

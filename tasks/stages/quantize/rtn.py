@@ -11,15 +11,14 @@ data = "botchan"          # optional here: only to score the result on held-out 
 
 from __future__ import annotations
 
-from dataclasses import dataclass
 from typing import Any
 
-from tasks.config import option
+from tasks.config import option, stage_config
 from tasks.stages import StepContext
 from tasks.stages.quantize.hf_common import HFQuantConfig, hf_spec, run_quantizer
 
 
-@dataclass(frozen=True, kw_only=True)
+@stage_config
 class Config(HFQuantConfig):
     """Group-wise RTN; needs no calibration data. Written in the GPTQ checkpoint layout."""
 
