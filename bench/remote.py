@@ -26,7 +26,8 @@ GIL with the client being measured) listens on 127.0.0.1. Then:
    server, alternating, --reps times each (medians), each run started with nothing left to
    write back (`os.sync()`, untimed). RemoteStore.pull checks each file's xxh3 and the local
    publish fsyncs it: both are part of its cost (a plain get syncs nothing), so the time of one
-   xxh3 pass over the entry is printed too. Ratios are given three ways: of the medians, the
+   xxh3 pass over the entry is printed too, and a second peer, get_file with an fsync of each
+   file, shows what the disk's write speed costs a download that must survive a power cut. Ratios are given three ways: of the medians, the
    median of each repetition's back-to-back pair, and of the best runs (timeit's rule: noise
    only ever adds time); each transfer's CPU steal (the share of the machine's time a shared
    VM's hypervisor gave elsewhere, from /proc/stat) is printed beside it.
@@ -197,7 +198,10 @@ def log(message: str) -> None:
 
 
 def throughput(store: Store, key: str, server: S3Server, bucket: str, work: Path, reps: int):
-    """Seconds per repetition of RemoteStore.push/pull and of s3fs put_file/get_file."""
+    """Seconds per repetition of RemoteStore.push/pull and of s3fs put_file/get_file, and of
+    get_file followed by an fsync of each file: the least a download that survives a power
+    cut costs, which a pull is (on this VM the disk's write speed moves from 90 MB/s to over
+    1 GB/s between minutes, and a plain get never waits for it)."""
     import s3fs
 
     def progress(done: int, total: int) -> None:  # what the runner's progress bar costs, less
@@ -213,7 +217,7 @@ def throughput(store: Store, key: str, server: S3Server, bucket: str, work: Path
     assert not pusher.is_complete(key) and puller.is_complete(key)
     entry, files = store.entry(key), store.manifest(key)["files"]
     source = puller.upload_path(key, puller.manifest(key)["upload"])  # what A's doit pushed
-    times: dict[str, list[float]] = {"push": [], "put": [], "pull": [], "get": []}
+    times: dict[str, list[float]] = {"push": [], "put": [], "pull": [], "get": [], "get_fsync": []}
     steal: dict[str, list[float]] = {name: [] for name in times}
 
     def push(i: int) -> None:
@@ -235,20 +239,25 @@ def throughput(store: Store, key: str, server: S3Server, bucket: str, work: Path
         assert local.is_complete(key) and local.changes(key) == ([], [])
         shutil.rmtree(work / f"pull-{i}")
 
+    def download(target: Path, sync: bool) -> None:
+        for r in files:
+            (target / r["path"]).parent.mkdir(parents=True, exist_ok=True)
+            fs.get_file(f"{source}/{r['path']}", str(target / r["path"]))
+            if sync:
+                with open(target / r["path"], "rb") as fh:
+                    os.fsync(fh.fileno())
+
     def get(i: int) -> None:
-        target = work / f"get-{i}"
+        times["get"].append(timed(lambda: download(work / f"get-{i}", sync=False)))
+        shutil.rmtree(work / f"get-{i}")
 
-        def download() -> None:
-            for r in files:
-                (target / r["path"]).parent.mkdir(parents=True, exist_ok=True)
-                fs.get_file(f"{source}/{r['path']}", str(target / r["path"]))
+    def get_fsync(i: int) -> None:
+        times["get_fsync"].append(timed(lambda: download(work / f"get-{i}", sync=True)))
+        shutil.rmtree(work / f"get-{i}")
 
-        times["get"].append(timed(download))
-        shutil.rmtree(target)
-
-    for ours, peer in ((push, put), (pull, get)):
-        for i in range(reps):  # alternating, each going first every other time
-            for run in (ours, peer) if i % 2 == 0 else (peer, ours):
+    for ours, *peers in ((push, put), (pull, get, get_fsync)):
+        for i in range(reps):  # alternating, ours first every other time
+            for run in (ours, *peers) if i % 2 == 0 else (*peers, ours):
                 # Untimed: the disk's writeback of the run before (a plain get leaves its files
                 # unsynced) would otherwise be paid by the next run's fsync, a pull's publish.
                 os.sync()
@@ -288,7 +297,7 @@ def main() -> None:
                         help="doit targets to build, comma separated; `all`: the whole recipe")  # fmt: skip
     parser.add_argument("--entry", default="quantize/awq",
                         help="the step whose entry the throughput is measured on")  # fmt: skip
-    parser.add_argument("--reps", type=int, default=5, help="repetitions of each transfer")
+    parser.add_argument("--reps", type=int, default=7, help="repetitions of each transfer")
     parser.add_argument("--noop-runs", type=int, default=5, help="timed no-op runs of each kind")
     parser.add_argument("--work", type=Path, default=Path("/tmp/benchremote"))
     parser.add_argument("--keep", action="store_true", help="keep the scratch folder")
@@ -401,6 +410,9 @@ def main() -> None:
          "s3fs put_file, same files", f"{mbs['put']:.0f}", f"{mbs['push'] / mbs['put']:.2f}x"),
         (f"pull {args.entry} into a fresh Store, MB/s", f"{mbs['pull']:.0f}",
          "s3fs get_file, same objects", f"{mbs['get']:.0f}", f"{mbs['pull'] / mbs['get']:.2f}x"),
+        (f"pull {args.entry} into a fresh Store, MB/s", f"{mbs['pull']:.0f}",
+         "s3fs get_file + fsync of each file", f"{mbs['get_fsync']:.0f}",
+         f"{mbs['pull'] / mbs['get_fsync']:.2f}x"),
         ("(xxh3-128, one pass over the entry, warm), MB/s", f"{xxh3:.0f}", "", "", ""),
         (f"B: `doit {args.tasks}` pulls {len(pulled)} steps, s", f"{b_s:.1f}",
          f"A: {'builds (recorded) of' if args.built else 'cold build + push of'} {len(built)} "
