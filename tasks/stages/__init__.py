@@ -1,6 +1,7 @@
 """The stage contract and the explicit registry of stages and algorithms.
 
-Every stage module defines a frozen config dataclass, a `SPEC` and a `run(config, ctx)`, and
+Every stage module defines a config (a `tasks.config.StageConfig` with `@stage_config`: a frozen
+dataclass whose methods are written once), a `SPEC` and a `run(config, ctx)`, and
 imports its heavy libraries (torch, onnxruntime, ...) inside `run` only, so that loading the
 registry, which `doit list` does, stays light.
 """
