@@ -20,6 +20,7 @@ first looked up on a writable store.
 from __future__ import annotations
 
 import contextlib
+import functools
 import hashlib
 import json
 import os
@@ -445,8 +446,8 @@ def describe_files(
     root: Path, checked: dict[str, tuple[int, str]] | None = None
 ) -> list[dict[str, Any]]:
     """Relative path, size, mtime and xxh3-128 of every file, each synced to disk (a file in
-    checked with that size keeps its digest). A step's output is plain files: a link or a
-    special file in it fails the step."""
+    checked with that size keeps its digest) and readable by whoever the umask lets read a new
+    file. A step's output is plain files: a link or a special file in it fails the step."""
     checked = checked or {}
     for dirpath, _, _ in os.walk(root, topdown=False):  # empty folders hold nothing to record
         if dirpath != str(root) and not os.listdir(dirpath):
@@ -459,6 +460,9 @@ def describe_files(
         with open(path, "rb") as fh:
             os.fsync(fh.fileno())
         st = path.stat()
+        readable = st.st_mode | (0o444 & ~_umask())
+        if readable != st.st_mode:  # a library's temporary file (mkstemp: 0600) renamed into place
+            os.chmod(path, stat.S_IMODE(readable))
         size, digest = checked.get(rel, (None, ""))
         digest = digest if size == st.st_size else hash_file(path)
         files.append({"path": rel, "size": st.st_size, "mtime_ns": st.st_mtime_ns, "xxh3": digest})
@@ -504,6 +508,19 @@ def _warn_old_layout(store_dir: Path) -> None:
             "write access to it",
             file=sys.stderr,
         )
+
+
+@functools.cache
+def _umask() -> int:
+    """The process's umask, read without setting it (os.umask sets it, for every thread)."""
+    try:
+        with open("/proc/self/status") as fh:
+            for line in fh:
+                if line.startswith("Umask:"):
+                    return int(line.split()[1], 8)
+    except OSError:
+        pass
+    return 0o022
 
 
 def _fsync_dir(path: Path) -> None:

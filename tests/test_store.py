@@ -3,6 +3,7 @@
 import json
 import os
 import shutil
+import stat
 import subprocess
 import sys
 import textwrap
@@ -395,3 +396,29 @@ def test_an_entry_of_the_earlier_layout_is_converted_under_a_held_lock(tmp_path)
     with store.build(KEY) as again:  # holds the lock: converted, not rebuilt over
         assert again is None
     assert store.verify(KEY) == [] and (entry / "w.bin").read_bytes() == b"weights"
+
+
+@pytest.mark.parametrize(("umask", "mode"), [(0o022, 0o644), (0o027, 0o640), (0o077, 0o600)])
+def test_published_files_are_as_readable_as_the_umask_makes_new_files(tmp_path, monkeypatch,
+                                                                      umask, mode):  # fmt: skip
+    """Libraries write through temporary files (mkstemp: 0600) and rename them into place:
+    such a file is published with the read bits a plain write would have had."""
+    monkeypatch.setattr("tasks.store._umask", lambda: umask)
+    store = Store(tmp_path)
+    tmp = store.new_tmp(KEY)
+    (tmp / "w.bin").write_bytes(b"x")
+    os.chmod(tmp / "w.bin", 0o600)
+    (tmp / "run.sh").write_bytes(b"#!/bin/sh\n")
+    os.chmod(tmp / "run.sh", 0o700)
+    entry = store.publish(KEY, tmp, {"key": KEY, "identity": IDENTITY})
+    assert stat.S_IMODE((entry / "w.bin").stat().st_mode) == mode
+    assert stat.S_IMODE((entry / "run.sh").stat().st_mode) == mode | 0o100  # no bit taken away
+
+
+def test_the_umask_is_read_without_changing_it():
+    from tasks.store import _umask
+
+    old = os.umask(0o022)
+    os.umask(old)
+    _umask.cache_clear()
+    assert _umask() == old and os.umask(old) == old
