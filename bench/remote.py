@@ -297,7 +297,7 @@ def main() -> None:
                         help="doit targets to build, comma separated; `all`: the whole recipe")  # fmt: skip
     parser.add_argument("--entry", default="quantize/awq",
                         help="the step whose entry the throughput is measured on")  # fmt: skip
-    parser.add_argument("--reps", type=int, default=7, help="repetitions of each transfer")
+    parser.add_argument("--reps", type=int, default=11, help="repetitions of each transfer")
     parser.add_argument("--noop-runs", type=int, default=5, help="timed no-op runs of each kind")
     parser.add_argument("--work", type=Path, default=Path("/tmp/benchremote"))
     parser.add_argument("--keep", action="store_true", help="keep the scratch folder")
