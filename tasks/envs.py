@@ -80,6 +80,9 @@ class Environment:
         return key_of(self.identity())
 
 
+COMMENT = re.compile(r"(^|\s)#.*")  # only lines with a "#" are searched: every run keys the locks
+
+
 def python_version() -> str:
     """platform.python_version() ("3.11.7", "3.13.0rc1"): the first word of sys.version, which
     is what it parses, without importing platform on every run."""
@@ -97,7 +100,7 @@ def lock_lines(env: Environment) -> list[str]:
             f"generate it from the environment's pins with {LOCK_TOOL} {env.name}",
         ) from None
     joined = text.replace("\\\n", " ").splitlines()
-    lines = (re.sub(r"(^|\s)#.*", "", line).split() for line in joined)
+    lines = ((COMMENT.sub("", line) if "#" in line else line).split() for line in joined)
     return sorted(" ".join(words) for words in lines if words)
 
 
