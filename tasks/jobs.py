@@ -9,11 +9,11 @@ minutes, against 23 one at a time.
 
 from __future__ import annotations
 
-import functools
 import multiprocessing
 import os
 import queue
 from collections.abc import MutableMapping, Sequence
+from multiprocessing.queues import Queue as MPQueue
 from typing import Any
 
 from doit.exceptions import InvalidTask
@@ -68,37 +68,30 @@ class WorkerKilled(InvalidTask):
     """A `doit -n` worker process died without a word (the kernel killed it)."""
 
 
-@functools.cache
-def _watched_queue() -> type:
-    """The class, made on first use: multiprocessing.queues is loaded only by a run with -n."""
-    from multiprocessing.queues import Queue as MPQueue
+class _WatchedQueue(MPQueue):
+    """doit's result queue. Its parent blocks on get() until a worker answers, and a worker
+    the kernel killed (out of memory) never does: this get() checks the workers while it
+    waits, and stops the run when one died."""
 
-    class WatchedQueue(MPQueue):
-        """doit's result queue. Its parent blocks on get() until a worker answers, and a worker
-        the kernel killed (out of memory) never does: this get() checks the workers while it
-        waits, and stops the run when one died."""
+    workers: list[Any] = []
 
-        workers: list[Any] = []
+    def __init__(self) -> None:
+        super().__init__(ctx=multiprocessing.get_context())
 
-        def __init__(self) -> None:
-            super().__init__(ctx=multiprocessing.get_context())
-
-        def get(self, block: bool = True, timeout: float | None = None) -> Any:
-            if not (block and timeout is None and self.workers):
-                return super().get(block, timeout)
-            while True:
-                try:
-                    return super().get(timeout=1.0)
-                except queue.Empty:
-                    dead = [p for p in self.workers if p.exitcode not in (None, 0)]
-                    if dead:
-                        raise WorkerKilled(
-                            f"a `doit -n` worker (pid {dead[0].pid}) died with "
-                            f"{_death(dead[0].exitcode)} while it built a step (out of memory?); "
-                            "the run stops: run the step alone to see, or with fewer jobs"
-                        ) from None
-
-    return WatchedQueue
+    def get(self, block: bool = True, timeout: float | None = None) -> Any:
+        if not (block and timeout is None and self.workers):
+            return super().get(block, timeout)
+        while True:
+            try:
+                return super().get(timeout=1.0)
+            except queue.Empty:
+                dead = [p for p in self.workers if p.exitcode not in (None, 0)]
+                if dead:
+                    raise WorkerKilled(
+                        f"a `doit -n` worker (pid {dead[0].pid}) died with "
+                        f"{_death(dead[0].exitcode)} while it built a step (out of memory?); "
+                        "the run stops: run the step alone to see, or with fewer jobs"
+                    ) from None
 
 
 def _death(exitcode: int) -> str:
@@ -106,9 +99,9 @@ def _death(exitcode: int) -> str:
 
 
 class WatchedMRunner(MRunner):
-    """doit's process runner with a watched queue (_watched_queue) as its result queue."""
+    """doit's process runner with _WatchedQueue as its result queue."""
 
-    Queue = staticmethod(lambda: _watched_queue()())
+    Queue = staticmethod(_WatchedQueue)
 
     def _run_start_processes(self, job_q: Any, result_q: Any) -> list[Any]:
         workers = super()._run_start_processes(job_q, result_q)
