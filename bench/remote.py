@@ -257,7 +257,8 @@ def throughput(store: Store, key: str, server: S3Server, bucket: str, work: Path
 
     for ours, *peers in ((push, put), (pull, get, get_fsync)):
         for i in range(reps):  # alternating, ours first every other time
-            for run in (ours, *peers) if i % 2 == 0 else (*peers, ours):
+            # Reversed every other time, so that ours and its first peer always run back to back.
+            for run in (ours, *peers) if i % 2 == 0 else (*reversed(peers), ours):
                 # Untimed: the disk's writeback of the run before (a plain get leaves its files
                 # unsynced) would otherwise be paid by the next run's fsync, a pull's publish.
                 os.sync()
@@ -284,7 +285,7 @@ def steal_share(before: list[int], after: list[int]) -> float:
     shared VM, runs with steal are the slow ones, whatever is being measured."""
     if len(before) < 8 or len(after) < 8:
         return 0.0
-    total = sum(after) - sum(before)
+    total = sum(after[:8]) - sum(before[:8])  # guest time is counted in user time already
     return (after[7] - before[7]) / total if total else 0.0
 
 
@@ -441,16 +442,17 @@ def main() -> None:
           f"pull {best['pull']:.2f}x); no-op steps rerun: {len(rerun)}; "
           f"no-op requests: {noop_requests} (target 0)")  # fmt: skip
     runs = {**times, **{f"no-op {kind}": values for kind, values in noop.items()}}
-    print("seconds per run (CPU steal, where any): " + "; ".join(
-        f"{name} {', '.join(_run(s, t) for s, t in zip(values, steal.get(name, [0.0] * len(values)), strict=True))}"
+    print("seconds per run (CPU steal, where any; measured for transfers only): " + "; ".join(
+        f"{name} {', '.join(_run(s, t) for s, t in zip(values, steal.get(name, [None] * len(values)), strict=True))}"
         for name, values in runs.items()))  # fmt: skip
     print(f"whole bench: {time.perf_counter() - started:.0f} s")
     if not args.keep:
         shutil.rmtree(work, ignore_errors=True)
 
 
-def _run(seconds: float, steal: float) -> str:
-    return f"{seconds:.2f}" + (f" ({steal:.0%})" if steal >= 0.005 else "")
+def _run(seconds: float, steal: float | None) -> str:
+    """A run's seconds, with its steal where it was measured and there was any."""
+    return f"{seconds:.2f}" + (f" ({steal:.0%})" if steal and steal >= 0.005 else "")
 
 
 def _version(name: str) -> str:

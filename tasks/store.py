@@ -452,6 +452,8 @@ def describe_files(
     for dirpath, _, _ in os.walk(root, topdown=False):  # empty folders hold nothing to record
         if dirpath != str(root) and not os.listdir(dirpath):
             os.rmdir(dirpath)
+        elif dirpath != str(root):
+            _readable(Path(dirpath), 0o555)  # a library's mkdtemp folder (0700) moved into place
     files = []
     for rel, problem in walk_entry(root):
         path = root / rel
@@ -459,10 +461,8 @@ def describe_files(
             raise StoreError(f"the step's output {path} is {problem}: outputs must be plain files")
         with open(path, "rb") as fh:
             os.fsync(fh.fileno())
+        _readable(path, 0o444)  # a library's temporary file (mkstemp: 0600) renamed into place
         st = path.stat()
-        readable = st.st_mode | (0o444 & ~_umask())
-        if readable != st.st_mode:  # a library's temporary file (mkstemp: 0600) renamed into place
-            os.chmod(path, stat.S_IMODE(readable))
         size, digest = checked.get(rel, (None, ""))
         digest = digest if size == st.st_size else hash_file(path)
         files.append({"path": rel, "size": st.st_size, "mtime_ns": st.st_mtime_ns, "xxh3": digest})
@@ -510,9 +510,24 @@ def _warn_old_layout(store_dir: Path) -> None:
         )
 
 
+def _readable(path: Path, bits: int) -> None:
+    """Add the read (and, for folders, search) bits the umask gives anything new; take none
+    away. Best effort: where the umask cannot be read, or the file system refuses, nothing."""
+    umask = _umask()
+    if umask is None:
+        return
+    try:
+        mode = stat.S_IMODE(os.lstat(path).st_mode)
+        if mode | (bits & ~umask) != mode:
+            os.chmod(path, mode | (bits & ~umask))
+    except OSError:
+        pass
+
+
 @functools.cache
-def _umask() -> int:
-    """The process's umask, read without setting it (os.umask sets it, for every thread)."""
+def _umask() -> int | None:
+    """The process's umask, read without setting it (os.umask sets it, for every thread);
+    None where /proc does not say it."""
     try:
         with open("/proc/self/status") as fh:
             for line in fh:
@@ -520,7 +535,7 @@ def _umask() -> int:
                     return int(line.split()[1], 8)
     except OSError:
         pass
-    return 0o022
+    return None
 
 
 def _fsync_dir(path: Path) -> None:

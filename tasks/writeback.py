@@ -13,6 +13,7 @@ from __future__ import annotations
 import functools
 import os
 import sys
+import threading
 from collections.abc import Callable
 from pathlib import Path
 
@@ -41,20 +42,28 @@ class WriteBack:
     the fsync does anyway."""
 
     def __init__(self, path: Path) -> None:
-        self.path, self.queued, self.fd = path, 0, -1
+        self.path, self.queued, self.fd, self.closed = path, 0, -1, False
         self.call = _sync_file_range()
+        # written() runs in fsspec's IO thread, finish() in the caller's: a download the caller
+        # gave up on (Ctrl-C, a timeout) may still call back after finish(), and must not
+        # reopen the file.
+        self.lock = threading.Lock()
 
     def written(self, size: int) -> None:
         if self.call is not None and size - self.queued >= STEP:
-            self._queue(self.queued, size - self.queued)
-            self.queued = size
+            with self.lock:
+                if not self.closed:
+                    self._queue(self.queued, size - self.queued)
+                    self.queued = size
 
     def finish(self) -> None:
-        if self.call is not None:
-            self._queue(self.queued, 0)  # 0: to the end of the file
-        if self.fd >= 0:
-            os.close(self.fd)
-            self.fd = -1
+        with self.lock:
+            if self.call is not None and not self.closed:
+                self._queue(self.queued, 0)  # 0: to the end of the file
+            self.closed = True
+            if self.fd >= 0:
+                os.close(self.fd)
+                self.fd = -1
 
     def _queue(self, offset: int, length: int) -> None:
         if self.fd < 0:

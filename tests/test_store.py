@@ -410,9 +410,24 @@ def test_published_files_are_as_readable_as_the_umask_makes_new_files(tmp_path, 
     os.chmod(tmp / "w.bin", 0o600)
     (tmp / "run.sh").write_bytes(b"#!/bin/sh\n")
     os.chmod(tmp / "run.sh", 0o700)
+    (tmp / "sub").mkdir()
+    (tmp / "sub" / "c.json").write_text("{}")
+    os.chmod(tmp / "sub", 0o700)  # a library's mkdtemp folder
     entry = store.publish(KEY, tmp, {"key": KEY, "identity": IDENTITY})
     assert stat.S_IMODE((entry / "w.bin").stat().st_mode) == mode
     assert stat.S_IMODE((entry / "run.sh").stat().st_mode) == mode | 0o100  # no bit taken away
+    searchable = mode | (mode & 0o444) >> 2  # x wherever r
+    assert stat.S_IMODE((entry / "sub").stat().st_mode) == searchable | 0o700
+
+
+def test_modes_are_left_alone_where_the_umask_cannot_be_read(tmp_path, monkeypatch):
+    monkeypatch.setattr("tasks.store._umask", lambda: None)
+    store = Store(tmp_path)
+    tmp = store.new_tmp(KEY)
+    (tmp / "w.bin").write_bytes(b"x")
+    os.chmod(tmp / "w.bin", 0o600)
+    entry = store.publish(KEY, tmp, {"key": KEY, "identity": IDENTITY})
+    assert stat.S_IMODE((entry / "w.bin").stat().st_mode) == 0o600
 
 
 def test_the_umask_is_read_without_changing_it():

@@ -63,3 +63,14 @@ def test_a_pull_starts_each_files_write_back(remote, tmp_path, monkeypatch):  # 
     assert remote.pull(there, key) == there.entry(key)
     queued = {os.path.basename(p) for p, *_ in seen.calls}
     assert queued == {os.path.basename(f["path"]) for f in there.manifest(key)["files"]}
+
+
+def test_a_call_back_after_finish_opens_nothing(tmp_path):
+    """A download the caller gave up on (Ctrl-C) may still call back from fsspec's thread."""
+    path = tmp_path / "w.bin"
+    path.write_bytes(b"x")
+    wb, seen = WriteBack(path), Recorder()
+    wb.call = seen
+    wb.finish()
+    wb.written(3 * STEP)
+    assert wb.fd == -1 and len(seen.calls) == 1  # finish's own, nothing after it
