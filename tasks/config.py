@@ -67,10 +67,10 @@ class StageConfig:
     """The base of every stage's config (with `@stage_config` on each class): what
     `@dataclass(frozen=True, kw_only=True)` generates, written once. The dataclass decorator
     compiles six methods anew for each class, about 1 ms a class on Python 3.11, and a no-op
-    `doit` on the default recipe loads 22 config classes: a tenth of its time. Same behaviour:
-    keyword arguments with their defaults, `__post_init__` after them, no assignment, equality
-    and hash over the fields in order, a dataclass-style repr; `dataclasses.fields`, `replace`
-    and `asdict` work as on any dataclass."""
+    `doit` on the default recipe loads most of the 20 config classes: 17 ms of its 0.2 s.
+    Same behaviour: keyword arguments with their defaults, `__post_init__` after them, no
+    assignment, equality and hash over the fields in order, a dataclass-style repr;
+    `dataclasses.fields`, `replace` and `asdict` work as on any dataclass."""
 
     def __init__(self, **values: Any) -> None:
         for name, default, factory in _init_fields(type(self)):
