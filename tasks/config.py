@@ -11,6 +11,7 @@ from __future__ import annotations
 import dataclasses
 import functools
 import json
+import sys
 import tomllib
 import types
 import typing
@@ -264,13 +265,21 @@ def _wrong_value(key: str, value: Any, hint: Any) -> tuple[str, str]:
 
 
 @functools.cache
-def _hints(cls: type) -> dict[str, Any]:
-    return typing.get_type_hints(cls)  # evaluates every annotation: once per class, not per step
+def _hint(cls: type, name: str) -> Any:
+    """One field's type, evaluated as typing.get_type_hints does (in the namespace of the module
+    of the class that declares it), but only for the keys a recipe sets: every run parses the
+    recipe, and most of a config's fields are left at their defaults."""
+    for klass in cls.__mro__:
+        annotation = vars(klass).get("__annotations__", {}).get(name)
+        if annotation is not None:
+            if isinstance(annotation, str):  # `from __future__ import annotations`; our source
+                return eval(annotation, vars(sys.modules[klass.__module__]))
+            return annotation
+    raise KeyError(name)
 
 
 def parse_config(cls: type, table: dict[str, Any], file: str, where: str) -> Any:
     """Build `cls` from a TOML table, or raise a RecipeError that says how to fix it."""
-    hints = _hints(cls)
     fields = {f.name: f for f in dataclasses.fields(cls)}
     known = set(fields)
     values = {}
@@ -282,9 +291,10 @@ def parse_config(cls: type, table: dict[str, Any], file: str, where: str) -> Any
                 f"unknown key {key!r}{did_you_mean(key, known)}",
                 f"allowed keys here: {', '.join(sorted(known))}",
             )
-        ok, converted = _coerce(value, hints[key])
+        hint = _hint(cls, key)
+        ok, converted = _coerce(value, hint)
         if not ok:
-            raise RecipeError(file, where, *_wrong_value(key, value, hints[key]))
+            raise RecipeError(file, where, *_wrong_value(key, value, hint))
         if refused := _out_of_limits(key, converted, fields[key]):
             raise RecipeError(file, where, *refused)
         values[key] = converted

@@ -32,11 +32,10 @@ def library_version(dist: str) -> str:
         return "absent"
     # The Version header, read from the top of the file: metadata.version() parses the whole
     # file as e-mail first (transformers' is 40 kB of README), which every no-op run paid.
-    for line in (found.read_text("METADATA") or found.read_text("PKG-INFO") or "").splitlines():
+    text = found.read_text("METADATA") or found.read_text("PKG-INFO") or ""
+    for line in text.partition("\n\n")[0].splitlines():  # the headers end at the first blank line
         if line.startswith("Version:"):
             return line.removeprefix("Version:").strip()
-        if not line:  # the end of the headers
-            break
     return found.version
 
 

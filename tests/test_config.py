@@ -246,3 +246,19 @@ def test_every_stage_config_is_a_stage_config():
         for algorithm in algorithms:
             config = spec_for(stage, algorithm).config
             assert issubclass(config, StageConfig), (stage, algorithm)
+
+
+def test_each_fields_type_is_what_get_type_hints_says():
+    """parse_config evaluates only the types of the keys a recipe sets (tasks.config._hint):
+    for every registered config and field, the same type typing.get_type_hints gives."""
+    import typing
+
+    from tasks.config import _hint
+    from tasks.stages import REGISTRY, spec_for
+
+    for stage, algorithms in REGISTRY.items():
+        for algorithm in algorithms:
+            config = spec_for(stage, algorithm).config
+            hints = typing.get_type_hints(config)
+            for f in dataclasses.fields(config):
+                assert _hint(config, f.name) == hints[f.name], (stage, algorithm, f.name)
