@@ -34,6 +34,7 @@ from typing import TYPE_CHECKING, Any
 
 from tasks import interrupt
 from tasks.errors import StageError
+from tasks.hostinfo import python_version
 from tasks.keys import key_of
 from tasks.requirement import normalize_name
 from tasks.staging import Staging, remove_path
@@ -81,12 +82,6 @@ class Environment:
 
 
 COMMENT = re.compile(r"(^|\s)#.*")  # only lines with a "#" are searched: every run keys the locks
-
-
-def python_version() -> str:
-    """platform.python_version() ("3.11.7", "3.13.0rc1"): the first word of sys.version, which
-    is what it parses, without importing platform on every run."""
-    return sys.version.split()[0]
 
 
 def lock_lines(env: Environment) -> list[str]:

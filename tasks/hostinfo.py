@@ -11,6 +11,7 @@ from __future__ import annotations
 import functools
 import glob
 import os
+import sys
 from pathlib import Path
 
 # What torch (OpenMP), MKL and the processes a step starts read their thread count from.
@@ -22,6 +23,12 @@ LEVELS = (
     ("avx512", {"avx512f", "avx512bw", "avx512vl", "avx512dq"}),
     ("avx2", {"avx2", "fma"}),
 )
+
+
+def python_version() -> str:
+    """platform.python_version() ("3.11.7", "3.13.0rc1"): the first word of sys.version, which
+    is what it parses, without importing platform on every run."""
+    return sys.version.split()[0]
 
 
 @functools.cache

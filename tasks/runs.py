@@ -29,6 +29,7 @@ from doit.reporter import ConsoleReporter
 from tasks.errors import KilnError
 from tasks.gates import describe
 from tasks.graph import Graph
+from tasks.hostinfo import python_version
 from tasks.keys import library_version
 from tasks.release import gate_verdicts, release_dir, update_release
 from tasks.staging import os_problem, remove_path
@@ -147,8 +148,6 @@ class RunReporter(ConsoleReporter):
         return code
 
     def _summary(self, code: int, release: dict[str, str]) -> dict[str, Any]:
-        import platform  # here: a no-op writes no summary
-
         graph, started, finished = self.graph, self.started, time.time()
         uname = os.uname()
         steps = {}
@@ -180,7 +179,7 @@ class RunReporter(ConsoleReporter):
             "recipe": {"name": graph.recipe.name, "path": str(graph.recipe.path),
                        "digest": _file_digest(graph.recipe.path)},
             "versions": {"modelkiln": library_version("modelkiln"),
-                         "python": platform.python_version(),
+                         "python": python_version(),
                          **{name: library_version(name) for name in VERSIONS}},
             "platform": {"os": uname.sysname.lower(), "machine": uname.machine.lower(),
                          "cpus": os.cpu_count(), "hostname": socket.gethostname()},

@@ -202,8 +202,8 @@ def test_the_platform_is_read_as_the_platform_module_reads_it():
     milliseconds); keys made before that change must not move."""
     import platform
 
-    from tasks.envs import python_version
     from tasks.graph import platform_identity
+    from tasks.hostinfo import python_version
 
     assert platform_identity() == {
         "os": platform.system().lower(),
