@@ -518,8 +518,9 @@ def _readable(path: Path, bits: int) -> None:
         return
     try:
         mode = stat.S_IMODE(os.lstat(path).st_mode)
-        if mode | (bits & ~umask) != mode:
-            os.chmod(path, mode | (bits & ~umask))
+        wanted = mode | (bits & ~umask)
+        if wanted != mode:
+            os.chmod(path, wanted)
     except OSError:
         pass
 
