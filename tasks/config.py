@@ -16,10 +16,10 @@ import tomllib
 import types
 import typing
 from collections.abc import Callable, Iterable
-from dataclasses import dataclass
 from typing import Any, Literal
 
 from tasks.errors import RecipeError, did_you_mean
+from tasks.record import Record, frozen
 
 
 class ConfigValueError(ValueError):
@@ -30,8 +30,8 @@ class ConfigValueError(ValueError):
         super().__init__(f"{key}: {problem}")
 
 
-@dataclass(frozen=True)
-class PowerOfTwo:
+@frozen
+class PowerOfTwo(Record):
     """The rule of a block or group size: a power of two from `least` to `most` (no maximum
     when None), the sizes the kernels take. Only the part a recipe decides alone: that the
     size divides the model's widths (`divides`, when set) is checked at run time, against the
@@ -64,55 +64,14 @@ class PowerOfTwo:
         return problem + (f" ({self.why})" if self.why else ""), fix
 
 
-class StageConfig:
-    """The base of every stage's config (with `@stage_config` on each class): what
-    `@dataclass(frozen=True, kw_only=True)` generates, written once. The dataclass decorator
-    compiles six methods anew for each class, about 1 ms a class on Python 3.11, and a no-op
-    `doit` on the default recipe loads most of the 20 config classes: 17 ms of its 0.2 s.
-    Same behaviour: keyword arguments with their defaults, `__post_init__` after them, no
-    assignment, equality and hash over the fields in order, a dataclass-style repr;
-    `dataclasses.fields`, `replace` and `asdict` work as on any dataclass."""
+class StageConfig(Record):
+    """The base of every stage's config (with `@stage_config` on each class): a `Record`
+    (tasks/record.py: what `@dataclass(frozen=True)` generates, written once) that takes
+    keyword arguments only, as `@dataclass(frozen=True, kw_only=True)` would. A no-op `doit`
+    on the default recipe loads most of the 20 config classes."""
 
     def __init__(self, **values: Any) -> None:
-        for name, default, factory in _init_fields(type(self)):
-            if name in values:
-                value = values.pop(name)
-            elif default is not dataclasses.MISSING:
-                value = default
-            elif factory is not dataclasses.MISSING:
-                value = factory()
-            else:
-                raise TypeError(f"{type(self).__name__}() missing keyword argument {name!r}")
-            object.__setattr__(self, name, value)
-        if values:
-            raise TypeError(
-                f"{type(self).__name__}() got unexpected keyword arguments {sorted(values)}"
-            )
-        self.__post_init__()
-
-    def __post_init__(self) -> None:
-        pass
-
-    def __setattr__(self, name: str, value: Any) -> None:
-        raise dataclasses.FrozenInstanceError(f"cannot assign to field {name!r}")
-
-    def __delattr__(self, name: str) -> None:
-        raise dataclasses.FrozenInstanceError(f"cannot delete field {name!r}")
-
-    def _values(self) -> tuple[Any, ...]:
-        return tuple(getattr(self, name) for name, _, _ in _init_fields(type(self)))
-
-    def __eq__(self, other: object) -> bool:
-        if other.__class__ is not self.__class__:
-            return NotImplemented
-        return self._values() == other._values()  # type: ignore[attr-defined]
-
-    def __hash__(self) -> int:
-        return hash(self._values())
-
-    def __repr__(self) -> str:
-        fields = (f"{name}={getattr(self, name)!r}" for name, _, _ in _init_fields(type(self)))
-        return f"{type(self).__qualname__}({', '.join(fields)})"
+        super().__init__(**values)
 
 
 def stage_config(cls: type) -> type:
@@ -120,12 +79,7 @@ def stage_config(cls: type) -> type:
     fields; its methods are StageConfig's."""
     if not issubclass(cls, StageConfig):
         raise TypeError(f"{cls.__qualname__} must derive from StageConfig")
-    return dataclass(init=False, repr=False, eq=False)(cls)
-
-
-@functools.cache
-def _init_fields(cls: type) -> tuple[tuple[str, Any, Any], ...]:
-    return tuple((f.name, f.default, f.default_factory) for f in dataclasses.fields(cls) if f.init)
+    return frozen(cls)
 
 
 def option(

@@ -28,7 +28,6 @@ import sysconfig
 import tempfile
 import time
 from collections.abc import Callable
-from dataclasses import dataclass
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
@@ -36,6 +35,7 @@ from tasks import interrupt
 from tasks.errors import StageError
 from tasks.hostinfo import python_version
 from tasks.keys import key_of
+from tasks.record import Record, frozen
 from tasks.requirement import normalize_name
 from tasks.staging import Staging, remove_path
 
@@ -50,8 +50,8 @@ ROOT = Path(__file__).resolve().parents[1]  # the project: put on the child's PY
 TAIL_LINES = 25  # of uv's output, in a failed build's message
 
 
-@dataclass(frozen=True)
-class Environment:
+@frozen
+class Environment(Record):
     """A stage's own virtual environment, installed from its hashed lock and nothing else.
 
     `requirements` are the hand pins and the lock's only input; `lock` is generated from them

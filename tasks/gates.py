@@ -8,12 +8,13 @@ measured, it does not measure again.
 from __future__ import annotations
 
 import math
-from dataclasses import dataclass
 from typing import Any
 
+from tasks.record import Record, frozen
 
-@dataclass(frozen=True)
-class Gate:
+
+@frozen
+class Gate(Record):
     metric: str  # the evaluate step's metric it reads
     most: bool  # True: the value must be at most the limit; False: at least
     scale: float  # metric value * scale = the gate's unit

@@ -9,7 +9,6 @@ from __future__ import annotations
 import functools
 import os
 import sys
-from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
@@ -20,14 +19,15 @@ from tasks.fetch import Floating
 from tasks.hostinfo import cpu_level, gpu_models, resolve_device
 from tasks.keys import key_of, library_versions
 from tasks.recipe import Recipe, Step, inputs_of, load_recipe
+from tasks.record import Record, frozen
 from tasks.remote import RemoteStore
 from tasks.report import REPORT_STEP, report_identity
 from tasks.staging import os_problem
 from tasks.store import RESERVED, Store
 
 
-@dataclass(frozen=True)
-class Graph:
+@frozen
+class Graph(Record):
     recipe: Recipe
     store: Store
     identities: dict[str, dict[str, Any]]  # by step ref, plus "report"

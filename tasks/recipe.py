@@ -11,13 +11,14 @@ from __future__ import annotations
 import graphlib
 import re
 import tomllib
-from dataclasses import dataclass, field
+from dataclasses import field
 from pathlib import Path
 from typing import Any
 
 from tasks.config import parse_config
 from tasks.errors import KilnError, RecipeError, did_you_mean
 from tasks.gates import check_gates
+from tasks.record import Record, frozen
 from tasks.remote import check_remote_settings
 from tasks.slots import Resources, check_resources
 from tasks.stages import (
@@ -35,8 +36,8 @@ NAME = re.compile(r"^[A-Za-z0-9][A-Za-z0-9_-]*$")
 BASE = "model"  # the ref of the base model step
 
 
-@dataclass(frozen=True)
-class Recipe:
+@frozen
+class Recipe(Record):
     path: Path
     steps: dict[str, Step]  # by ref, inputs before the steps that use them
     written: tuple[str, ...] = ()  # refs in the file's order (steps it implies last)

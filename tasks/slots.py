@@ -22,12 +22,12 @@ import sys
 import threading
 import time
 from collections.abc import Iterator, Mapping, Sequence
-from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
 from tasks.errors import PreflightError, StoreError, did_you_mean
 from tasks.hostinfo import THREAD_VARIABLES, gpu_models
+from tasks.record import Record, frozen
 from tasks.staging import os_problem, real_dir
 
 GPUS_VARIABLE = "MODELKILN_GPUS"  # the machine's GPU count, instead of the one the driver says
@@ -36,8 +36,8 @@ SLOTS_DIR = Path("cache", "gpu-slots")  # under the artifacts root
 POLL_SECONDS = 0.2  # how often a waiting step tries the slots again
 
 
-@dataclass(frozen=True)
-class Resources:
+@frozen
+class Resources(Record):
     """A step's `resources = { gpus = 1, cpus = 4 }`, never part of its key. None is the
     default: gpus 1 when the step's device is CUDA, else 0; cpus the share of the cores that
     `doit -n` gives every step (tasks/jobs.py)."""
@@ -149,8 +149,8 @@ def _release(held: list[tuple[int, Any]]) -> None:
         held.pop()[1].release()
 
 
-@dataclass(frozen=True)
-class Assigned:
+@frozen
+class Assigned(Record):
     """What a cluster scheduler (Ray, tasks/rayrun.py) gave a step: the GPUs it already put in
     CUDA_VISIBLE_DEVICES, and a thread count. No slot is taken on top of them."""
 

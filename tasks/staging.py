@@ -20,11 +20,11 @@ import os
 import re
 import shutil
 from collections.abc import Callable, Iterator
-from dataclasses import dataclass
 from pathlib import Path
 from typing import TYPE_CHECKING
 
 from tasks.errors import StoreError
+from tasks.record import Record, frozen
 
 if TYPE_CHECKING:
     import filelock
@@ -34,8 +34,8 @@ TMP_NAME = re.compile(r"^(?P<key>[0-9a-f]{64})\.(?:deleting-|scratch-)?\d+$")
 KINDS = ("", "deleting", "scratch")
 
 
-@dataclass(frozen=True)
-class Staging:
+@frozen
+class Staging(Record):
     root: Path
 
     @property

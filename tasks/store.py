@@ -28,13 +28,13 @@ import shutil
 import stat
 import sys
 from collections.abc import Callable, Iterator
-from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Protocol
 
 from tasks.digest import hash_file
 from tasks.errors import StoreError
 from tasks.keys import canonical_json, key_of
+from tasks.record import Record, frozen
 from tasks.staging import KEY, Staging, os_problem, real_dir, remove_path
 
 OLD_MANIFEST = "MANIFEST.json"  # inside the entry, before the manifest moved beside it
@@ -63,8 +63,8 @@ class EntryStore(Protocol):
     def verify(self, key: str) -> list[str]: ...
 
 
-@dataclass(frozen=True)
-class Build:
+@frozen
+class Build(Record):
     """A build of one key in progress, under its lock: fill `folder`, then `publish`."""
 
     store: Store
@@ -77,8 +77,8 @@ class Build:
         return self.store.publish(self.key, self.folder, manifest, checked)
 
 
-@dataclass(frozen=True)
-class Store:
+@frozen
+class Store(Record):
     root: Path  # the artifacts directory
 
     @property

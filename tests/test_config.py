@@ -226,7 +226,7 @@ def test_a_required_field_without_default_is_required():
         name: str
 
     assert Needs(name="a").name == "a"
-    with pytest.raises(TypeError, match="missing keyword argument 'name'"):
+    with pytest.raises(TypeError, match="missing argument 'name'"):
         Needs()
 
 

@@ -18,6 +18,7 @@ from typing import TYPE_CHECKING, Any
 
 from tasks import steplog
 from tasks.errors import PreflightError, StageError
+from tasks.record import Record, frozen
 from tasks.slots import Resources
 
 if TYPE_CHECKING:
@@ -59,8 +60,8 @@ REGISTRY: dict[str, dict[str | None, str]] = {
 STEP_STAGES = ("capture", "quantize", "finetune", "adapter", "evaluate")
 
 
-@dataclass(frozen=True)
-class StageSpec:
+@frozen
+class StageSpec(Record):
     stage: str
     algorithm: str | None
     version: str  # bump when the stage's output changes for the same inputs
@@ -109,8 +110,8 @@ class StageSpec:
                 raise PreflightError(f"{self.stage} needs the Python package '{module}': {fix}")
 
 
-@dataclass(frozen=True)
-class Step:
+@frozen
+class Step(Record):
     """One parsed recipe table: `[<stage>.<name>]`, `[model]` or `[data.<name>]`."""
 
     stage: str

@@ -21,7 +21,6 @@ import dataclasses
 import importlib.util
 import json
 import time
-from dataclasses import dataclass
 from pathlib import Path
 from typing import TYPE_CHECKING, Any, Literal
 
@@ -30,6 +29,7 @@ from tasks.digest import dir_size
 from tasks.errors import PreflightError, StageError
 from tasks.formats.genai import GENAI_CONFIG
 from tasks.formats.text import read_text
+from tasks.record import Record, frozen
 from tasks.runtimes.perplexity import text_perplexity
 from tasks.stages import HF, METRICS, ONNX, ONNX_ADAPTER, PEFT, StageSpec, StepContext
 
@@ -184,8 +184,8 @@ def require_onnx_runtimes(folder: Path) -> None:
             )
 
 
-@dataclass(frozen=True)
-class Model:
+@frozen
+class Model(Record):
     """What an evaluate step runs: a model folder, maybe a LoRA adapter on it, and the
     fine-tune's prompt format when there are answers to score."""
 
