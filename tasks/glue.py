@@ -19,7 +19,6 @@ import stat
 import time
 from collections import Counter
 from collections.abc import Callable, Iterator
-from functools import partial
 from pathlib import Path
 from typing import Any
 
@@ -106,7 +105,7 @@ def _task(graph: Graph, ref: str, doc: str, deps: list[str]) -> dict[str, Any]:
         "actions": [action],
         # No doit `targets`: up to date means the key's manifest exists, and two steps with
         # the same settings share one entry (doit forbids two tasks with a common target).
-        "uptodate": [partial(_up_to_date, graph, ref)],
+        "uptodate": [(_up_to_date, [graph, ref])],
         "task_dep": deps,
         "clean": [(_unlink, [graph, ref])],
         "doc": doc,

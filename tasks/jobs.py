@@ -9,14 +9,10 @@ minutes, against 23 one at a time.
 
 from __future__ import annotations
 
-import multiprocessing
 import os
-import queue
 from collections.abc import MutableMapping, Sequence
-from multiprocessing.queues import Queue as MPQueue
 from typing import Any
 
-from doit.exceptions import InvalidTask
 from doit.runner import MRunner
 
 from tasks.errors import PreflightError
@@ -64,44 +60,16 @@ def share_cpus(jobs: int, environ: MutableMapping[str, str] = os.environ,
     return threads
 
 
-class WorkerKilled(InvalidTask):
-    """A `doit -n` worker process died without a word (the kernel killed it)."""
+def _watched_queue() -> Any:
+    from tasks.workers import WatchedQueue  # multiprocessing.queues: only `doit -n` needs it
 
-
-class _WatchedQueue(MPQueue):
-    """doit's result queue. Its parent blocks on get() until a worker answers, and a worker
-    the kernel killed (out of memory) never does: this get() checks the workers while it
-    waits, and stops the run when one died."""
-
-    workers: list[Any] = []
-
-    def __init__(self) -> None:
-        super().__init__(ctx=multiprocessing.get_context())
-
-    def get(self, block: bool = True, timeout: float | None = None) -> Any:
-        if not (block and timeout is None and self.workers):
-            return super().get(block, timeout)
-        while True:
-            try:
-                return super().get(timeout=1.0)
-            except queue.Empty:
-                dead = [p for p in self.workers if p.exitcode not in (None, 0)]
-                if dead:
-                    raise WorkerKilled(
-                        f"a `doit -n` worker (pid {dead[0].pid}) died with "
-                        f"{_death(dead[0].exitcode)} while it built a step (out of memory?); "
-                        "the run stops: run the step alone to see, or with fewer jobs"
-                    ) from None
-
-
-def _death(exitcode: int) -> str:
-    return f"signal {-exitcode}" if exitcode < 0 else f"exit status {exitcode}"
+    return WatchedQueue()
 
 
 class WatchedMRunner(MRunner):
-    """doit's process runner with _WatchedQueue as its result queue."""
+    """doit's process runner with tasks.workers.WatchedQueue as its queues."""
 
-    Queue = staticmethod(_WatchedQueue)
+    Queue = staticmethod(_watched_queue)
 
     def _run_start_processes(self, job_q: Any, result_q: Any) -> list[Any]:
         workers = super()._run_start_processes(job_q, result_q)

@@ -81,19 +81,25 @@ class Build(Record):
 class Store(Record):
     root: Path  # the artifacts directory
 
-    @property
+    @functools.cached_property
     def store_dir(self) -> Path:
         return self.root / "store"
+
+    @functools.cached_property
+    def _prefix(self) -> str:
+        """store_dir as a string ending in a separator: a no-op asks for every step's entry
+        and manifest, and one Path of a string costs less than two joins."""
+        return os.path.join(self.store_dir, "")
 
     @property
     def staging(self) -> Staging:
         return Staging(self.store_dir)
 
     def entry(self, key: str) -> Path:
-        return self.store_dir / key[:2] / key
+        return Path(f"{self._prefix}{key[:2]}/{key}")
 
     def manifest_path(self, key: str) -> Path:
-        return self.store_dir / key[:2] / f"{key}.json"
+        return Path(f"{self._prefix}{key[:2]}/{key}.json")
 
     def log_path(self, key: str) -> Path:
         """Where the log of the step that built key is kept: beside the manifest, so the entry
@@ -104,8 +110,9 @@ class Store(Record):
         """The manifest is a file and the entry a folder; a link in either place is damage,
         never a complete entry. Two stats: this runs for every step of a no-op `doit`.
         locked: the caller holds the key's lock (an earlier layout is converted under it)."""
-        if _is(self.manifest_path(key), stat.S_ISREG):
-            return _is(self.entry(key), stat.S_ISDIR)
+        entry = f"{self._prefix}{key[:2]}/{key}"
+        if _is(f"{entry}.json", stat.S_ISREG):
+            return _is(entry, stat.S_ISDIR)
         return self._upgrade(key, locked)
 
     def complete_entry(self, key: str) -> Path:
@@ -221,9 +228,10 @@ class Store(Record):
     def link(self, link: Path, key: str) -> None:
         """Point link at the entry for key, atomically (a relative symlink). Only a link this
         tool made is ever replaced."""
-        target = os.path.relpath(self.entry(key), link.parent)
-        if link.is_symlink() and os.readlink(link) == target:
-            return
+        target = self._link_target(link, key)
+        with contextlib.suppress(OSError):  # not there, or not a link: the checks below say
+            if os.readlink(link) == target:
+                return
         if link.is_symlink() and not self.owns_link(link):
             raise StoreError(
                 f"{link} is a link to {os.readlink(link)}, which is not a store entry: modelkiln "
@@ -249,6 +257,18 @@ class Store(Record):
                     tmp.unlink()
         except OSError as err:
             raise StoreError(os_problem(err, link, "link")) from None
+
+    def _link_target(self, link: Path, key: str) -> str:
+        """The entry's path relative to link's folder: os.path.relpath's answer, which reads
+        the working folder twice; a link inside the artifacts folder (every one a recipe
+        makes) needs only to climb out of its folders."""
+        try:
+            up = link.parent.relative_to(self.root).parts
+        except ValueError:
+            up = ("..",)
+        if ".." in up:
+            return os.path.relpath(self.entry(key), link.parent)
+        return os.path.join(*[os.pardir] * len(up), "store", key[:2], key)
 
     def owns_link(self, link: Path) -> bool:
         """Whether link points at a store entry, as the links this tool makes do."""
@@ -477,7 +497,7 @@ def _key_of(name: str) -> str:
     return name
 
 
-def _is(path: Path, kind: Callable[[int], bool]) -> bool:
+def _is(path: str | Path, kind: Callable[[int], bool]) -> bool:
     """Whether path is there and of kind (stat.S_ISDIR, ...), links not followed."""
     try:
         return kind(os.lstat(path).st_mode)

@@ -188,5 +188,5 @@ runpy.run_module("doit", run_name="__main__")
     heavy = {"torch", "numpy", "onnx", "onnxruntime", "transformers", "fsspec", "s3fs", "ray",
              "matplotlib", "tasks.runner", "tasks.rayrun", "tasks.runpage", "tasks.history",
              "tasks.pipconfig", "statistics", "html", "tarfile", "difflib", "platform",
-             "ctypes"}  # fmt: skip
+             "ctypes", "multiprocessing.queues", "xxhash"}  # fmt: skip
     assert not heavy & loaded, sorted(heavy & loaded)

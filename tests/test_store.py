@@ -7,6 +7,7 @@ import stat
 import subprocess
 import sys
 import textwrap
+from pathlib import Path
 
 import pytest
 
@@ -194,6 +195,28 @@ def test_link_is_relative_and_moves_atomically(tmp_path):
     assert (link / "w.bin").read_bytes() == b"weights"
     store.link(link, key_of(other))
     assert store.links() == {link: key_of(other)}
+
+
+@pytest.mark.parametrize(
+    ("root", "link"),
+    [
+        ("artifacts", "artifacts/default/quantize/int8"),
+        ("artifacts", "artifacts/default/model"),
+        ("{tmp}/artifacts", "{tmp}/artifacts/default/quantize/int8"),
+        ("artifacts", "{tmp}/artifacts/default/model"),  # relative root, absolute link
+        ("artifacts", "elsewhere/model"),  # outside the artifacts folder
+        ("artifacts", "artifacts/../up/model"),
+        ("a/../artifacts", "a/../artifacts/default/model"),
+    ],
+)
+def test_a_links_target_is_what_relpath_says(tmp_path, monkeypatch, root, link):
+    """Store.link climbs out of the link's folders instead of asking os.path.relpath (which
+    reads the working folder twice): the same target for every link, inside or not."""
+    monkeypatch.chdir(tmp_path)
+    store = Store(Path(root.format(tmp=tmp_path)))
+    link_path = Path(link.format(tmp=tmp_path))
+    expected = os.path.relpath(store.entry(KEY), link_path.parent)
+    assert store._link_target(link_path, KEY) == expected
 
 
 @pytest.mark.parametrize("occupant", ["directory", "file", "foreign link"])
