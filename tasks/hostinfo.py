@@ -77,6 +77,13 @@ def gpu_models() -> list[str]:
     visible = os.environ.get("CUDA_VISIBLE_DEVICES")
     if visible is not None and visible.strip() in ("", "-1"):
         return []
+    return list(_installed_gpus())
+
+
+@functools.cache
+def _installed_gpus() -> tuple[str, ...]:
+    """The machine's NVIDIA GPUs, read once a process: a no-op asks for each CUDA step, and
+    the device-node glob lists all of /dev."""
     models = []
     for info in sorted(glob.glob("/proc/driver/nvidia/gpus/*/information")):
         try:
@@ -86,7 +93,7 @@ def gpu_models() -> list[str]:
             models.append("gpu")
     if not models:
         models = ["gpu" for _ in glob.glob("/dev/nvidia[0-9]*")]
-    return models
+    return tuple(models)
 
 
 def resolve_device(choice: str) -> str:
