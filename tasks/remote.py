@@ -63,6 +63,7 @@ CREDENTIALS_GO = (
 )
 ACCESS_KEY_ID = re.compile(r"\b(?:AKIA|ASIA)[A-Z0-9]{16}\b")
 CHUNK = 8 << 20
+FILES_AT_ONCE = 8  # downloads of one entry in flight together (each holds a file open)
 DEFAULT_GRACE_SECONDS = 24 * 3600
 LOCAL_DISK_ERRORS = (errno.ENOSPC, errno.EDQUOT, errno.EROFS)
 
@@ -353,26 +354,16 @@ class RemoteStore:
         """Each file into folder, checked against the manifest: their (size, xxh3) by path."""
         source = self.upload_path(key, manifest["upload"])
         meter = _Meter(progress, sum(r["size"] for r in manifest["files"]))
+        with contextlib.ExitStack() as stack:
+            downloads = []
+            for record in manifest["files"]:
+                target = folder / record["path"]
+                target.parent.mkdir(parents=True, exist_ok=True)
+                callback = stack.enter_context(meter.file(record["size"], download=target))
+                downloads.append((f"{source}/{record['path']}", target, callback))
+            self._get_files(downloads)
         checked = {}
-        for record in manifest["files"]:
-            target = folder / record["path"]
-            target.parent.mkdir(parents=True, exist_ok=True)
-            remote = f"{source}/{record['path']}"
-            with meter.file(record["size"], download=target) as callback:
-                try:
-                    self.fs.get_file(remote, str(target), callback=callback)
-                except FileNotFoundError:
-                    raise StoreError(
-                        f"{self.where(remote)}: missing, though the remote manifest names it "
-                        "(a push that lost a race, or a removal, while this pull read it)",
-                        "run `doit` again: it pulls the entry the manifest names now, or builds it",
-                    ) from None
-                except OSError as err:
-                    if err.errno in LOCAL_DISK_ERRORS:
-                        raise  # this machine's disk, not the remote: the runner says so
-                    raise RemoteUnavailable(
-                        f"cannot download {self.where(remote)}: {err}", _network_fix(self)
-                    ) from None
+        for (remote, target, _), record in zip(downloads, manifest["files"], strict=True):
             size = target.stat().st_size
             if size != record["size"]:
                 problem = f"size {size} != {record['size']} in the manifest"
@@ -386,6 +377,52 @@ class RemoteStore:
                 "`RemoteStore.verify` names every damaged file; remove the remote entry and push it again",
             )
         return checked
+
+    def _get_files(self, downloads: list[tuple[str, Path, Any]]) -> None:
+        """Download each (remote path, local file, fsspec callback): all at once where the file
+        system is asynchronous (s3fs), so an entry's small files do not each wait for a round
+        trip; one by one elsewhere. The first failure cancels the others."""
+        fs = self.fs
+        if getattr(fs, "async_impl", False) and len(downloads) > 1:
+            import asyncio
+
+            from fsspec.asyn import sync
+
+            async def get(remote: str, target: Path, callback: Any, slots: Any) -> None:
+                async with slots:
+                    with self._download_errors(remote):
+                        await fs._get_file(remote, str(target), callback=callback)
+                    _finished(callback)
+
+            async def get_all() -> None:
+                slots = asyncio.Semaphore(FILES_AT_ONCE)  # made in the loop that uses it
+                await _all([get(*download, slots) for download in downloads])
+
+            sync(fs.loop, get_all)
+            return
+        for remote, target, callback in downloads:
+            with self._download_errors(remote):
+                fs.get_file(remote, str(target), callback=callback)
+            _finished(callback)
+
+    @contextlib.contextmanager
+    def _download_errors(self, remote: str) -> Iterator[None]:
+        """One download's failure as this module says it: a file the manifest names is
+        missing, the remote is unreachable, or this machine's disk failed (the runner says)."""
+        try:
+            yield
+        except FileNotFoundError:
+            raise StoreError(
+                f"{self.where(remote)}: missing, though the remote manifest names it "
+                "(a push that lost a race, or a removal, while this pull read it)",
+                "run `doit` again: it pulls the entry the manifest names now, or builds it",
+            ) from None
+        except OSError as err:
+            if err.errno in LOCAL_DISK_ERRORS:
+                raise  # this machine's disk, not the remote: the runner says so
+            raise RemoteUnavailable(
+                f"cannot download {self.where(remote)}: {err}", _network_fix(self)
+            ) from None
 
     # ---- push ------------------------------------------------------------------------------
 
@@ -624,35 +661,70 @@ class _Meter:
     STEP = 8 << 20  # bytes between reports: s3fs calls back every 64 KiB, a bar needs far fewer
 
     def __init__(self, progress: Progress | None, total: int) -> None:
-        self.progress, self.total, self.done = progress, total, 0
+        self.progress, self.total = progress, total
+        self.done = 0  # bytes of the files finished
+        self.reported = 0
+        self.live: dict[int, int] = {}  # bytes so far of each file in flight, by callback id
 
     @contextlib.contextmanager
     def file(self, size: int, download: Path | None = None) -> Iterator[Any]:
+        """The fsspec callback of one file's transfer; several may run at once (their
+        callbacks all come from fsspec's one event-loop thread)."""
         from fsspec.callbacks import Callback, NoOpCallback
 
         writeback = WriteBack(download) if download is not None else None
         if self.progress is None and writeback is None:
             yield NoOpCallback()
+            self.done += size
             return
-        start, meter = self.done, self
+        meter = self
 
         class Report(Callback):
             def call(self, *args: Any, **kwargs: Any) -> None:
                 if writeback is not None:
                     writeback.written(self.value)
-                done = start + min(self.value, size)
-                if meter.progress is not None and done - meter.done >= meter.STEP:
-                    meter.done = done
+                if meter.progress is None:
+                    return
+                meter.live[id(self)] = min(self.value, size)
+                done = meter.done + sum(meter.live.values())
+                if done - meter.reported >= meter.STEP:
+                    meter.reported = done
                     meter.progress(done, meter.total)
 
+        report = Report()
+        report.finished = writeback.finish if writeback is not None else None
         try:
-            yield Report()
+            yield report
         finally:
             if writeback is not None:
                 writeback.finish()
-        self.done = start + size
+        self.live.pop(id(report), None)
+        self.done += size
         if self.progress is not None:
-            self.progress(self.done, self.total)
+            self.progress(self.done + sum(self.live.values()), self.total)
+
+
+def _finished(callback: Any) -> None:
+    """A file's download is done: its write-back queues the rest now and closes its file
+    (again at the end of the transfer: a no-op then)."""
+    finished = getattr(callback, "finished", None)
+    if finished is not None:
+        finished()
+
+
+async def _all(coroutines: list[Any]) -> None:
+    """Run the coroutines at once; the first failure cancels the others, waits for them to
+    stop (none may still write into a folder its caller empties) and is raised."""
+    import asyncio
+
+    tasks = [asyncio.ensure_future(c) for c in coroutines]
+    try:
+        await asyncio.gather(*tasks)
+    except BaseException:
+        for task in tasks:
+            task.cancel()
+        await asyncio.gather(*tasks, return_exceptions=True)
+        raise
 
 
 def _manifest_problems(where: str, key: str, manifest: dict[str, Any]) -> list[str]:

@@ -10,6 +10,7 @@ import textwrap
 import pytest
 from test_store import build as build_entry
 
+from tasks import remote as remote_module
 from tasks.errors import KilnError, StoreError
 from tasks.keys import key_of
 from tasks.remote import RemoteStore, check_remote_settings
@@ -93,6 +94,40 @@ def test_push_then_pull_gives_the_same_entry(remote, tmp_path):
     assert pulled["pulled_from"] == remote.url and pulled["metrics"] == {"ppl": 9.5}
     assert not {"upload", "pushed_at", "pushed_from"} & set(pulled) and no_leftovers(there)
     assert remote.pull(there, key) == there.entry(key)  # complete here: nothing downloaded
+
+
+def test_a_pull_downloads_an_entrys_files_at_once_where_the_remote_is_async(
+    remote, tmp_path, monkeypatch
+):
+    """On S3 every file of the entry is in flight at once (a small file does not wait for a
+    big one's round trips); on a shared disk one by one. The progress climbs to the total."""
+    here, there = Store(tmp_path / "here"), Store(tmp_path / "there")
+    key = build(here, payload=b"weights" * 100_000)
+    remote.push(here, key)
+    puller = another(remote)
+    fs, flight = puller.fs, {"now": 0, "most": 0}
+    if fs.async_impl:
+        real = fs._get_file
+
+        async def counted(*args, **kwargs):
+            flight["now"] += 1
+            flight["most"] = max(flight["most"], flight["now"])
+            try:
+                return await real(*args, **kwargs)
+            finally:
+                flight["now"] -= 1
+
+        monkeypatch.setattr(fs, "_get_file", counted)
+    seen = []
+    assert puller.pull(there, key, lambda done, total: seen.append((done, total)))
+    assert flight["most"] == (2 if fs.async_impl else 0)  # w.bin and sub/config.json
+    assert seen[-1] == (700_002, 700_002) and seen == sorted(seen)
+    assert there.verify(key) == [] and digests(there, key) == digests(here, key)
+
+    monkeypatch.setattr(remote_module, "FILES_AT_ONCE", 1)  # a bound on files held open
+    flight["most"], elsewhere = 0, Store(tmp_path / "elsewhere")
+    assert puller.pull(elsewhere, key) and elsewhere.verify(key) == []
+    assert flight["most"] == (1 if fs.async_impl else 0)
 
 
 def test_pull_into_a_build_the_runner_holds(remote, tmp_path):

@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import contextlib
 import errno
+import inspect
 import json
 import os
 import socket
@@ -359,16 +360,35 @@ def uploads(remote: RemoteStore, key: str) -> list[str]:
 
 class CutOff:
     """A remote's file system that goes away after `after` successful calls of `method`: every
-    call from then on raises what a lost connection raises (and is counted)."""
+    call from then on raises what a lost connection raises (and is counted). Its coroutine
+    (`_get_file` for `get_file`: a pull downloads an entry's files at once) fails also when
+    it ends after the server went away, as a transfer cut off midway does."""
 
     def __init__(self, fs, method: str, after: int, error: Exception) -> None:
         self._fs, self._method, self._left, self._error = fs, method, after, error
         self.calls_after = 0
 
+    def _gone(self):
+        self.calls_after += 1
+        return self._error
+
     def __getattr__(self, name):
         attr = getattr(self._fs, name)
         if not callable(attr):
             return attr
+        if inspect.iscoroutinefunction(attr):
+
+            async def acall(*args, **kwargs):
+                if self._left <= 0:
+                    raise self._gone()
+                result = await attr(*args, **kwargs)
+                if name == f"_{self._method}":
+                    if self._left <= 0:
+                        raise self._gone()
+                    self._left -= 1
+                return result
+
+            return acall
 
         def call(*args, **kwargs):
             if self._left <= 0:
