@@ -70,7 +70,7 @@ class StageConfig(Record):
     keyword arguments only, as `@dataclass(frozen=True, kw_only=True)` would. A no-op `doit`
     on the default recipe loads most of the 20 config classes."""
 
-    def __init__(self, **values: Any) -> None:
+    def __init__(self, /, **values: Any) -> None:
         super().__init__(**values)
 
 

@@ -21,7 +21,7 @@ T = TypeVar("T", bound=type)
 class Record:
     """The base of a `@frozen` class (see the module's doc)."""
 
-    def __init__(self, *args: Any, **values: Any) -> None:
+    def __init__(self, /, *args: Any, **values: Any) -> None:
         fields = _init_fields(type(self))
         name = type(self).__name__
         if len(args) > len(fields):

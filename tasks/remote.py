@@ -360,10 +360,10 @@ class RemoteStore:
                 target = folder / record["path"]
                 target.parent.mkdir(parents=True, exist_ok=True)
                 callback = stack.enter_context(meter.file(record["size"], download=target))
-                downloads.append((f"{source}/{record['path']}", target, callback))
+                downloads.append((f"{source}/{record['path']}", target, callback, record["size"]))
             self._get_files(downloads)
         checked = {}
-        for (remote, target, _), record in zip(downloads, manifest["files"], strict=True):
+        for (remote, target, _, _), record in zip(downloads, manifest["files"], strict=True):
             size = target.stat().st_size
             if size != record["size"]:
                 problem = f"size {size} != {record['size']} in the manifest"
@@ -378,29 +378,31 @@ class RemoteStore:
             )
         return checked
 
-    def _get_files(self, downloads: list[tuple[str, Path, Any]]) -> None:
-        """Download each (remote path, local file, fsspec callback): all at once where the file
-        system is asynchronous (s3fs), so an entry's small files do not each wait for a round
-        trip; one by one elsewhere. The first failure cancels the others."""
+    def _get_files(self, downloads: list[tuple[str, Path, Any, int]]) -> None:
+        """Download each (remote path, local file, fsspec callback, size): at once where the
+        file system is asynchronous (s3fs), so an entry's small files do not each wait for a
+        round trip; one by one elsewhere. The first failure cancels the others."""
         fs = self.fs
         if getattr(fs, "async_impl", False) and len(downloads) > 1:
             import asyncio
 
-            from fsspec.asyn import sync
+            # s3fs reads a file over its block size as concurrent ranges held in memory
+            # (10 x 50 MiB): such files take turns, the small ones share FILES_AT_ONCE slots.
+            big = getattr(fs, "blocksize", 50 << 20)
 
-            async def get(remote: str, target: Path, callback: Any, slots: Any) -> None:
-                async with slots:
+            async def get(remote: str, target: Path, callback: Any, size: int, slots: Any) -> None:
+                async with slots[size > big]:
                     with self._download_errors(remote):
                         await fs._get_file(remote, str(target), callback=callback)
                     _finished(callback)
 
             async def get_all() -> None:
-                slots = asyncio.Semaphore(FILES_AT_ONCE)  # made in the loop that uses it
+                slots = (asyncio.Semaphore(FILES_AT_ONCE), asyncio.Semaphore(1))  # in its loop
                 await _all([get(*download, slots) for download in downloads])
 
-            sync(fs.loop, get_all)
+            _run_in_loop(fs.loop, get_all)
             return
-        for remote, target, callback in downloads:
+        for remote, target, callback, _ in downloads:
             with self._download_errors(remote):
                 fs.get_file(remote, str(target), callback=callback)
             _finished(callback)
@@ -665,6 +667,7 @@ class _Meter:
         self.done = 0  # bytes of the files finished
         self.reported = 0
         self.live: dict[int, int] = {}  # bytes so far of each file in flight, by callback id
+        self.in_flight = 0  # their sum
 
     @contextlib.contextmanager
     def file(self, size: int, download: Path | None = None) -> Iterator[Any]:
@@ -685,8 +688,10 @@ class _Meter:
                     writeback.written(self.value)
                 if meter.progress is None:
                     return
-                meter.live[id(self)] = min(self.value, size)
-                done = meter.done + sum(meter.live.values())
+                now = min(self.value, size)
+                meter.in_flight += now - meter.live.get(id(self), 0)
+                meter.live[id(self)] = now
+                done = meter.done + meter.in_flight
                 if done - meter.reported >= meter.STEP:
                     meter.reported = done
                     meter.progress(done, meter.total)
@@ -698,10 +703,10 @@ class _Meter:
         finally:
             if writeback is not None:
                 writeback.finish()
-        self.live.pop(id(report), None)
+        self.in_flight -= self.live.pop(id(report), 0)
         self.done += size
         if self.progress is not None:
-            self.progress(self.done + sum(self.live.values()), self.total)
+            self.progress(self.done + self.in_flight, self.total)
 
 
 def _finished(callback: Any) -> None:
@@ -710,6 +715,36 @@ def _finished(callback: Any) -> None:
     finished = getattr(callback, "finished", None)
     if finished is not None:
         finished()
+
+
+def _run_in_loop(loop: Any, main: Callable[[], Any], stop_seconds: float = 60.0) -> None:
+    """Run main() in fsspec's event loop (another thread) and wait for it. If this thread is
+    interrupted (Ctrl-C) while it waits, the coroutine is cancelled and waited for, so that no
+    download goes on writing into a folder the caller then empties."""
+    import asyncio
+    import concurrent.futures
+
+    holder: dict[str, Any] = {}
+
+    async def run() -> None:
+        if holder.get("stop"):
+            return  # interrupted before it began
+        holder["task"] = asyncio.current_task()
+        await main()
+
+    def stop() -> None:  # in the loop's thread, so it and run() never interleave
+        holder["stop"] = True
+        if "task" in holder:
+            holder["task"].cancel()
+
+    future = asyncio.run_coroutine_threadsafe(run(), loop)
+    try:
+        future.result()
+    except BaseException:
+        if not future.done():
+            loop.call_soon_threadsafe(stop)
+            concurrent.futures.wait([future], timeout=stop_seconds)
+        raise
 
 
 async def _all(coroutines: list[Any]) -> None:

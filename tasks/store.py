@@ -266,7 +266,7 @@ class Store(Record):
             up = link.parent.relative_to(self.root).parts
         except ValueError:
             up = ("..",)
-        if ".." in up:
+        if ".." in up or up[:1] == ("store",):  # outside, or inside the store itself
             return os.path.relpath(self.entry(key), link.parent)
         return os.path.join(*[os.pardir] * len(up), "store", key[:2], key)
 

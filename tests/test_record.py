@@ -85,6 +85,14 @@ def test_behaviour_matches_a_frozen_dataclass():
     assert Rec(Path("a"), 1).table is not Rec(Path("a"), 1).table  # a fresh default each time
 
 
+def test_a_field_may_be_called_self():
+    @frozen
+    class Odd(Record):
+        self: int  # a keyword the base's __init__ must not take for itself
+
+    assert Odd(self=3).self == 3 and Odd(4).self == 4
+
+
 def test_post_init_runs_after_the_fields():
     @frozen
     class Checked(Record):

@@ -129,6 +129,13 @@ def test_a_pull_downloads_an_entrys_files_at_once_where_the_remote_is_async(
     assert puller.pull(elsewhere, key) and elsewhere.verify(key) == []
     assert flight["most"] == (1 if fs.async_impl else 0)
 
+    # files over s3fs's block size (read as ranges held in memory) take turns
+    monkeypatch.setattr(remote_module, "FILES_AT_ONCE", 8)
+    monkeypatch.setattr(fs, "blocksize", 1, raising=False)
+    flight["most"], third = 0, Store(tmp_path / "third")
+    assert puller.pull(third, key) and third.verify(key) == []
+    assert flight["most"] == (1 if fs.async_impl else 0)
+
 
 def test_pull_into_a_build_the_runner_holds(remote, tmp_path):
     here, there = Store(tmp_path / "here"), Store(tmp_path / "there")
@@ -393,3 +400,73 @@ def test_both_stores_implement_the_entry_store_calls():
     assert sorted(calls) == ["built_keys", "is_complete", "manifest", "remove", "verify"]
     for cls in (Store, RemoteStore):
         assert all(callable(getattr(cls, name, None)) for name in calls), cls
+
+
+def test_a_failed_file_cancels_the_others_before_the_pull_gives_up(
+    s3_remote, tmp_path, monkeypatch
+):
+    """One file of the entry is missing: the download still running is cancelled and waited
+    for before the build folder is emptied, so nothing is written there afterwards."""
+    import asyncio
+
+    remote = RemoteStore.from_settings({**s3_remote.settings("cancel"), "push": True})
+    here, there = Store(tmp_path / "here"), Store(tmp_path / "there")
+    key = build(here)
+    remote.push(here, key)
+    puller, seen = another(remote), {"cancelled": 0, "late": 0}
+
+    async def one_missing(rpath, lpath, callback=None, **kwargs):
+        if rpath.endswith("config.json"):
+            raise FileNotFoundError(rpath)
+        try:
+            await asyncio.sleep(30)
+        except asyncio.CancelledError:
+            seen["cancelled"] += 1
+            raise
+        seen["late"] += 1
+
+    monkeypatch.setattr(puller.fs, "_get_file", one_missing)
+    with pytest.raises(StoreError, match="missing, though the remote manifest names it"):
+        puller.pull(there, key)
+    assert seen == {"cancelled": 1, "late": 0}
+    assert not there.is_complete(key) and no_leftovers(there)
+
+
+def test_an_interrupted_wait_stops_the_downloads_before_it_returns(s3_remote):
+    """Ctrl-C while the caller waits for the event loop: the coroutine is cancelled and has
+    stopped by the time the interrupt reaches the caller's cleanup."""
+    import asyncio
+    import signal
+    import threading
+
+    from tasks.remote import _run_in_loop
+
+    class Interrupted(BaseException):
+        pass
+
+    fs = RemoteStore.from_settings(s3_remote.settings("interrupt")).fs
+    state = {"running": False}
+
+    async def long_download():
+        state["running"] = True
+        try:
+            await asyncio.sleep(30)
+        finally:
+            await asyncio.sleep(0.2)  # a download winding down
+            state["running"] = False
+
+    def interrupt(signum, frame):
+        raise Interrupted
+
+    previous = signal.signal(signal.SIGUSR1, interrupt)
+    timer = threading.Timer(
+        0.5, signal.pthread_kill, (threading.main_thread().ident, signal.SIGUSR1)
+    )
+    try:
+        timer.start()
+        with pytest.raises(Interrupted):
+            _run_in_loop(fs.loop, long_download)
+    finally:
+        timer.cancel()
+        signal.signal(signal.SIGUSR1, previous)
+    assert state["running"] is False

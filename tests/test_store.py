@@ -207,6 +207,8 @@ def test_link_is_relative_and_moves_atomically(tmp_path):
         ("artifacts", "elsewhere/model"),  # outside the artifacts folder
         ("artifacts", "artifacts/../up/model"),
         ("a/../artifacts", "a/../artifacts/default/model"),
+        ("artifacts", "artifacts/store/ab/link"),  # inside the store: relpath's short form
+        ("artifacts", "artifacts/model"),
     ],
 )
 def test_a_links_target_is_what_relpath_says(tmp_path, monkeypatch, root, link):
