@@ -87,30 +87,35 @@ class Store(Record):
 
     @functools.cached_property
     def _prefix(self) -> str:
-        """store_dir as a string ending in a separator: a no-op asks for every step's entry
-        and manifest, and one Path of a string costs less than two joins."""
+        """store_dir as a string ending in a separator (see _entry_str)."""
         return os.path.join(self.store_dir, "")
+
+    def _entry_str(self, key: str) -> str:
+        """The entry's path as a string, the manifest's and log's without their suffix: a
+        no-op asks for every step's entry and manifest, and one Path of a string costs less
+        than two joins."""
+        return f"{self._prefix}{key[:2]}/{key}"
 
     @property
     def staging(self) -> Staging:
         return Staging(self.store_dir)
 
     def entry(self, key: str) -> Path:
-        return Path(f"{self._prefix}{key[:2]}/{key}")
+        return Path(self._entry_str(key))
 
     def manifest_path(self, key: str) -> Path:
-        return Path(f"{self._prefix}{key[:2]}/{key}.json")
+        return Path(f"{self._entry_str(key)}.json")
 
     def log_path(self, key: str) -> Path:
         """Where the log of the step that built key is kept: beside the manifest, so the entry
         holds only the step's files. Not in the manifest, nor hashed: removed with the entry."""
-        return self.store_dir / key[:2] / f"{key}.log"
+        return Path(f"{self._entry_str(key)}.log")
 
     def is_complete(self, key: str, locked: bool = False) -> bool:
         """The manifest is a file and the entry a folder; a link in either place is damage,
         never a complete entry. Two stats: this runs for every step of a no-op `doit`.
         locked: the caller holds the key's lock (an earlier layout is converted under it)."""
-        entry = f"{self._prefix}{key[:2]}/{key}"
+        entry = self._entry_str(key)
         if _is(f"{entry}.json", stat.S_ISREG):
             return _is(entry, stat.S_ISDIR)
         return self._upgrade(key, locked)
