@@ -392,8 +392,7 @@ class CutOff:
 
         def call(*args, **kwargs):
             if self._left <= 0:
-                self.calls_after += 1
-                raise self._error
+                raise self._gone()
             result = attr(*args, **kwargs)
             if name == self._method:
                 self._left -= 1
