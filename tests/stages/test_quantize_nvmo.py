@@ -1,5 +1,5 @@
 """NVIDIA ModelOpt's stage: what it refuses up front, and the pieces it runs around ModelOpt.
-The quantization itself runs in the modelopt environment: the slow suite builds it (the default
+The quantization itself runs in the modelopt environment: the full suite builds it (the default
 recipe's nvmo-rtn, and awq_clip and int8 on the tiny model)."""
 
 from __future__ import annotations
