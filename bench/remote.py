@@ -27,10 +27,15 @@ GIL with the client being measured) listens on 127.0.0.1. Then:
    write back (`os.sync()`, untimed). RemoteStore.pull checks each file's xxh3 and the local
    publish fsyncs it: both are part of its cost (a plain get syncs nothing), so the time of one
    xxh3 pass over the entry is printed too, and a second peer, get_file with an fsync of each
-   file, shows what the disk's write speed costs a download that must survive a power cut. Ratios are given three ways: of the medians, the
-   median of each repetition's back-to-back pair, and of the best runs (timeit's rule: noise
-   only ever adds time); each transfer's CPU steal (the share of the machine's time a shared
-   VM's hypervisor gave elsewhere, from /proc/stat) is printed beside it.
+   file, shows what the disk's write speed costs a download that must survive a power cut.
+   A third reads as the pull does, one GET a file (s3fs's max_concurrency=1) then fsyncs: s3fs's
+   default get_file reads a big file as 50 MiB ranges, and moto reads the whole object for
+   each range request (a 1 MiB range of the 162 MB weights took 0.14 s), which a real S3 does
+   not; against this peer the pull's own cost shows whatever the server does with ranges.
+   Ratios are given three ways: of the medians, the median of each repetition's back-to-back
+   pair, and of the best runs (timeit's rule: noise only ever adds time); each transfer's CPU
+   steal (the share of the machine's time a shared VM's hypervisor gave elsewhere, from
+   /proc/stat) is printed beside it.
 
 The endpoint reaches doit through the recipe (`[store] endpoint_url`, only settable there): the
 bench writes a copy of recipes/default.toml with a [store] table into its scratch folder.
@@ -217,7 +222,9 @@ def throughput(store: Store, key: str, server: S3Server, bucket: str, work: Path
     assert not pusher.is_complete(key) and puller.is_complete(key)
     entry, files = store.entry(key), store.manifest(key)["files"]
     source = puller.upload_path(key, puller.manifest(key)["upload"])  # what A's doit pushed
-    times: dict[str, list[float]] = {"push": [], "put": [], "pull": [], "get": [], "get_fsync": []}
+    times: dict[str, list[float]] = {
+        "push": [], "put": [], "pull": [], "get": [], "get_fsync": [], "get_stream_fsync": []
+    }  # fmt: skip
     steal: dict[str, list[float]] = {name: [] for name in times}
 
     def push(i: int) -> None:
@@ -239,10 +246,11 @@ def throughput(store: Store, key: str, server: S3Server, bucket: str, work: Path
         assert local.is_complete(key) and local.changes(key) == ([], [])
         shutil.rmtree(work / f"pull-{i}")
 
-    def download(target: Path, sync: bool) -> None:
+    def download(target: Path, sync: bool, stream: bool = False) -> None:
         for r in files:
             (target / r["path"]).parent.mkdir(parents=True, exist_ok=True)
-            fs.get_file(f"{source}/{r['path']}", str(target / r["path"]))
+            one_get = {"max_concurrency": 1} if stream else {}  # as RemoteStore.pull reads
+            fs.get_file(f"{source}/{r['path']}", str(target / r["path"]), **one_get)
             if sync:
                 with open(target / r["path"], "rb") as fh:
                     os.fsync(fh.fileno())
@@ -255,7 +263,12 @@ def throughput(store: Store, key: str, server: S3Server, bucket: str, work: Path
         times["get_fsync"].append(timed(lambda: download(work / f"get-{i}", sync=True)))
         shutil.rmtree(work / f"get-{i}")
 
-    for ours, *peers in ((push, put), (pull, get, get_fsync)):
+    def get_stream_fsync(i: int) -> None:
+        run = lambda: download(work / f"get-{i}", sync=True, stream=True)  # noqa: E731
+        times["get_stream_fsync"].append(timed(run))
+        shutil.rmtree(work / f"get-{i}")
+
+    for ours, *peers in ((push, put), (pull, get, get_fsync, get_stream_fsync)):
         for i in range(reps):  # alternating, ours first every other time
             # Reversed every other time, so that ours and its first peer always run back to back.
             for run in (ours, *peers) if i % 2 == 0 else (*reversed(peers), ours):
@@ -414,6 +427,9 @@ def main() -> None:
         (f"pull {args.entry} into a fresh Store, MB/s", f"{mbs['pull']:.0f}",
          "s3fs get_file + fsync of each file", f"{mbs['get_fsync']:.0f}",
          f"{mbs['pull'] / mbs['get_fsync']:.2f}x"),
+        (f"pull {args.entry} into a fresh Store, MB/s", f"{mbs['pull']:.0f}",
+         "s3fs get_file, one GET a file (as the pull), + fsync", f"{mbs['get_stream_fsync']:.0f}",
+         f"{mbs['pull'] / mbs['get_stream_fsync']:.2f}x"),
         ("(xxh3-128, one pass over the entry, warm), MB/s", f"{xxh3:.0f}", "", "", ""),
         (f"B: `doit {args.tasks}` pulls {len(pulled)} steps, s", f"{b_s:.1f}",
          f"A: {'builds (recorded) of' if args.built else 'cold build + push of'} {len(built)} "

@@ -360,10 +360,10 @@ class RemoteStore:
                 target = folder / record["path"]
                 target.parent.mkdir(parents=True, exist_ok=True)
                 callback = stack.enter_context(meter.file(record["size"], download=target))
-                downloads.append((f"{source}/{record['path']}", target, callback, record["size"]))
+                downloads.append((f"{source}/{record['path']}", target, callback))
             self._get_files(downloads)
         checked = {}
-        for (remote, target, _, _), record in zip(downloads, manifest["files"], strict=True):
+        for (remote, target, _), record in zip(downloads, manifest["files"], strict=True):
             size = target.stat().st_size
             if size != record["size"]:
                 problem = f"size {size} != {record['size']} in the manifest"
@@ -378,31 +378,33 @@ class RemoteStore:
             )
         return checked
 
-    def _get_files(self, downloads: list[tuple[str, Path, Any, int]]) -> None:
-        """Download each (remote path, local file, fsspec callback, size): at once where the
-        file system is asynchronous (s3fs), so an entry's small files do not each wait for a
-        round trip; one by one elsewhere. The first failure cancels the others."""
+    def _get_files(self, downloads: list[tuple[str, Path, Any]]) -> None:
+        """Download each (remote path, local file, fsspec callback): at once where the file
+        system is asynchronous (s3fs), so an entry's small files do not each wait for a round
+        trip; one by one elsewhere. The first failure cancels the others."""
         fs = self.fs
-        if getattr(fs, "async_impl", False) and len(downloads) > 1:
+        if getattr(fs, "async_impl", False):
             import asyncio
 
-            # s3fs reads a file over its block size as concurrent ranges held in memory
-            # (10 x 50 MiB): such files take turns, the small ones share FILES_AT_ONCE slots.
-            big = getattr(fs, "blocksize", 50 << 20)
-
-            async def get(remote: str, target: Path, callback: Any, size: int, slots: Any) -> None:
-                async with slots[size > big]:
+            async def get(remote: str, target: Path, callback: Any, slots: Any) -> None:
+                async with slots:
                     with self._download_errors(remote):
-                        await fs._get_file(remote, str(target), callback=callback)
+                        # One GET a file, written as it arrives: its write-back starts at
+                        # once and memory holds a chunk. s3fs's default reads a file over its
+                        # block size as 50 MiB ranges, 10 at a time, held in memory and
+                        # written after. A file is one stream; the entry's files go together.
+                        await fs._get_file(
+                            remote, str(target), callback=callback, max_concurrency=1
+                        )
                     _finished(callback)
 
             async def get_all() -> None:
-                slots = (asyncio.Semaphore(FILES_AT_ONCE), asyncio.Semaphore(1))  # in its loop
+                slots = asyncio.Semaphore(FILES_AT_ONCE)  # made in the loop that uses it
                 await _all([get(*download, slots) for download in downloads])
 
             _run_in_loop(fs.loop, get_all)
             return
-        for remote, target, callback, _ in downloads:
+        for remote, target, callback in downloads:
             with self._download_errors(remote):
                 fs.get_file(remote, str(target), callback=callback)
             _finished(callback)
