@@ -57,6 +57,7 @@ import threading
 import time
 import urllib.request
 import uuid
+from collections.abc import Callable
 from pathlib import Path
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -71,6 +72,12 @@ from tasks.store import Store  # noqa: E402
 
 RECIPE = "default"  # the recipe file's name in both workspaces: links under artifacts/default/
 REQUESTS_PATH = "/__bench_requests__"
+# The pull's peers, by the name their times go under: what each does.
+PULL_PEERS = {
+    "get": "s3fs get_file, same objects",
+    "get_fsync": "s3fs get_file + fsync of each file",
+    "get_stream_fsync": "s3fs get_file, one GET a file (as the pull), + fsync",
+}
 
 # The S3 server: moto's ThreadedMotoServer, its WSGI app wrapped to count the requests it gets
 # (REQUESTS_PATH answers the count and is not counted). Runs until its stdin closes.
@@ -222,9 +229,7 @@ def throughput(store: Store, key: str, server: S3Server, bucket: str, work: Path
     assert not pusher.is_complete(key) and puller.is_complete(key)
     entry, files = store.entry(key), store.manifest(key)["files"]
     source = puller.upload_path(key, puller.manifest(key)["upload"])  # what A's doit pushed
-    times: dict[str, list[float]] = {
-        "push": [], "put": [], "pull": [], "get": [], "get_fsync": [], "get_stream_fsync": []
-    }  # fmt: skip
+    times: dict[str, list[float]] = {name: [] for name in ("push", "put", "pull", *PULL_PEERS)}
     steal: dict[str, list[float]] = {name: [] for name in times}
 
     def push(i: int) -> None:
@@ -255,20 +260,19 @@ def throughput(store: Store, key: str, server: S3Server, bucket: str, work: Path
                 with open(target / r["path"], "rb") as fh:
                     os.fsync(fh.fileno())
 
-    def get(i: int) -> None:
-        times["get"].append(timed(lambda: download(work / f"get-{i}", sync=False)))
-        shutil.rmtree(work / f"get-{i}")
+    def peer(name: str, sync: bool, stream: bool = False) -> Callable[[int], None]:
+        """One of PULL_PEERS: download into a folder of its own, timed, then remove it."""
 
-    def get_fsync(i: int) -> None:
-        times["get_fsync"].append(timed(lambda: download(work / f"get-{i}", sync=True)))
-        shutil.rmtree(work / f"get-{i}")
+        def run(i: int) -> None:
+            target = work / f"get-{i}"
+            times[name].append(timed(lambda: download(target, sync, stream)))
+            shutil.rmtree(target)
 
-    def get_stream_fsync(i: int) -> None:
-        run = lambda: download(work / f"get-{i}", sync=True, stream=True)  # noqa: E731
-        times["get_stream_fsync"].append(timed(run))
-        shutil.rmtree(work / f"get-{i}")
+        run.__name__ = name  # the log's and the steal's name for it
+        return run
 
-    for ours, *peers in ((push, put), (pull, get, get_fsync, get_stream_fsync)):
+    pull_peers = (peer("get", False), peer("get_fsync", True), peer("get_stream_fsync", True, True))
+    for ours, *peers in ((push, put), (pull, *pull_peers)):
         for i in range(reps):  # alternating, ours first every other time
             # Reversed every other time, so that ours and its first peer always run back to back.
             for run in (ours, *peers) if i % 2 == 0 else (*reversed(peers), ours):
@@ -422,14 +426,9 @@ def main() -> None:
     rows = [
         (f"push {args.entry} ({size / 1e6:.0f} MB), MB/s", f"{mbs['push']:.0f}",
          "s3fs put_file, same files", f"{mbs['put']:.0f}", f"{mbs['push'] / mbs['put']:.2f}x"),
-        (f"pull {args.entry} into a fresh Store, MB/s", f"{mbs['pull']:.0f}",
-         "s3fs get_file, same objects", f"{mbs['get']:.0f}", f"{mbs['pull'] / mbs['get']:.2f}x"),
-        (f"pull {args.entry} into a fresh Store, MB/s", f"{mbs['pull']:.0f}",
-         "s3fs get_file + fsync of each file", f"{mbs['get_fsync']:.0f}",
-         f"{mbs['pull'] / mbs['get_fsync']:.2f}x"),
-        (f"pull {args.entry} into a fresh Store, MB/s", f"{mbs['pull']:.0f}",
-         "s3fs get_file, one GET a file (as the pull), + fsync", f"{mbs['get_stream_fsync']:.0f}",
-         f"{mbs['pull'] / mbs['get_stream_fsync']:.2f}x"),
+        *((f"pull {args.entry} into a fresh Store, MB/s", f"{mbs['pull']:.0f}", what,
+           f"{mbs[name]:.0f}", f"{mbs['pull'] / mbs[name]:.2f}x")
+          for name, what in PULL_PEERS.items()),
         ("(xxh3-128, one pass over the entry, warm), MB/s", f"{xxh3:.0f}", "", "", ""),
         (f"B: `doit {args.tasks}` pulls {len(pulled)} steps, s", f"{b_s:.1f}",
          f"A: {'builds (recorded) of' if args.built else 'cold build + push of'} {len(built)} "
