@@ -32,3 +32,34 @@ def test_library_versions_are_what_importlib_metadata_says():
     for name in sorted(names):
         library_version.cache_clear()
         assert library_version(name) == metadata.version(name), name
+
+
+def test_library_version_takes_any_spelling_of_a_name():
+    """A recipe's libraries and pip spell names in several ways (PEP 503 normalizes them)."""
+    library_version.cache_clear()
+    version = library_version("onnxruntime-genai")
+    assert version != "absent"
+    for spelling in ("onnxruntime_genai", "ONNXRuntime-GenAI", "onnxruntime.genai"):
+        library_version.cache_clear()
+        assert library_version(spelling) == version
+
+
+def test_library_version_leaves_a_zip_on_the_path_to_importlib_metadata(tmp_path, monkeypatch):
+    """Distributions inside a zip on sys.path are found by importlib.metadata only: the quick
+    folder index steps aside rather than miss one."""
+    import zipfile
+
+    from tasks import keys
+
+    archive = tmp_path / "bundle.zip"
+    with zipfile.ZipFile(archive, "w") as zf:
+        zf.writestr("zipped_pkg-1.2.3.dist-info/METADATA", "Name: zipped-pkg\nVersion: 1.2.3\n\n")
+    monkeypatch.syspath_prepend(str(archive))
+    keys._metadata_folders.cache_clear()
+    library_version.cache_clear()
+    try:
+        assert keys._metadata_folders() is None
+        assert library_version("zipped-pkg") == "1.2.3"
+    finally:
+        keys._metadata_folders.cache_clear()
+        library_version.cache_clear()
