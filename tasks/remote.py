@@ -40,7 +40,6 @@ import re
 import shutil
 import time
 from collections.abc import Callable, Iterator
-from dataclasses import dataclass, field
 from pathlib import Path, PurePosixPath
 from typing import Any
 from urllib.parse import parse_qsl, urlsplit
@@ -162,24 +161,30 @@ def _remote_call(method: Callable[..., Any]) -> Callable[..., Any]:
     return call
 
 
-@dataclass
 class RemoteStore:
-    """The remote store at url. Constructing one contacts nothing and imports nothing."""
+    """The remote store at url. Constructing one contacts nothing and imports nothing.
 
-    url: str
-    push_enabled: bool = False  # the recipe's `push`: whether the runner uploads what it built
-    remote_only: bool = False  # a step the remote cannot give fails instead of being built here
-    endpoint_url: str | None = None
-    profile: str | None = None
-    region: str | None = None
-    _fs_and_root: tuple[Any, str] | None = field(default=None, repr=False)
-    _root_seen: bool = field(default=False, repr=False)  # its bucket (or folder) exists
+    A plain class, not a dataclass: every run with a remote makes one, and @dataclass compiles
+    its methods at import (about 1 ms a class here)."""
 
-    def __post_init__(self) -> None:
-        self.url = self.url.rstrip("/")
+    def __init__(
+        self, url: str, push_enabled: bool = False, remote_only: bool = False,
+        endpoint_url: str | None = None, profile: str | None = None, region: str | None = None,
+    ) -> None:  # fmt: skip
+        self.url = url.rstrip("/")
+        self.push_enabled = push_enabled  # the recipe's `push`: the runner uploads what it built
+        self.remote_only = remote_only  # a step the remote cannot give fails, not built here
+        self.endpoint_url = endpoint_url
+        self.profile = profile
+        self.region = region
+        self._fs_and_root: tuple[Any, str] | None = None  # opened on first use
+        self._root_seen = False  # its bucket (or folder) exists
         check_url(self.url)
-        if self.endpoint_url:
-            check_url(self.endpoint_url, "endpoint_url")
+        if endpoint_url:
+            check_url(endpoint_url, "endpoint_url")
+
+    def __repr__(self) -> str:
+        return f"RemoteStore({self.url!r}, push_enabled={self.push_enabled})"
 
     @classmethod
     def from_settings(cls, settings: dict[str, Any]) -> RemoteStore:
