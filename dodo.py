@@ -22,6 +22,8 @@ from doit import get_var
 from tasks import interrupt
 from tasks.errors import KilnError, check_variables
 from tasks.glue import (
+    GC_OPTIONS,
+    VERIFY_OPTIONS,
     explain,
     gc,
     pull,
@@ -160,14 +162,7 @@ def task_explain():
 
 def task_gc():
     """remove store entries no recipe points at (--dry-run: only list them with sizes)"""
-    dry_run = {"name": "dry_run", "long": "dry-run", "type": bool, "default": False,
-               "help": "list what would be removed, remove nothing"}  # fmt: skip
-    remote = {"name": "remote", "long": "remote", "type": bool, "default": False,
-              "help": "collect the remote store instead: entries none of the recipes named "
-              "(default: this one) means, and uploads no manifest names"}  # fmt: skip
-    grace = {"name": "grace_hours", "long": "grace-hours", "type": float, "default": 24.0,
-             "help": "with --remote: keep unnamed uploads younger than this (a push in flight)"}  # fmt: skip
-    return {"actions": [(gc, [GRAPH])], "params": [dry_run, remote, grace], "pos_arg": "recipes",
+    return {"actions": [(gc, [GRAPH])], "params": GC_OPTIONS, "pos_arg": "recipes",
             "uptodate": [False], "verbosity": 2}  # fmt: skip
 
 
@@ -185,11 +180,5 @@ def task_pull():
 
 def task_verify():
     """re-hash every store entry against its manifest; name each damaged entry and those built from it"""
-    remove = {"name": "remove_damaged", "long": "remove-damaged", "type": bool, "default": False,
-              "help": "remove damaged entries and those built from them, so `doit` rebuilds them"}  # fmt: skip
-    dry_run = {"name": "dry_run", "long": "dry-run", "type": bool, "default": False,
-               "help": "with --remove-damaged: list what would be removed, remove nothing"}  # fmt: skip
-    remote = {"name": "remote", "long": "remote", "type": bool, "default": False,
-              "help": "verify the remote store's entries instead (downloads every file)"}  # fmt: skip
-    return {"actions": [(verify, [GRAPH])], "params": [remove, dry_run, remote],
-            "uptodate": [False], "verbosity": 2}  # fmt: skip
+    return {"actions": [(verify, [GRAPH])], "params": VERIFY_OPTIONS, "uptodate": [False],
+            "verbosity": 2}  # fmt: skip

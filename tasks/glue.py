@@ -171,6 +171,19 @@ def _describe(change: tuple[str, Any, Any], task_of_key: dict[str, str]) -> str:
     return f"{path}: {_short(canonical_json(old))} -> {_short(canonical_json(new))}"
 
 
+# `doit gc`'s options (doit reads the source of each task_* function in dodo.py as it loads
+# it, so these lists live here).
+GC_OPTIONS = [
+    {"name": "dry_run", "long": "dry-run", "type": bool, "default": False,
+     "help": "list what would be removed, remove nothing"},
+    {"name": "remote", "long": "remote", "type": bool, "default": False,
+     "help": "collect the remote store instead: entries none of the recipes named "
+     "(default: this one) means, and uploads no manifest names"},
+    {"name": "grace_hours", "long": "grace-hours", "type": float, "default": 24.0,
+     "help": "with --remote: keep unnamed uploads younger than this (a push in flight)"},
+]  # fmt: skip
+
+
 def gc(
     graph: Graph, dry_run: bool, remote: bool = False, grace_hours: float = 24.0,
     recipes: list[str] | None = None,
@@ -390,6 +403,16 @@ def _built_as(store: Store, key: str) -> str:
         return store.manifest(key).get("built_as", {}).get("task", "?")
     except StoreError:
         return "(unreadable manifest)"
+
+
+VERIFY_OPTIONS = [
+    {"name": "remove_damaged", "long": "remove-damaged", "type": bool, "default": False,
+     "help": "remove damaged entries and those built from them, so `doit` rebuilds them"},
+    {"name": "dry_run", "long": "dry-run", "type": bool, "default": False,
+     "help": "with --remove-damaged: list what would be removed, remove nothing"},
+    {"name": "remote", "long": "remote", "type": bool, "default": False,
+     "help": "verify the remote store's entries instead (downloads every file)"},
+]  # fmt: skip
 
 
 def verify(
