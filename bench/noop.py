@@ -31,7 +31,7 @@ ROOT = Path(__file__).resolve().parents[1]
 sys.path[:0] = [str(ROOT), str(ROOT / "tests")]
 
 from conftest import build_tiny_model, tiny_text  # noqa: E402
-from workspace import Workspace, doit_alone, executed, timed, tiny_recipe  # noqa: E402
+from workspace import Workspace, doit_alone, executed, interpreter, timed, tiny_recipe  # noqa: E402
 
 from tasks.digest import DigestCache  # noqa: E402
 
@@ -149,7 +149,8 @@ def main() -> None:
         else "NOT dropped (needs root): reads are warm"
     )
     print(
-        f"\nworst no-op median: {worst:.3f} s (target <= 0.3 s); {os.cpu_count()} CPUs; page cache {cache}"
+        f"\nworst no-op median: {worst:.3f} s (target <= 0.3 s); {os.cpu_count()} CPUs; "
+        f"{interpreter()}; page cache {cache}"
     )
     if not args.keep:
         shutil.rmtree(work, ignore_errors=True)

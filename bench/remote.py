@@ -63,7 +63,7 @@ from pathlib import Path
 ROOT = Path(__file__).resolve().parents[1]
 sys.path[:0] = [str(ROOT), str(ROOT / "tests")]
 
-from workspace import Workspace, doit_alone, executed, timed  # noqa: E402
+from workspace import Workspace, doit_alone, executed, interpreter, timed  # noqa: E402
 
 from tasks.digest import hash_file  # noqa: E402
 from tasks.recipe import load_recipe  # noqa: E402
@@ -443,7 +443,8 @@ def main() -> None:
          "connections to the proxy", str(proxy.connections), ""),
     ]  # fmt: skip
     print(f"\nmoto {_version('moto')}, s3fs {_version('s3fs')} on 127.0.0.1; {os.cpu_count()} CPUs;"
-          f" medians of {args.reps} alternating runs (transfers), {args.noop_runs} (no-ops)\n")  # fmt: skip
+          f" {interpreter()}; medians of {args.reps} alternating runs (transfers),"
+          f" {args.noop_runs} (no-ops)\n")  # fmt: skip
     print("| measurement | modelkiln | peer | peer's | modelkiln / peer |")
     print("|---|---:|---|---:|---:|")
     for row in rows:

@@ -127,6 +127,12 @@ def doit_alone(folder: Path, tasks: int) -> list[str]:
     return [sys.executable, "-m", "doit", "-f", str(folder / "dodo.py"), "-d", str(folder)]
 
 
+def interpreter() -> str:
+    """Which Python ran a bench: no-op times depend on its build (on one 2-core VM, pyenv's
+    default build, without PGO or LTO, took 20% longer than Debian's python3.11, docs/design.md)."""
+    return f"Python {sys.version.split()[0]} at {sys.base_prefix}"
+
+
 def timed(call: Callable[[], object]) -> float:
     """Wall seconds of call()."""
     start = time.perf_counter()
