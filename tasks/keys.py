@@ -32,14 +32,13 @@ def library_version(dist: str) -> str:
     """Installed version of a distribution, or 'absent' (a later install then changes the key)."""
     folders = _metadata_folders()
     folder = None if folders is None else folders.get(_normalize(dist))
-    if folder is None:  # absent, or where only importlib.metadata can look (a zip on sys.path)
+    text = (_read(folder, "METADATA") or _read(folder, "PKG-INFO")) if folder else ""
+    if not text:  # absent, gone since the listing, or in a zip on sys.path: importlib looks
         try:
             found = metadata.distribution(dist)
         except metadata.PackageNotFoundError:
             return "absent"
         text = found.read_text("METADATA") or found.read_text("PKG-INFO") or ""
-    else:
-        text = _read(folder, "METADATA") or _read(folder, "PKG-INFO")
     # The Version header, read from the top of the file: metadata.version() parses the whole
     # file as e-mail first (transformers' is 40 kB of README), which every no-op run paid.
     for line in text.partition("\n\n")[0].splitlines():  # the headers end at the first blank line

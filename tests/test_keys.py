@@ -63,3 +63,16 @@ def test_library_version_leaves_a_zip_on_the_path_to_importlib_metadata(tmp_path
     finally:
         keys._metadata_folders.cache_clear()
         library_version.cache_clear()
+
+
+def test_library_version_of_a_distribution_gone_since_the_listing_is_absent(monkeypatch):
+    """A listed metadata folder that has since gone (an uninstall while doit loads) is looked
+    up again, not read as an empty version."""
+    from tasks import keys
+
+    monkeypatch.setattr(keys, "_metadata_folders", lambda: {"gone_pkg": "/nonexistent/gone"})
+    library_version.cache_clear()
+    try:
+        assert library_version("gone-pkg") == "absent"
+    finally:
+        library_version.cache_clear()
