@@ -11,12 +11,13 @@ from __future__ import annotations
 import hashlib
 import json
 import os
-import re
 import sys
 from functools import cache
 from importlib import metadata
 from importlib.machinery import PathFinder
 from typing import Any
+
+from tasks.requirement import normalize_name
 
 
 def canonical_json(value: Any) -> str:
@@ -31,7 +32,7 @@ def key_of(identity: dict[str, Any]) -> str:
 def library_version(dist: str) -> str:
     """Installed version of a distribution, or 'absent' (a later install then changes the key)."""
     folders = _metadata_folders()
-    folder = None if folders is None else folders.get(_normalize(dist))
+    folder = None if folders is None else folders.get(normalize_name(dist))
     text = (_read(folder, "METADATA") or _read(folder, "PKG-INFO")) if folder else ""
     if not text:  # absent, gone since the listing, or in a zip on sys.path: importlib looks
         try:
@@ -49,7 +50,7 @@ def library_version(dist: str) -> str:
 
 @cache
 def _metadata_folders() -> dict[str, str] | None:
-    """Each installed distribution's metadata folder by normalized name: the first on sys.path,
+    """Each installed distribution's metadata folder by PEP 503 name: the first on sys.path,
     where importlib.metadata.distribution() finds it (its lookup machinery cost a no-op about
     0.3 ms a library). None where the path holds a zip or egg, or a finder of distributions
     other than the standard one: importlib.metadata then looks itself."""
@@ -67,18 +68,14 @@ def _metadata_folders() -> dict[str, str] | None:
             return None
         for child in children:
             if child.lower().endswith((".dist-info", ".egg-info")):
-                name = _normalize(child.lower().rpartition(".")[0].partition("-")[0])
+                name = normalize_name(child.rpartition(".")[0].partition("-")[0])
                 folders.setdefault(name, os.path.join(root, child))
     return folders
 
 
-def _normalize(name: str) -> str:
-    """importlib.metadata's form of a distribution name: PEP 503's, dashes as underscores."""
-    return re.sub(r"[-_.]+", "_", name).lower()
-
-
 def _read(folder: str, name: str) -> str:
-    """The file's headers (to its first blank line), or "" where it is missing."""
+    """The file's start, through its headers (to the first blank line), or "" where it is
+    missing."""
     try:
         with open(os.path.join(folder, name), encoding="utf-8") as fh:
             text = fh.read(8192)

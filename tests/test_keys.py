@@ -70,7 +70,7 @@ def test_library_version_of_a_distribution_gone_since_the_listing_is_absent(monk
     up again, not read as an empty version."""
     from tasks import keys
 
-    monkeypatch.setattr(keys, "_metadata_folders", lambda: {"gone_pkg": "/nonexistent/gone"})
+    monkeypatch.setattr(keys, "_metadata_folders", lambda: {"gone-pkg": "/nonexistent/gone"})
     library_version.cache_clear()
     try:
         assert library_version("gone-pkg") == "absent"
