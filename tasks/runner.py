@@ -74,7 +74,7 @@ def _machine_problem(err: Exception, where: Path) -> str | None:
     read of a file written short, a child process's traceback), a read-only or forbidden path.
     None for anything else."""
     if isinstance(err, OSError) and err.errno in FILESYSTEM_ERRORS:
-        return os_problem(err)
+        return os_problem(err, where)  # where the step writes, if the error names no file
     try:
         free = shutil.disk_usage(where).free
     except OSError:

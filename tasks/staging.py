@@ -184,8 +184,11 @@ FILESYSTEM_ERRORS = {
 
 
 def os_problem(err: OSError, path: Path | str | None = None, doing: str = "write") -> str:
-    """One line (and a fix) for a failure of the machine itself."""
-    where = err.filename or path
+    """One line (and a fix) for a failure of the machine itself; the path is the error's own
+    where it names one (some writers, such as sqlite's, name none). Of two (a copy's or a
+    rename's), the second is the one written: shutil.copyfile's full disk names its source
+    first, which is a store entry when a step copies its input."""
+    where = err.filename2 or err.filename or path
     what, fix = FILESYSTEM_ERRORS.get(err.errno or 0, (err.strerror or str(err), ""))
-    text = f"cannot {doing} {where}: {what}"
+    text = f"cannot {doing} {where}: {what}" if where else f"cannot {doing}: {what}"
     return f"{text}\n  fix: {fix}" if fix else text
