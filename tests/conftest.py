@@ -89,15 +89,22 @@ def prose_file(tmp_path_factory) -> Path:
 
 
 @pytest.fixture(scope="session")
-def fp32(tiny_model: Path, tmp_path_factory) -> Path:
-    """The tiny model captured by the genai builder, fp32 on the CPU; read-only."""
-    from tasks.stages import StepContext
-    from tasks.stages.capture import Config, run
+def tiny_built(tiny_model: Path, prose_file: Path, tmp_path_factory) -> Path:
+    """The artifacts folder of a workspace that built the tiny recipe's model, data:prose and
+    capture:fp32, once per worker: `Workspace.seed` copies them into a test's store."""
+    from workspace import Workspace, tiny_recipe
 
-    out = tmp_path_factory.mktemp("quantize") / "fp32"
-    out.mkdir()
-    run(Config(), StepContext(task="capture:fp32", out=out, artifacts=out.parent, input=tiny_model))
-    return out
+    ws = Workspace(tmp_path_factory.mktemp("tiny-built"))
+    ws.write(tiny_recipe(tiny_model, prose_file))
+    ws.doit("model", "data", "capture:fp32")
+    return ws.artifacts
+
+
+@pytest.fixture(scope="session")
+def fp32(tiny_built: Path) -> Path:
+    """The tiny model captured by the genai builder, fp32 on the CPU (tiny_built's entry);
+    read-only."""
+    return (tiny_built / "recipe" / "capture" / "fp32").resolve()
 
 
 # ---- S3: one moto server per session (per xdist worker), a fresh bucket per test ----------

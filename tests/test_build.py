@@ -113,9 +113,10 @@ def test_gc_removes_only_unreferenced_entries(built, tiny_model, prose_file):
     assert executed(ws.doit().stdout) == []  # nothing the recipe needs was removed
 
 
-def test_sigkill_mid_build_leaves_nothing_complete(tmp_path, tiny_model, prose_file):
+def test_sigkill_mid_build_leaves_nothing_complete(tmp_path, tiny_model, prose_file, tiny_built):
     ws = Workspace(tmp_path)
     ws.write(tiny_recipe(tiny_model, prose_file))
+    ws.seed(tiny_built, "model", "data:prose")
     ws.doit("model", "data")
     proc = ws.building("capture:fp32")
     os.killpg(proc.pid, signal.SIGKILL)
@@ -151,7 +152,7 @@ def test_two_processes_on_one_workspace(tmp_path, tiny_model, prose_file):
     [("model.onnx_augment.onnx", True), ("model.onnx", False)],  # a new file; one of its own
 )
 def test_a_step_that_writes_into_its_input_fails_and_the_input_is_made_whole(
-    tmp_path, tiny_model, prose_file, writes, input_survives
+    tmp_path, tiny_model, prose_file, tiny_built, writes, input_survives
 ):
     """Some tools write beside the model they read (INC's `_augment.onnx`, ModelOpt re-saving
     it): a published entry must never change, so the step fails; a file it added goes, and an
@@ -164,6 +165,7 @@ def test_a_step_that_writes_into_its_input_fails_and_the_input_is_made_whole(
 
     ws = Workspace(tmp_path)
     ws.write(tiny_recipe(tiny_model, prose_file))
+    ws.seed(tiny_built, "model", "data:prose", "capture:fp32")
     ws.doit("capture:fp32")
     graph = load_graph(ws.recipe, ws.artifacts)
     step = graph.recipe.steps["quantize.int8"]

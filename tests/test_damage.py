@@ -31,11 +31,12 @@ def keys(ws: Workspace) -> dict[str, str]:
 
 
 def test_a_damaged_input_is_refused_and_removed_with_what_was_built_from_it(
-    tmp_path, tiny_model, prose_file
+    tmp_path, tiny_model, prose_file, tiny_built
 ):
     ws = Workspace(tmp_path)
     ws.write(tiny_recipe(tiny_model, prose_file, extra=INT4))
-    ws.doit("model", "data", "capture:fp32")
+    ws.seed(tiny_built, "model", "data:prose", "capture:fp32")
+    assert executed(ws.doit("model", "data", "capture:fp32").stdout) == []
     before = keys(ws)
     weights = ws.artifacts / "recipe" / "model" / "model.safetensors"
 

@@ -5,7 +5,9 @@ real (a small tmpfs, a read-only bind mount: this needs root, as CI has)."""
 from __future__ import annotations
 
 import contextlib
+import errno
 import os
+import re
 import signal
 import subprocess
 from pathlib import Path
@@ -13,6 +15,7 @@ from pathlib import Path
 import pytest
 from workspace import Workspace, executed, tiny_recipe
 
+from tasks.staging import os_problem
 from tasks.store import manifest_file
 
 
@@ -52,6 +55,11 @@ def one_message(proc: subprocess.CompletedProcess, *words: str) -> str:
     return out
 
 
+def entries(ws: Workspace) -> set[str]:
+    """The store's complete entries, by manifest."""
+    return {p.name for p in (ws.artifacts / "store").glob("??/*.json")}
+
+
 def complete_entries_verify(ws: Workspace) -> None:
     """Every entry that looks complete is whole."""
     proc = ws.doit("verify", check=False)
@@ -75,7 +83,8 @@ def test_an_artifacts_path_that_is_a_file(ws, under):
     one_message(proc, "a part of the path is a file" if under else "is a file, not a directory")
 
 
-def test_a_read_only_store_still_lists_explains_and_verifies(ws, tiny_model, prose_file):
+def test_a_read_only_store_still_lists_explains_and_verifies(ws, tiny_built):
+    ws.seed(tiny_built, "model", "data:prose")
     ws.doit("model", "data")
     with read_only(ws.artifacts):
         # gc too, while it has nothing to remove
@@ -87,7 +96,8 @@ def test_a_read_only_store_still_lists_explains_and_verifies(ws, tiny_model, pro
     assert executed(ws.doit("model").stdout) == []  # nothing built was lost
 
 
-def test_a_read_only_store_folder_alone(ws):
+def test_a_read_only_store_folder_alone(ws, tiny_built):
+    ws.seed(tiny_built, "model")
     ws.doit("model")
     with read_only(ws.artifacts / "store"):
         one_message(ws.doit("data", check=False), "cannot lock", "read-only")
@@ -102,32 +112,61 @@ def test_removing_damage_from_a_read_only_store_is_one_message(ws):
     assert ws.doit("verify", "--remove-damaged").returncode == 0  # writable again: removed
 
 
-# Free bytes left on a 6 MB disk: none (the digest cache and doit cannot write), then points in
-# the model, capture and quantize steps (the whole build needs about 1.5 MB).
-FREE = ["0", "96k", "700k", "1500k"]
+# Room for the build on a 6 MB disk, counted from an empty workspace: none (the digest cache
+# and doit cannot write), then points in the model, capture and quantize steps (the whole build
+# needs about 1.5 MB).
+ROOM_KB = [0, 96, 700, 1500]
 
 
-@pytest.mark.parametrize("free", FREE)
-def test_a_full_disk_is_one_message_and_nothing_incomplete_looks_complete(ws, free):
+def free_bytes(path: Path) -> int:
+    stat = os.statvfs(path)
+    return stat.f_bavail * stat.f_frsize
+
+
+def test_a_full_disk_is_one_message_and_nothing_incomplete_looks_complete(ws):
+    """One workspace meets each point in turn, every run going on from what the one before
+    left, as builds on a filling disk do: each failure is one message, no entry that looks
+    complete is damaged, nothing built before is lost, and with room again the build ends."""
     with small_disk(ws.artifacts, "6m"):
         ballast = ws.artifacts / "ballast"
-        room = int(free[:-1]) * 1024 if free != "0" else 0
-        stat = os.statvfs(ws.artifacts)
-        with contextlib.suppress(OSError), open(ballast, "wb") as fh:
-            fh.write(b"\0" * max(stat.f_bavail * stat.f_frsize - room, 0))
-        proc = ws.doit(check=False)
-        if proc.returncode != 0:
-            out = one_message(proc)
-            assert "no space left" in out.lower() or "ran out of space" in out, out
-        ballast.unlink()
-        complete_entries_verify(ws)
+        empty = free_bytes(ws.artifacts)
+        failed = 0
+        for room_kb in ROOM_KB:
+            used = empty - free_bytes(ws.artifacts)  # what the runs so far left
+            with contextlib.suppress(OSError), open(ballast, "wb") as fh:
+                fh.write(b"\0" * max(free_bytes(ws.artifacts) - room_kb * 1024 + used, 0))
+            before = entries(ws)
+            proc = ws.doit(check=False)
+            if proc.returncode != 0:
+                out = one_message(proc)
+                assert "no space left" in out.lower() or "ran out of space" in out, out
+                assert "None" not in out, out  # a path the error did not name
+                assert not re.search(r"cannot write \S*/store/[0-9a-f]{2}/", out), out  # an input
+                failed += 1
+            ballast.unlink()
+            complete_entries_verify(ws)
+            assert before <= entries(ws), f"an entry was lost at {room_kb} kB"
+        assert failed >= 3  # the build needs more than 700 kB: these points are really full
         ws.doit()  # with room again, the build finishes
         complete_entries_verify(ws)
         assert executed(ws.doit().stdout) == []
 
 
+def test_a_disk_error_names_its_file_else_the_place_given_else_none():
+    full = OSError(errno.ENOSPC, "No space left on device")  # as sqlite's and some C writers'
+    assert os_problem(full).startswith("cannot write: no space left on the device\n  fix: ")
+    assert os_problem(full, "/a/store").startswith("cannot write /a/store: no space left")
+    named = OSError(errno.ENOSPC, "No space left on device", "/a/store/x/model.onnx")
+    assert os_problem(named, "/a/store").startswith("cannot write /a/store/x/model.onnx: ")
+    copy = OSError(
+        errno.ENOSPC, "No space left on device", "/a/input/m.data", None, "/a/tmp/m.data"
+    )
+    assert os_problem(copy).startswith("cannot write /a/tmp/m.data: ")  # not the file read
+
+
 @pytest.mark.parametrize(("signum", "status"), [(signal.SIGINT, 130), (signal.SIGTERM, 143)])
-def test_an_interrupt_is_one_line_and_leaves_nothing_complete(ws, signum, status):
+def test_an_interrupt_is_one_line_and_leaves_nothing_complete(ws, tiny_built, signum, status):
+    ws.seed(tiny_built, "model", "data:prose")
     ws.doit("model", "data")
     proc = ws.building("capture:fp32")
     if signum == signal.SIGINT:

@@ -59,7 +59,7 @@ def released(ws: Workspace) -> dict[str, str]:
 
 
 def test_a_failed_step_and_a_missed_gate_each_have_their_status_and_exit_code(
-    tmp_path: Path, tiny_model: Path, prose_file: Path
+    tmp_path: Path, tiny_model: Path, prose_file: Path, tiny_built: Path
 ):
     ws = Workspace(tmp_path)
     ws.root.mkdir(exist_ok=True)
@@ -67,13 +67,15 @@ def test_a_failed_step_and_a_missed_gate_each_have_their_status_and_exit_code(
     empty.write_text("")
     base = tiny_recipe(tiny_model, prose_file, extra=BROKEN.format(empty=empty))
     ws.write(gated(base, int8_mb=0.001))
+    ws.seed(tiny_built, "model", "capture:fp32")  # built before: they count as up to date
 
     first = ws.doit(check=False)
     assert first.returncode == STEP_FAILED, first.stderr
     summary = latest(ws)
     status = {task: step["status"] for task, step in summary["steps"].items()}
     assert status == {
-        "model": "built", "data:prose": "built", "data:empty": "failed", "capture:fp32": "built",
+        "model": "up-to-date", "data:prose": "built", "data:empty": "failed",
+        "capture:fp32": "up-to-date",
         "quantize:int8": "built", "evaluate:fp32": "built", "evaluate:int8": "gate-failed",
         "evaluate:on-empty": "input-failed", "report": "input-failed",
     }  # fmt: skip

@@ -4,8 +4,10 @@ from __future__ import annotations
 
 import os
 import re
+import shutil
 import subprocess
 import sys
+import tempfile
 import time
 from collections.abc import Callable
 from dataclasses import dataclass
@@ -89,6 +91,27 @@ class Workspace:
         if check and proc.returncode != 0:
             raise AssertionError(f"doit {' '.join(args)} failed:\n{proc.stdout}\n{proc.stderr}")
         return proc
+
+    def seed(self, built: Path, *tasks: str) -> None:
+        """Copy the entries of `tasks` out of another workspace's artifacts folder (the
+        `tiny_built` fixture's) into this one's store, files with their times, as a pull would:
+        the next `doit` finds them built. For tests whose subject comes after these steps; a
+        tiny model step costs 7 s and a capture 10 s, mostly imports. Refuses an entry this
+        recipe would not use (a seed that saves nothing would go unnoticed)."""
+        from tasks.graph import load_graph
+        from tasks.store import Store
+
+        with tempfile.TemporaryDirectory() as scratch:  # keys do not depend on the workspace
+            keys = load_graph(self.recipe, Path(scratch)).keys
+        source, store = Store(built), Store(self.artifacts)
+        store.staging.locks_dir.mkdir(parents=True, exist_ok=True)  # as building leaves it
+        for task in tasks:
+            key = keys[task.replace(":", ".", 1)]
+            assert source.is_complete(key), f"{built} has no entry of {task} for {self.recipe}"
+            store.entry(key).parent.mkdir(parents=True, exist_ok=True)
+            shutil.copytree(source.entry(key), store.entry(key), symlinks=True)
+            shutil.copy2(source.log_path(key), store.log_path(key))
+            shutil.copy2(source.manifest_path(key), store.manifest_path(key))  # last: complete
 
     def popen(self, *args: str) -> subprocess.Popen:
         return subprocess.Popen(

@@ -14,6 +14,7 @@ from tasks.errors import PreflightError, RecipeError, StageError
 from tasks.runtimes.onnx import op_counts, prompt_ids
 from tasks.stages import StepContext
 from tasks.stages.capture import Config, run
+from tasks.store import read_manifest
 
 
 def capture(model: Path, out: Path, config: Config) -> dict[str, Any]:
@@ -23,9 +24,9 @@ def capture(model: Path, out: Path, config: Config) -> dict[str, Any]:
 
 
 @pytest.fixture(scope="module")
-def builder_fp32(tiny_model: Path, tmp_path_factory) -> tuple[Path, dict[str, Any]]:
-    out = tmp_path_factory.mktemp("capture") / "fp32"
-    return out, capture(tiny_model, out, Config())
+def builder_fp32(fp32: Path) -> tuple[Path, dict[str, Any]]:
+    """The default capture (the tiny recipe's capture:fp32 entry) and the step's metrics."""
+    return fp32, read_manifest(fp32)["metrics"]
 
 
 @pytest.fixture(scope="module")
