@@ -109,6 +109,8 @@ def test_the_onnx_base_with_the_adapter_matches_the_peft_model(tmp_path, tiny_mo
     assert metrics["vs_peft"]["max_abs_logit_diff"] <= 1e-3
     assert metrics["vs_peft"]["top1_agreement"] == 1.0
     assert (entry / ADAPTER_FILE).is_file()
+    if base == "model":
+        return  # the reuse below is the same for any base (a fine-tune takes 12 s: once is enough)
     # A second adapter on the same base reuses the base entry: only its own steps run.
     ws.write(ws.recipe.read_text() + tune_tables("b", base, "{phrase} => {tone}"))
     out = ws.doit("adapter").stdout
