@@ -209,9 +209,12 @@ class RemoteStore:
         return self._open()[1]
 
     def _open(self) -> tuple[Any, str]:
+        """The file system and the root path; RemoteUnavailable (the run skips the remote)
+        when no installed library speaks the URL's protocol."""
         if self._fs_and_root is None:
             options: dict[str, Any] = {}
-            if urlsplit(self.url).scheme in ("s3", "s3a"):
+            scheme = urlsplit(self.url).scheme
+            if scheme in ("s3", "s3a"):
                 # Listings are never cached: another machine pushes while this one runs.
                 options = {"use_listings_cache": False, "skip_instance_cache": True}
                 if self.endpoint_url:
@@ -224,10 +227,22 @@ class RemoteStore:
                 import fsspec  # here, not at the top: a no-op build never needs it
 
                 fs, root = fsspec.core.url_to_fs(self.url, **options)
-            except ImportError as err:
-                raise StoreError(
+            except ImportError as err:  # fsspec's, or the one it names for this protocol
+                ours = scheme in ("s3", "s3a", "file") or err.name == "fsspec"
+                fix = f"pip install the package named above, which fsspec uses for {scheme}://"
+                raise RemoteUnavailable(
                     f"the remote {self.url} needs a library that is not installed ({err})",
-                    "pip install 'modelkiln[remote]'",
+                    "pip install 'modelkiln[remote]'" if ours else fix,
+                ) from None
+            except ValueError as err:
+                if not str(err).startswith("Protocol not known"):
+                    raise RemoteUnavailable(
+                        f"the remote {self.url} cannot be opened: {err}", _network_fix(self)
+                    ) from None
+                raise RemoteUnavailable(
+                    f"the remote {self.url}: no installed file system speaks {scheme}://",
+                    "write s3://bucket/prefix or file:///path (fsspec's other protocols, such "
+                    "as gs://, az:// or sftp://, work with their package installed)",
                 ) from None
             self._fs_and_root = (fs, root.rstrip("/"))
         return self._fs_and_root
@@ -868,4 +883,6 @@ def _network_fix(remote: RemoteStore) -> str:
             "AWS_SECRET_ACCESS_KEY, a ~/.aws/credentials profile, or an instance role)"
             + (f"; endpoint_url is {remote.endpoint_url}" if remote.endpoint_url else "")
         )
-    return "check that the shared folder is mounted and writable"
+    if urlsplit(remote.url).scheme == "file":
+        return "check that the shared folder is mounted and writable"
+    return "check the address, the network and the credentials"

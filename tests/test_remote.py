@@ -2,6 +2,7 @@
 127.0.0.1) and on a shared disk (file://), through the same code."""
 
 import errno
+import importlib.util
 import json
 import subprocess
 import sys
@@ -74,6 +75,20 @@ def rewrite_manifest(remote, key, edit, keep_digest=False):
     if not keep_digest:
         manifest[DIGEST_FIELD] = manifest_digest(manifest)
     remote.fs.pipe_file(remote.manifest_path(key), json.dumps(manifest).encode())
+
+
+def test_a_protocol_nothing_installed_speaks_makes_the_remote_unusable_with_a_fix():
+    """Unusable, so a build skips it once and goes on (not a traceback, nor one failure a
+    step); the fix names what to install, which for gs:// is not modelkiln's extra."""
+    with pytest.raises(remote_module.RemoteUnavailable) as unknown:
+        RemoteStore("kiln-nowhere://bucket/m").is_complete("0" * 64)  # a build asks this first
+    assert "no installed file system speaks kiln-nowhere://" in str(unknown.value)
+    assert "fix: write s3://bucket/prefix" in str(unknown.value)
+    if importlib.util.find_spec("gcsfs") is None:
+        with pytest.raises(remote_module.RemoteUnavailable) as missing:
+            RemoteStore("gs://bucket/m").is_complete("0" * 64)
+        problem, fix = str(missing.value).split("\n  fix: ")
+        assert "gcsfs" in problem and "modelkiln[remote]" not in fix
 
 
 def test_push_then_pull_gives_the_same_entry(remote, tmp_path):

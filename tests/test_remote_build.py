@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import contextlib
 import errno
+import importlib.util
 import inspect
 import json
 import os
@@ -232,10 +233,18 @@ def test_a_no_op_build_makes_no_request(pushed_file, tiny_model, prose_file, s3_
         "missing-bucket",
         "wrong-credentials",
         "missing-folder",
+        "unknown-protocol",
+        "library-not-installed",
     ]
 )
 def unusable(request, s3_remote, s3_server, tmp_path):
     """(a [store] table of a remote that cannot be used, a context to run doit in)."""
+    if request.param == "unknown-protocol":  # fsspec knows no such file system
+        return store_table({"remote": "kiln-nowhere://bucket/m"}), contextlib.nullcontext()
+    if request.param == "library-not-installed":  # fsspec knows gs://, from gcsfs
+        if importlib.util.find_spec("gcsfs") is not None:
+            pytest.skip("gcsfs is installed here")
+        return store_table({"remote": "gs://bucket/m"}), contextlib.nullcontext()
     if request.param == "unreachable":
         table = store_table(
             {"remote": "s3://bucket/models", "endpoint_url": f"http://127.0.0.1:{closed_port()}"}
