@@ -3,9 +3,11 @@
 from __future__ import annotations
 
 import contextlib
+import fcntl
 import logging
 import os
-from collections.abc import Iterator
+import shutil
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -75,29 +77,50 @@ def build_tiny_model(out: Path, vocab_size: int = 320, hidden: int = 64) -> Path
     return out
 
 
+def once_per_run(tmp_path_factory, name: str, make: Callable[[Path], object]) -> Path:
+    """The folder `name`, filled by make(folder) once per test run: pytest-xdist's workers share
+    it (the first fills it under a lock while the others wait), as its docs suggest for
+    session fixtures. For inputs that are the same bytes wherever they are made."""
+    base = tmp_path_factory.getbasetemp()
+    if os.environ.get("PYTEST_XDIST_WORKER"):
+        base = base.parent  # this run's folder, above each worker's own
+    folder, done = base / name, base / f"{name}.done"
+    with open(base / f"{name}.lock", "w") as lock:
+        fcntl.flock(lock, fcntl.LOCK_EX)
+        if not done.exists():
+            shutil.rmtree(folder, ignore_errors=True)
+            folder.mkdir()
+            make(folder)
+            done.touch()
+    return folder
+
+
 @pytest.fixture(scope="session")
 def tiny_model(tmp_path_factory) -> Path:
     """A tiny HF model directory; treat it as read-only (copy it to change it)."""
-    return build_tiny_model(tmp_path_factory.mktemp("tiny") / "model")
+    return once_per_run(tmp_path_factory, "tiny", lambda f: build_tiny_model(f / "model")) / "model"
 
 
 @pytest.fixture(scope="session")
 def prose_file(tmp_path_factory) -> Path:
-    path = tmp_path_factory.mktemp("prose") / "prose.txt"
-    path.write_text(tiny_text(), encoding="utf-8")
-    return path
+    def write(folder: Path) -> None:
+        (folder / "prose.txt").write_text(tiny_text(), encoding="utf-8")
+
+    return once_per_run(tmp_path_factory, "prose", write) / "prose.txt"
 
 
 @pytest.fixture(scope="session")
 def tiny_built(tiny_model: Path, prose_file: Path, tmp_path_factory) -> Path:
     """The artifacts folder of a workspace that built the tiny recipe's model, data:prose and
-    capture:fp32, once per worker: `Workspace.seed` copies them into a test's store."""
+    capture:fp32, once per run: `Workspace.seed` copies them into a test's store."""
     from workspace import Workspace, tiny_recipe
 
-    ws = Workspace(tmp_path_factory.mktemp("tiny-built"))
-    ws.write(tiny_recipe(tiny_model, prose_file))
-    ws.doit("model", "data", "capture:fp32")
-    return ws.artifacts
+    def build(folder: Path) -> None:
+        ws = Workspace(folder)
+        ws.write(tiny_recipe(tiny_model, prose_file))
+        ws.doit("model", "data", "capture:fp32")
+
+    return once_per_run(tmp_path_factory, "tiny-built", build) / "artifacts"
 
 
 @pytest.fixture(scope="session")
