@@ -202,6 +202,11 @@ def gc(
 
 
 def _gc_remote(graph: Graph, dry_run: bool, grace_hours: float, recipes: list[str]) -> None:
+    if not grace_hours >= 0:  # NaN too: either would take a push's files from under it
+        raise KilnError(
+            f"--grace-hours {grace_hours} is not a number of hours of 0 or more",
+            "pass the longest a push may take, e.g. --grace-hours 24 (the default)",
+        )
     remote = _need_remote(graph)
     keep = set() if recipes else set(graph.keys.values())
     for path in recipes:  # every recipe whose entries the remote serves stays whole

@@ -317,6 +317,15 @@ def test_a_push_killed_midway_shows_no_entry_and_gc_removes_it_after_the_grace(
     assert uploads(remote, key) == []
 
 
+@pytest.mark.parametrize("hours", [-1.0, float("nan")])
+def test_a_grace_below_zero_is_refused_before_the_remote_is_touched(hours):
+    """Either would remove the files of a push still uploading (graph=None: nothing is read)."""
+    from tasks import glue
+
+    failed = glue.gc(None, dry_run=False, remote=True, grace_hours=hours)  # type: ignore[arg-type]
+    assert failed is not None and "--grace-hours" in str(failed) and "fix: " in str(failed)
+
+
 def test_a_failed_push_removes_its_own_files(remote, tmp_path, monkeypatch):
     here = Store(tmp_path / "here")
     key = build(here)
