@@ -8,6 +8,7 @@ import contextlib
 import errno
 import os
 import re
+import shutil
 import signal
 import subprocess
 from pathlib import Path
@@ -118,23 +119,19 @@ def test_removing_damage_from_a_read_only_store_is_one_message(ws):
 ROOM_KB = [0, 96, 700, 1500]
 
 
-def free_bytes(path: Path) -> int:
-    stat = os.statvfs(path)
-    return stat.f_bavail * stat.f_frsize
-
-
 def test_a_full_disk_is_one_message_and_nothing_incomplete_looks_complete(ws):
     """One workspace meets each point in turn, every run going on from what the one before
     left, as builds on a filling disk do: each failure is one message, no entry that looks
     complete is damaged, nothing built before is lost, and with room again the build ends."""
     with small_disk(ws.artifacts, "6m"):
         ballast = ws.artifacts / "ballast"
-        empty = free_bytes(ws.artifacts)
+        empty = shutil.disk_usage(ws.artifacts).free
         failed = 0
         for room_kb in ROOM_KB:
-            used = empty - free_bytes(ws.artifacts)  # what the runs so far left
+            free = shutil.disk_usage(ws.artifacts).free
+            used = empty - free  # what the runs so far left
             with contextlib.suppress(OSError), open(ballast, "wb") as fh:
-                fh.write(b"\0" * max(free_bytes(ws.artifacts) - room_kb * 1024 + used, 0))
+                fh.write(b"\0" * max(free - room_kb * 1024 + used, 0))
             before = entries(ws)
             proc = ws.doit(check=False)
             if proc.returncode != 0:
