@@ -77,7 +77,7 @@ def load_graph(
         )  # fmt: skip
     check_artifacts(artifacts)
     store = Store(artifacts)
-    cache = DigestCache(artifacts / "cache" / "digests.sqlite")
+    cache = store.digest_cache()
     identities: dict[str, dict[str, Any]] = {}
     keys: dict[str, str] = {}
     try:

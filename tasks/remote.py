@@ -467,7 +467,7 @@ class RemoteStore:
                 "the local entry is damaged; not pushed:\n  " + "\n  ".join(problems),
                 "run `doit verify --remove-damaged`, then `doit`",
             )
-        changed, extra = local.changes(key)
+        changed, extra = local.content_changes(key)
         if changed or extra:
             raise StoreError(
                 f"the local entry {key[:16]}... changed since it was built ({', '.join(changed + extra)}); not pushed",

@@ -302,8 +302,9 @@ def _as_keyed(graph: Graph, ref: str) -> Any:
 
 def _refuse_damaged_input(graph: Graph, name: str, key: str) -> None:
     """A step never reads an input whose files changed since it was published (a stat per
-    file; `doit verify` is the full check): what it built would carry the damage on."""
-    changed, added = graph.store.changes(key)
+    file, a read of each file whose stat differs; `doit verify` is the full check): what it
+    built would carry the damage on."""
+    changed, added = graph.store.content_changes(key)
     if changed or added:
         raise StageError(
             f"its input {name} ({graph.store.entry(key)}) changed since it was built "
@@ -319,7 +320,7 @@ def _refuse_changed_input(graph: Graph, task: str, name: str, key: str) -> None:
     never change: the step fails. Files it added are removed (the entry is intact again); an
     entry whose own files changed is removed, and the next `doit` rebuilds it."""
     store = graph.store
-    changed, added = store.changes(key)
+    changed, added = store.content_changes(key)
     if not (changed or added):
         return
     entry = store.entry(key)

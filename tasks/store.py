@@ -31,7 +31,7 @@ from collections.abc import Callable, Iterator
 from pathlib import Path
 from typing import Any, Protocol
 
-from tasks.digest import hash_file
+from tasks.digest import DigestCache, hash_file
 from tasks.errors import StoreError
 from tasks.keys import canonical_json, key_of
 from tasks.record import Record, frozen
@@ -332,6 +332,25 @@ class Store(Record):
         present = {rel for rel, _ in walk_entry(entry)}
         return changed, sorted(present - recorded)
 
+    def content_changes(self, key: str) -> tuple[list[str], list[str]]:
+        """changes(), less the files whose bytes still match the manifest: a file copied
+        without its times (`cp -r`), touched, or rewritten with the same bytes is intact, and
+        refusing it would leave nothing to fix (verify finds no damage). Only files whose stat
+        differs are read, through the digest cache, so each is read once."""
+        changed, added = self.changes(key)
+        if changed:
+            records = {r["path"]: r for r in self.manifest(key)["files"]}
+            entry, cache = self.entry(key), self.digest_cache()
+            try:
+                changed = [rel for rel in changed if not _holds(cache, entry / rel, records[rel])]
+            finally:
+                cache.close()
+        return changed, added
+
+    def digest_cache(self) -> DigestCache:
+        """The stat-keyed digest cache beside the store; the caller closes it."""
+        return DigestCache(self.root / "cache" / "digests.sqlite")
+
     def verify(self, key: str) -> list[str]:
         """Re-hash an entry from disk (bypassing every cache); one line per problem."""
         entry, path = self.entry(key), self.manifest_path(key)
@@ -500,6 +519,19 @@ def _key_of(name: str) -> str:
         if name.endswith(suffix):
             return name.removesuffix(suffix)
     return name
+
+
+def _holds(cache: DigestCache, path: Path, record: dict[str, Any]) -> bool:
+    """Whether path is a regular file with the record's size and xxh3."""
+    try:
+        st = os.lstat(path)
+        return (
+            stat.S_ISREG(st.st_mode)
+            and st.st_size == record["size"]
+            and cache.file_digest(path) == record["xxh3"]
+        )
+    except OSError:
+        return False
 
 
 def _is(path: str | Path, kind: Callable[[int], bool]) -> bool:

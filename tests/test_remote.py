@@ -4,6 +4,7 @@
 import errno
 import importlib.util
 import json
+import os
 import subprocess
 import sys
 import textwrap
@@ -377,6 +378,13 @@ def test_a_damaged_local_entry_is_not_pushed(remote, tmp_path):
     with pytest.raises(StoreError, match="changed since it was built"):
         remote.push(here, key)
     assert not remote.is_complete(key)
+
+
+def test_an_entry_copied_without_its_times_is_pushed(remote, tmp_path):
+    here = Store(tmp_path / "here")
+    key = build(here)
+    os.utime(here.entry(key) / "w.bin", ns=(1, 1))
+    assert remote.push(here, key) == "pushed" and remote.verify(key) == []
 
 
 @pytest.mark.parametrize(

@@ -184,6 +184,24 @@ def test_changes_sees_a_write_without_reading(tmp_path):
     assert store.changes(KEY) == (["w.bin"], ["new.onnx"])
 
 
+def test_content_changes_reads_only_what_a_stat_flags_and_keeps_same_bytes(tmp_path):
+    """A touched file, or one copied without its times, is intact: refusing it would leave the
+    user nothing to fix (verify finds no damage). Other bytes, or a link, are a change."""
+    store = Store(tmp_path)
+    entry = build(store)
+    weights, config = entry / "w.bin", entry / "sub" / "config.json"
+    os.utime(weights, ns=(1, 1))  # `cp -r`, a restore without times
+    config.chmod(0o644)
+    config.write_text("{}")  # the same bytes written again
+    assert store.changes(KEY) == (["w.bin", "sub/config.json"], [])
+    assert store.content_changes(KEY) == ([], [])
+    with open(weights, "r+b") as fh:  # same size, other bytes
+        fh.write(b"W")
+    config.unlink()
+    config.symlink_to(weights)
+    assert store.content_changes(KEY) == (["w.bin", "sub/config.json"], [])
+
+
 def test_link_is_relative_and_moves_atomically(tmp_path):
     store = Store(tmp_path)
     build(store)
