@@ -57,6 +57,15 @@ def _enable_wal(db: sqlite3.Connection) -> None:
             time.sleep(0.02)
 
 
+# sqlite's result codes for a file that is not, or no longer, a sound database.
+_SQLITE_CORRUPT, _SQLITE_NOTADB = 11, 26
+
+
+def _damaged(err: Exception) -> bool:
+    code = getattr(err, "sqlite_errorcode", None)
+    return isinstance(err, sqlite3.DatabaseError) and code in (_SQLITE_CORRUPT, _SQLITE_NOTADB)
+
+
 class DigestCache:
     """SQLite map from a file's stat signature to its digest; safe across processes.
 
@@ -67,6 +76,7 @@ class DigestCache:
         self.db_path = db_path
         self._db: sqlite3.Connection | None = None
         self._memory: dict[tuple[int, ...], str] | None = None  # set once the file fails
+        self._renewed = False  # a damaged file was replaced in this process
 
     def _conn(self) -> sqlite3.Connection:
         if self._db is None:
@@ -102,11 +112,29 @@ class DigestCache:
         return digest
 
     def _without_file(self, err: Exception, path: Path) -> str:
+        self.close()
+        if _damaged(err) and self._start_afresh(err):
+            return self.file_digest(path)
         print(f"modelkiln: the digest cache {self.db_path} cannot be used ({err}); hashing "
               "without it", file=sys.stderr)  # fmt: skip
-        self.close()
         self._memory = {}
         return self.file_digest(path)
+
+    def _start_afresh(self, err: Exception) -> bool:
+        """A damaged cache file (not a database, a malformed image) would cost every later run
+        a warning and a re-hash of every local input; it holds nothing that cannot be hashed
+        again, so it is removed, once per process, and a new one started."""
+        if self._renewed:
+            return False
+        self._renewed = True
+        try:
+            for suffix in ("", "-wal", "-shm"):
+                Path(f"{self.db_path}{suffix}").unlink(missing_ok=True)
+        except OSError:
+            return False
+        print(f"modelkiln: the digest cache {self.db_path} was damaged ({err}); it is "
+              "replaced by a new one, and local inputs are hashed again", file=sys.stderr)  # fmt: skip
+        return True
 
     def tree_digest(self, root: Path) -> str:
         """Digest of a directory (or a single file) from its files' cached digests; dot-files

@@ -67,3 +67,17 @@ def test_many_processes_share_a_fresh_cache(tmp_path):
     for p in procs:
         p.join(60)
     assert [p.exitcode for p in procs] == [0] * 8
+
+
+def test_a_damaged_cache_file_is_replaced_once_and_digests_stay_right(tmp_path, capsys):
+    f = tmp_path / "w.bin"
+    f.write_bytes(b"x" * 100)
+    db = tmp_path / "c.sqlite"
+    db.write_bytes(b"not a database" * 300)  # a cache file that was overwritten or cut
+    assert DigestCache(db).file_digest(f) == hash_file(f)
+    err = capsys.readouterr().err
+    assert "was damaged (file is not a database)" in err and "cannot be used" not in err
+    again = DigestCache(db)
+    assert again.file_digest(f) == hash_file(f)
+    assert again._conn().execute("SELECT COUNT(*) FROM digests").fetchone() == (1,)
+    assert capsys.readouterr().err == ""  # the new file serves the next run without a word
