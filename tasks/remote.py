@@ -639,7 +639,7 @@ class RemoteStore:
         if self._root_seen:
             return
         top = self.root if self._local_disk else self.root.split("/", 1)[0]
-        if not self._try(lambda: self.fs.exists(top), "look up"):
+        if not self._try(lambda: _top_exists(self.fs, top, self._local_disk), "look up"):
             what = "folder (is the shared disk mounted?)" if self._local_disk else "bucket"
             raise RemoteUnavailable(
                 f"the remote {self.url} cannot be used: no such {what} {top}",
@@ -874,6 +874,22 @@ def _newest(infos: list[dict[str, Any]]) -> float:
 def _protocols(fs: Any) -> tuple[str, ...]:
     protocol = fs.protocol
     return (protocol,) if isinstance(protocol, str) else tuple(protocol)
+
+
+def _top_exists(fs: Any, top: str, local_disk: bool) -> bool:
+    """Whether the folder or bucket is there. s3fs's exists() says False for a bucket on any
+    error, so refused credentials or no connection read as "no such bucket" and the fix said
+    to create it: ask HeadBucket, where only a 404 means absent. A 403 is not an answer (a
+    role may write a prefix without the right to list the bucket): the real requests tell."""
+    if local_disk or not hasattr(fs, "call_s3"):
+        return bool(fs.exists(top))
+    try:
+        fs.call_s3("head_bucket", Bucket=top)
+    except FileNotFoundError:
+        return False
+    except PermissionError:
+        pass
+    return True
 
 
 def _network_fix(remote: RemoteStore) -> str:

@@ -281,23 +281,31 @@ def test_an_unusable_remote_is_skipped_once_and_the_build_completes_here(
     assert "remote skipped: " in run.stderr
 
 
-@pytest.mark.parametrize("case", ["unreachable", "missing-bucket"])
+@pytest.mark.parametrize("case", ["unreachable", "missing-bucket", "wrong-credentials"])
 def test_a_push_to_an_unusable_remote_is_skipped_and_the_build_goes_on(
-    case, s3_remote, tmp_path, tiny_model, prose_file
+    case, s3_remote, s3_server, tmp_path, tiny_model, prose_file
 ):
     settings = s3_remote.settings("models")
+    running = contextlib.nullcontext()
     if case == "unreachable":
         settings["endpoint_url"] = f"http://127.0.0.1:{closed_port()}"
-    else:
+    elif case == "missing-bucket":
         settings["remote"] = f"s3://kiln-missing-{uuid.uuid4().hex[:8]}/m"
+    else:
+        running = s3_server.refusing_credentials()
     ws = data_workspace(tmp_path / "ws", tiny_model, prose_file, store_table(settings))
-    run = ws.doit("data", check=False, env={**s3_remote.env, "MODELKILN_PUSH": "true"})
+    with running:
+        run = ws.doit("data", check=False, env={**s3_remote.env, "MODELKILN_PUSH": "true"})
+        failed = ws.doit("push", check=False, env=s3_remote.env)
     assert run.returncode == 0 and "Traceback" not in output(run), output(run)
     assert run.stderr.count("the remote is skipped for this run") == 1, run.stderr
     assert run.stderr.count("built in") == 2  # both steps, the second without asking again
     assert len(Store(ws.artifacts).built_keys()) == 2 and ws.doit("verify").returncode == 0
-    failed = ws.doit("push", check=False, env=s3_remote.env)
     assert failed.returncode != 0 and "Traceback" not in output(failed), output(failed)
+    # Only a bucket that is not there is called missing: refused credentials or no
+    # connection once read as "no such bucket", with a fix to create it.
+    assert ("no such bucket" in output(failed)) == (case == "missing-bucket"), output(failed)
+    assert ("create the bucket" in output(failed)) == (case == "missing-bucket")
 
 
 # ---- a remote entry that does not check out ----------------------------------------------
