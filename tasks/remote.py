@@ -229,7 +229,12 @@ class RemoteStore:
                 fs, root = fsspec.core.url_to_fs(self.url, **options)
             except ImportError as err:  # fsspec's, or the one it names for this protocol
                 ours = scheme in ("s3", "s3a", "file") or err.name == "fsspec"
-                fix = f"pip install the package named above, which fsspec uses for {scheme}://"
+                missing = err.name or getattr(err.__cause__, "name", None)  # gcsfs, paramiko
+                fix = (
+                    f"pip install {missing} (fsspec's {scheme}:// needs it)"
+                    if missing
+                    else f"pip install the package named above, which fsspec uses for {scheme}://"
+                )
                 raise RemoteUnavailable(
                     f"the remote {self.url} needs a library that is not installed ({err})",
                     "pip install 'modelkiln[remote]'" if ours else fix,

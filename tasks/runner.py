@@ -201,8 +201,9 @@ def _pulled(remote: RemoteStore, task: str, build: Build) -> bool:
                     return True
             problem = f"not on the remote {remote.url}"
         except RemoteUnavailable as err:
-            problem = _skipped[remote.url] = str(err)
-            print(f"  {task}: the remote is skipped for this run: {err}", file=sys.stderr)
+            problem = str(err)
+            if _first_to_skip(remote.url, problem):
+                print(f"  {task}: the remote is skipped for this run: {err}", file=sys.stderr)
         except KilnError as err:
             problem = str(err)
             print(f"  {task}: not pulled, building it here: {err}", file=sys.stderr)
@@ -219,6 +220,13 @@ def _pulled(remote: RemoteStore, task: str, build: Build) -> bool:
 _skipped: dict[str, str] = {}
 
 
+def _first_to_skip(url: str, problem: str) -> bool:
+    """Record the remote as unusable; whether this was the first record, which alone warns
+    (steps on other threads, as Ray's runner has them, can fail on it at the same moment;
+    `doit -n` workers are processes, each with its own record and its own warning)."""
+    return _skipped.setdefault(url, problem) is problem
+
+
 def push_step(remote: RemoteStore, store: Store, key: str, task: str) -> None:
     """Upload a step just built. A remote that cannot be used is skipped for the rest of the
     run (one warning) and the build goes on: `doit push` uploads what it missed. Anything
@@ -229,9 +237,9 @@ def push_step(remote: RemoteStore, store: Store, key: str, task: str) -> None:
         with transfer_bar(task, "pushing") as progress:
             status = remote.push(store, key, progress)
     except RemoteUnavailable as err:
-        _skipped[remote.url] = str(err)
-        print(f"  {task}: not pushed, and the remote is skipped for this run (`doit push` "
-              f"uploads what it missed): {err}", file=sys.stderr)  # fmt: skip
+        if _first_to_skip(remote.url, str(err)):
+            print(f"  {task}: not pushed, and the remote is skipped for this run (`doit push` "
+                  f"uploads what it missed): {err}", file=sys.stderr)  # fmt: skip
         return
     except KilnError as err:
         raise StageError(
