@@ -13,11 +13,21 @@ class KilnError(Exception):
         super().__init__(f"{problem}\n  fix: {fix}" if fix else problem)
 
 
+def problem_of(err: BaseException) -> str:
+    """A KilnError's problem without its fix line, for a message that quotes it."""
+    return str(err).split("\n  fix: ")[0]
+
+
 class RecipeError(KilnError):
     """A recipe that cannot be built: bad TOML, unknown key, wrong type, dangling `from`, ..."""
 
     def __init__(self, file: str, where: str, problem: str, fix: str = "") -> None:
         super().__init__(f"{file}: [{where}] {problem}" if where else f"{file}: {problem}", fix)
+
+
+class UsageError(KilnError):
+    """A command that asks for what cannot be (an unknown step, a bad option value, a remote
+    command and no remote): nothing ran, and the exit code is 3, as for a wrong recipe."""
 
 
 class StageError(KilnError):

@@ -25,13 +25,14 @@ from typing import Any
 from doit.exceptions import TaskFailed
 
 from tasks import steplog
-from tasks.errors import KilnError, StoreError, did_you_mean
+from tasks.errors import KilnError, StoreError, UsageError, did_you_mean
 from tasks.fetch import downloads_dir
 from tasks.graph import Graph, load_graph
 from tasks.keys import canonical_json, diff_identities
 from tasks.recipe import Step, inputs_of
 from tasks.remote import RemoteStore, RemoteUnavailable
 from tasks.report import REPORT_STEP
+from tasks.runs import BadCommand
 from tasks.stages import algorithms
 from tasks.staging import Staging, disk_usage, os_problem, real_dir
 from tasks.store import Store
@@ -143,8 +144,18 @@ def explain(graph: Graph, names: list[str]) -> TaskFailed | None:
         for ref in _refs(graph, names):
             print(f"{graph.task(ref)}: {_why(graph, ref, task_of_key)}")
     except KilnError as err:
-        return TaskFailed(str(err))
+        return _failed("", err)
     return None
+
+
+def _failed(verb: str, err: KilnError) -> TaskFailed:
+    """The failure doit reports: a command line that asks for what cannot be exits 3."""
+    kind = BadCommand if isinstance(err, UsageError) else TaskFailed
+    return kind(f"{verb}: {err}" if verb else str(err))
+
+
+def plural(count: int, noun: str, nouns: str) -> str:
+    return f"{count} {noun if count == 1 else nouns}"
 
 
 def _why(graph: Graph, ref: str, task_of_key: dict[str, str]) -> str:
@@ -197,13 +208,13 @@ def gc(
         else:
             _gc(graph, dry_run)
     except KilnError as err:
-        return TaskFailed(f"gc: {err}")
+        return _failed("gc", err)
     return None
 
 
 def _gc_remote(graph: Graph, dry_run: bool, grace_hours: float, recipes: list[str]) -> None:
     if not grace_hours >= 0:  # NaN too: either would take a push's files from under it
-        raise KilnError(
+        raise UsageError(
             f"--grace-hours {grace_hours} is not a number of hours of 0 or more",
             "pass the longest a push may take, e.g. --grace-hours 24 (the default)",
         )
@@ -221,7 +232,7 @@ def _gc_remote(graph: Graph, dry_run: bool, grace_hours: float, recipes: list[st
 
 def _need_remote(graph: Graph) -> RemoteStore:
     if graph.remote is None:
-        raise KilnError(
+        raise UsageError(
             "no remote store is set",
             fix='add [store] remote = "s3://bucket/prefix" to the recipe, or pass remote=<url> '
             "(or set MODELKILN_REMOTE)",
@@ -235,7 +246,7 @@ def _refs(graph: Graph, names: list[str]) -> list[str]:
     by_task = {graph.task(ref): ref for ref in graph.keys}
     names = [n if n in by_task else n.replace(".", ":", 1) for n in names]
     if unknown := [n for n in names if n not in by_task]:
-        raise KilnError(
+        raise UsageError(
             "; ".join(f"no step {n}{did_you_mean(n, by_task)}" for n in unknown),
             fix="`doit list` names every step",
         )
@@ -279,6 +290,7 @@ def _each_step(
 ) -> TaskFailed | None:
     """act on each named step (or every step) with the remote: a line per step, then counts."""
     counts: Counter[str] = Counter()
+    failed = []
     try:
         remote = _need_remote(graph)
         for ref in _refs(graph, names):
@@ -288,14 +300,15 @@ def _each_step(
                 raise  # the remote itself: no other step would do better
             except KilnError as err:  # this step's entry: the others still go
                 status, detail = "failed", f": {err}"
+                failed.append(graph.task(ref))
             else:
                 detail = ""
             counts[status] += 1
             print(f"{graph.task(ref)}: {status}{detail}")
     except KilnError as err:
-        return TaskFailed(f"{verb}: {err}")
+        return _failed(verb, err)
     print(f"{verb}: " + ", ".join(f"{n} {status}" for status, n in sorted(counts.items())))
-    return TaskFailed(f"{verb}: {counts['failed']} steps failed") if counts["failed"] else None
+    return TaskFailed(f"{verb}: failed for {', '.join(failed)} (above)") if failed else None
 
 
 # `doit gc` removes the logs of failed steps (artifacts/logs/failed) last written longer ago than
@@ -433,7 +446,7 @@ def verify(
         damaged = store.audit()
         downstream = store.dependents(set(damaged))
     except KilnError as err:
-        return TaskFailed(f"verify: {err}")
+        return _failed("verify", err)
     for problems in damaged.values():
         print("\n".join(problems))
     for key in sorted(downstream):
@@ -441,7 +454,7 @@ def verify(
     if not damaged:
         print(f"verify: all {len(store.built_keys())} entries match their manifests")
         return None
-    count = f"{len(damaged)} damaged entries and {len(downstream)} built from them"
+    count = f"{plural(len(damaged), 'damaged entry', 'damaged entries')} and {len(downstream)} built from them"
     if remove_damaged and dry_run:
         print(f"verify: would remove {count}")
     elif remove_damaged:
@@ -461,6 +474,7 @@ def verify(
 
 
 def _verify_remote(graph: Graph, remove_damaged: bool, dry_run: bool) -> TaskFailed | None:
+    entries = ""
     try:
         remote = _need_remote(graph)
         keys = remote.built_keys()
@@ -470,17 +484,18 @@ def _verify_remote(graph: Graph, remove_damaged: bool, dry_run: bool) -> TaskFai
         if not damaged:
             print(f"verify: all {len(keys)} remote entries match their manifests")
             return None
+        entries = plural(len(damaged), "damaged remote entry", "damaged remote entries")
         if remove_damaged and not dry_run:
             for key in damaged:
                 remote.remove(key)
-            print(f"verify: removed {len(damaged)} damaged remote entries; a push replaces them")
+            print(f"verify: removed {entries}; a push replaces them")
             return None
     except KilnError as err:
-        return TaskFailed(f"verify: {err}")
+        return _failed("verify", err)
     if dry_run:
-        print(f"verify: would remove {len(damaged)} damaged remote entries")
+        print(f"verify: would remove {entries}")
         return None
     return TaskFailed(
-        f"verify: {len(damaged)} damaged remote entries; `doit verify --remote "
-        "--remove-damaged` removes them (a push replaces them)"
+        f"verify: {entries}; `doit verify --remote --remove-damaged` removes them (a push "
+        "replaces them)"
     )

@@ -14,7 +14,7 @@ from typing import Any
 
 from tasks.config import as_params
 from tasks.digest import DigestCache
-from tasks.errors import KilnError, RecipeError, StageError
+from tasks.errors import KilnError, RecipeError, StageError, UsageError
 from tasks.fetch import Floating
 from tasks.hostinfo import cpu_level, gpu_models, resolve_device
 from tasks.keys import key_of, library_versions
@@ -99,21 +99,32 @@ def remote_of(recipe: Recipe, overrides: dict[str, str | None]) -> RemoteStore |
     """The recipe's [store] settings with this run's overrides: a CI job sets the remote and
     push for one run; `remote=` (empty) turns it off. Contacts nothing."""
     settings = dict(recipe.store)
+    given = {}  # each override as it was written, for messages
     for name in ("remote", "push", "remote_only"):
-        value = overrides.get(name)
-        value = os.environ.get(f"MODELKILN_{name.upper()}") if value is None else value
+        variable = f"MODELKILN_{name.upper()}"
+        value, prefix = overrides.get(name), f"{name}="
+        if value is None:
+            value, prefix = os.environ.get(variable), f"{variable}="
         if value is None:
             continue
+        given[name] = f"{prefix}{value}"
         if name == "remote":
             settings["remote"] = value
         elif value.lower() in YES_NO:
             settings[name] = YES_NO[value.lower()]
         else:
-            raise KilnError(
-                f"{name}={value!r} is not a yes or no",
-                fix=f"use {name}=true or {name}=false (or {', '.join(sorted(YES_NO))})",
+            raise UsageError(
+                f"{prefix}{value!r} is not a yes or no",
+                fix=f"use {prefix}true or {prefix}false (or {', '.join(sorted(YES_NO))})",
             )
     if not settings.get("remote"):
+        if settings.get("remote_only"):  # nothing could come from a remote, nor be built here
+            source = given.get("remote_only", f"[store] in {recipe.path}")
+            emptied = f" ({given['remote']})" if "remote" in given else ""
+            raise UsageError(
+                f"remote_only is on ({source}) but no remote is set{emptied}",
+                "set remote=<url> (or MODELKILN_REMOTE), or remote_only=false to build here",
+            )
         return None
     return RemoteStore.from_settings(settings)
 

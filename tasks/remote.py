@@ -42,10 +42,10 @@ import time
 from collections.abc import Callable, Iterator
 from pathlib import Path, PurePosixPath
 from typing import Any
-from urllib.parse import parse_qsl, urlsplit
+from urllib.parse import parse_qsl, urlsplit, urlunsplit
 
 from tasks.digest import hash_file
-from tasks.errors import KilnError, StoreError, did_you_mean
+from tasks.errors import KilnError, StoreError, did_you_mean, problem_of
 from tasks.staging import KEY
 from tasks.store import DIGEST_FIELD, Build, Store, manifest_digest, manifest_problems
 from tasks.writeback import WriteBack
@@ -59,6 +59,10 @@ CREDENTIALS_GO = (
     "credentials never go in a recipe: set AWS_ACCESS_KEY_ID and AWS_SECRET_ACCESS_KEY in the "
     "environment, or name a profile of ~/.aws/credentials with `profile = ...`, or use the "
     "machine's instance role"
+)
+REPAIR = (
+    "`doit verify --remote` names every damaged remote file and `--remove-damaged` removes "
+    "the entry; a `doit push` where it is built uploads it again"
 )
 ACCESS_KEY_ID = re.compile(r"\b(?:AKIA|ASIA)[A-Z0-9]{16}\b")
 CHUNK = 8 << 20
@@ -98,7 +102,9 @@ def check_remote_settings(settings: dict[str, Any]) -> None:
         if not isinstance(value, SETTINGS[name]):
             raise RemoteSettingsError(
                 f"remote setting {name} = {value!r} is not a {SETTINGS[name].__name__}",
-                f"write it as a {SETTINGS[name].__name__}",
+                f"write {name} = true or {name} = false, without quotes"
+                if SETTINGS[name] is bool
+                else f'write {name} = "..." in quotes',
             )
     if "remote" not in settings:
         raise RemoteSettingsError(
@@ -115,7 +121,19 @@ def check_url(url: str, name: str = "remote") -> None:
     if not parts.scheme or "://" not in url:
         raise RemoteSettingsError(
             f"{name} = {url!r} is not a URL",
-            "write s3://bucket/prefix, or file:///path for a shared disk",
+            "write s3://bucket/prefix, or file:///path for a shared disk"
+            + ("; to build without a remote, leave remote out" if not url else ""),
+        )
+    if parts.scheme == "file" and parts.netloc not in ("", "localhost"):
+        raise RemoteSettingsError(
+            f"{name} = {url!r} names a host {parts.netloc!r}, not a folder",
+            f"a path needs three slashes: file:///{parts.netloc}{parts.path}",
+        )
+    if "//" in parts.path:
+        raise RemoteSettingsError(
+            f"{name} = {url!r} has an empty folder name (//) in its path: on an object store "
+            "that is another place than the path without it",
+            f"write {urlunsplit(parts._replace(path=re.sub('/{2,}', '/', parts.path)))}",
         )
     if "@" in parts.netloc:
         raise RemoteSettingsError(
@@ -308,8 +326,8 @@ class RemoteStore:
         path = self.where(self.manifest_path(key))
         try:
             manifest = self._read_manifest(key)
-        except StoreError as err:
-            return [f"{path}: unreadable ({err})"]
+        except StoreError as err:  # the message names the file
+            return [f"{problem_of(err)}: unreadable"]
         if manifest is None:
             return [f"{path}: missing"]
         problems = _manifest_problems(path, key, manifest)
@@ -399,7 +417,7 @@ class RemoteStore:
                 continue
             raise StoreError(
                 f"{self.where(remote)}: {problem}; nothing was pulled",
-                "`RemoteStore.verify` names every damaged file; remove the remote entry and push it again",
+                REPAIR,
             )
         return checked
 
@@ -616,11 +634,9 @@ class RemoteStore:
         try:
             manifest = json.loads(data)
         except (UnicodeDecodeError, json.JSONDecodeError) as err:
-            raise StoreError(
-                f"{self.where(path)} is not JSON ({err})", "remove the remote entry"
-            ) from None
+            raise StoreError(f"{self.where(path)} is not JSON ({err})", REPAIR) from None
         if not isinstance(manifest, dict):
-            raise StoreError(f"{self.where(path)} is not a JSON object", "remove the remote entry")
+            raise StoreError(f"{self.where(path)} is not a JSON object", REPAIR)
         return manifest
 
     def _read_manifest_quietly(self, key: str) -> dict[str, Any] | None:

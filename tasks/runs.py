@@ -23,7 +23,7 @@ from datetime import UTC, datetime
 from pathlib import Path
 from typing import Any
 
-from doit.exceptions import UnmetDependency
+from doit.exceptions import TaskFailed, UnmetDependency
 from doit.reporter import ConsoleReporter
 
 from tasks.errors import KilnError
@@ -48,6 +48,10 @@ RAN = ("built", "pulled", "failed", "input-failed")  # statuses that make a run 
 VERSIONS = ("doit", "torch", "transformers", "onnx", "onnxruntime", "onnxruntime-genai", "peft")
 
 
+class BadCommand(TaskFailed):
+    """A maintenance command (gc, push, verify, ...) refused its command line: exit 3."""
+
+
 class RunReporter(ConsoleReporter):
     desc = "console output, and the run summary under artifacts/<recipe>/runs/"
     graph: Graph
@@ -66,6 +70,7 @@ class RunReporter(ConsoleReporter):
         self.steps: dict[str, dict[str, Any]] = {}  # by task name, in the order doit saw them
         self.running: dict[str, float] = {}  # steps started: a step with no outcome was killed
         self.aborted = ""
+        self.bad_command = False  # a maintenance command refused its command line
 
     # ---- doit's events ---------------------------------------------------------------------
 
@@ -92,6 +97,7 @@ class RunReporter(ConsoleReporter):
 
     def add_failure(self, task: Any, fail: Any) -> None:
         super().add_failure(task, fail)
+        self.bad_command = self.bad_command or isinstance(fail, BadCommand)
         if isinstance(fail, UnmetDependency):
             failed = [t for t in task.task_dep if self.steps.get(t, {}).get("status") in RAN[2:]]
             info = {"status": "input-failed", "failed_inputs": failed,
@@ -110,8 +116,10 @@ class RunReporter(ConsoleReporter):
             if task not in self.steps:  # its worker died, or the run stopped while it ran
                 why = self.aborted or "its process died before it finished"
                 self.steps[task] = {"status": "failed", "started": started, "error": why}
-        if not self.steps:
-            return  # gc, verify, push, ...: not a build
+        if not self.steps:  # gc, verify, push, ...: not a build
+            if self.bad_command:
+                raise SystemExit(BAD_COMMAND)
+            return
         code = self._finish()
         if code != OK:
             raise SystemExit(code)  # doit's own code cannot say "a gate failed"

@@ -32,7 +32,7 @@ from pathlib import Path
 from typing import Any, Protocol
 
 from tasks.digest import DigestCache, hash_file
-from tasks.errors import StoreError
+from tasks.errors import StoreError, problem_of
 from tasks.keys import canonical_json, key_of
 from tasks.record import Record, frozen
 from tasks.staging import KEY, Staging, os_problem, real_dir, remove_path
@@ -372,7 +372,7 @@ class Store(Record):
             manifest = self.manifest(key)
             recorded = {f["path"]: f for f in manifest["files"]}
         except (StoreError, KeyError, TypeError) as err:
-            return [f"{path}: unreadable ({err})"]
+            return [f"{path}: unreadable ({problem_of(err)})"]
         problems = manifest_problems(path, key, manifest)
         present = dict(walk_entry(entry))
         problems += [f"{entry / p}: missing" for p in sorted(set(recorded) - set(present))]

@@ -54,7 +54,7 @@ def test_a_damaged_input_is_refused_and_removed_with_what_was_built_from_it(
     assert "model.safetensors: content changed" in proc.stdout
     assert "built from a damaged entry (capture:fp32)" in proc.stdout
     dry = ws.doit("verify", "--remove-damaged", "--dry-run", check=False)
-    assert "would remove 1 damaged entries and 1 built from them" in dry.stdout
+    assert "would remove 1 damaged entry and 1 built from them" in dry.stdout
     assert keys(ws) == before
     ws.doit("verify", "--remove-damaged")
     assert set(keys(ws)) == {"data:prose"}
@@ -68,7 +68,7 @@ def test_a_damaged_input_is_refused_and_removed_with_what_was_built_from_it(
     flip_byte(weights.resolve(), keep_mtime=True)
     assert executed(ws.doit("capture:int4").stdout) == ["capture:int4"]
     proc = ws.doit("verify", "--remove-damaged")
-    assert "removed 1 damaged entries and 2 built from them" in proc.stdout
+    assert "removed 1 damaged entry and 2 built from them" in proc.stdout
     assert set(keys(ws)) == {"data:prose"}
 
 

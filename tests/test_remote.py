@@ -16,6 +16,7 @@ from tasks import remote as remote_module
 from tasks.errors import KilnError, StoreError
 from tasks.keys import key_of
 from tasks.remote import RemoteStore, check_remote_settings
+from tasks.runs import BadCommand
 from tasks.store import DIGEST_FIELD, Store, manifest_digest
 
 IDENTITY = {"stage": "quantize", "params": {"bits": 4}}
@@ -325,6 +326,7 @@ def test_a_grace_below_zero_is_refused_before_the_remote_is_touched(hours):
 
     failed = glue.gc(None, dry_run=False, remote=True, grace_hours=hours)  # type: ignore[arg-type]
     assert failed is not None and "--grace-hours" in str(failed) and "fix: " in str(failed)
+    assert isinstance(failed, BadCommand)  # exit 3, as for a wrong command line
 
 
 def test_a_failed_push_removes_its_own_files(remote, tmp_path, monkeypatch):
@@ -414,10 +416,26 @@ def test_settings_are_checked():
     )  # fmt: skip
     with pytest.raises(KilnError, match="did you mean push"):
         check_remote_settings({"remote": "s3://b/p", "pusj": True})
-    with pytest.raises(KilnError, match="is not a bool"):
+    with pytest.raises(KilnError, match="(?s)is not a bool.*push = true or push = false"):
         check_remote_settings({"remote": "s3://b/p", "push": "yes"})
     with pytest.raises(KilnError, match="not a URL"):
         check_remote_settings({"remote": "bucket/models"})
+    with pytest.raises(KilnError, match="without a remote, leave remote out"):
+        check_remote_settings({"remote": ""})
+
+
+@pytest.mark.parametrize(
+    ("url", "fix"),
+    [
+        ("file://mnt/share/kiln", "file:///mnt/share/kiln"),  # a host 'mnt', not /mnt
+        ("s3://bucket//models", "s3://bucket/models"),  # another prefix on S3
+        ("file:////mnt/share", "file:///mnt/share"),
+    ],
+)
+def test_a_url_that_means_another_place_than_it_seems_is_refused(url, fix):
+    with pytest.raises(KilnError) as err:
+        check_remote_settings({"remote": url})
+    assert str(err.value).endswith(fix)
 
 
 def test_a_remote_store_imports_nothing_until_used(tmp_path):

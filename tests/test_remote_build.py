@@ -308,6 +308,27 @@ def test_a_push_to_an_unusable_remote_is_skipped_and_the_build_goes_on(
     assert ("create the bucket" in output(failed)) == (case == "missing-bucket")
 
 
+def test_a_remote_command_line_that_cannot_be_is_refused_with_exit_3(
+    tmp_path, tiny_model, prose_file, s3_remote
+):
+    """Nothing runs, and the exit code says the command line is wrong (README: 3)."""
+    ws = data_workspace(tmp_path / "ws", tiny_model, prose_file, "")
+    for args in (("push",), ("pull", "data:prose"), ("verify", "--remote"), ("gc", "--remote")):
+        run = ws.doit(*args, check=False)
+        assert run.returncode == 3 and "no remote store is set" in output(run), output(run)
+    # remote_only and no remote: before, it built here, the one thing it forbids
+    for args, env in ((("remote_only=true",), None), ((), {"MODELKILN_REMOTE_ONLY": "yes"})):
+        run = ws.doit("data", *args, check=False, env=env)
+        assert run.returncode == 3 and "remote_only is on (" in output(run), output(run)
+        assert "but no remote is set" in output(run) and "fix: " in output(run)
+    run = ws.doit("data", check=False, env={"MODELKILN_PUSH": "maybe"})
+    assert run.returncode == 3 and "MODELKILN_PUSH='maybe' is not a yes or no" in output(run)
+    assert Store(ws.artifacts).built_keys() == []
+    ws.write(ws.recipe.read_text() + store_table(s3_remote.settings("models")))
+    run = ws.doit("push", "data:pros", check=False, env=s3_remote.env)
+    assert run.returncode == 3 and "no step data:pros (did you mean data:prose?)" in output(run)
+
+
 # ---- a remote entry that does not check out ----------------------------------------------
 # (A manifest whose identity does not hash to its key, an edited manifest, a file outside its
 # folder: tests/test_remote.py::test_a_manifest_that_does_not_match_its_key_is_refused and
