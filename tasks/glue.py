@@ -341,7 +341,8 @@ def _gc(graph: Graph, dry_run: bool) -> None:
     stale += _gc_unfinished(store, dry_run)
     for tmp, size in stale:
         freed += size
-        print(f"{verb} unfinished build {tmp.parent.parent.name}/{tmp.name}")
+        where = tmp.relative_to(store.root) if tmp.is_relative_to(store.root) else tmp
+        print(f"{verb} unfinished build {where} {size / 1e6:9.1f} MB")
     logs = _gc_failed_logs(store.root, dry_run)
     for path, size in logs:
         freed += size

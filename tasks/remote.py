@@ -162,6 +162,15 @@ def _storage_failure(err: BaseException) -> bool:
     return isinstance(err, OSError | TimeoutError) or library in STORAGE_LIBRARIES
 
 
+_QUERY = re.compile(r"""(https?://[^\s"'?]*)\?[^\s"']*""")
+
+
+def _said(err: BaseException) -> str:
+    """A library's error text without the query strings of the URLs it quotes (a multipart
+    upload's ?uploadId=... says nothing to a person)."""
+    return _QUERY.sub(r"\1", str(err))
+
+
 def _remote_call(method: Callable[..., Any]) -> Callable[..., Any]:
     """One StoreError, with the fix, for a remote that cannot be reached or refuses."""
 
@@ -173,7 +182,8 @@ def _remote_call(method: Callable[..., Any]) -> Callable[..., Any]:
             if not _storage_failure(err):
                 raise
             raise RemoteUnavailable(
-                f"the remote {self.url} failed: {type(err).__name__}: {err}", _network_fix(self)
+                f"the remote {self.url} failed: {type(err).__name__}: {_said(err)}",
+                _network_fix(self),
             ) from None
 
     return call
@@ -483,6 +493,12 @@ class RemoteStore:
             )
         self._require_root()
         if self.is_complete(key):
+            there = self._read_manifest(key)  # an unreadable one: a StoreError with the fix
+            where = self.where(self.manifest_path(key))
+            if there is not None and (problems := _manifest_problems(where, key, there)):
+                raise StoreError(  # "present" would leave every pull of the key failing
+                    "the remote entry is damaged; not pushed:\n  " + "\n  ".join(problems), REPAIR
+                )
             return "present"
         manifest = local.manifest(key)
         if problems := _manifest_problems(str(local.manifest_path(key)), key, manifest):
@@ -629,7 +645,7 @@ class RemoteStore:
             return None
         except OSError as err:
             raise RemoteUnavailable(
-                f"cannot read {self.where(path)}: {err}", _network_fix(self)
+                f"cannot read {self.where(path)}: {_said(err)}", _network_fix(self)
             ) from None
         try:
             manifest = json.loads(data)
@@ -693,7 +709,7 @@ class RemoteStore:
             if not _storage_failure(err):
                 raise
             raise RemoteUnavailable(
-                f"cannot {doing} the remote {self.url}: {err}", _network_fix(self)
+                f"cannot {doing} the remote {self.url}: {_said(err)}", _network_fix(self)
             ) from None
 
 

@@ -382,6 +382,17 @@ def test_a_damaged_local_entry_is_not_pushed(remote, tmp_path):
     assert not remote.is_complete(key)
 
 
+@pytest.mark.parametrize("damage", [b"{not json", b'{"key": "edited"}'])
+def test_a_damaged_remote_entry_is_not_called_present(remote, tmp_path, damage):
+    """Before, a push said "present" for it, and every pull of the key failed."""
+    here = Store(tmp_path / "here")
+    key = build(here)
+    assert remote.push(here, key) == "pushed"
+    remote.fs.pipe_file(remote.manifest_path(key), damage)
+    with pytest.raises(StoreError, match="doit verify --remote"):
+        remote.push(here, key)
+
+
 def test_an_entry_copied_without_its_times_is_pushed(remote, tmp_path):
     here = Store(tmp_path / "here")
     key = build(here)
@@ -528,3 +539,8 @@ def test_an_interrupted_wait_stops_the_downloads_before_it_returns(s3_remote):
         timer.cancel()
         signal.signal(signal.SIGUSR1, previous)
     assert state["running"] is False
+
+
+def test_a_library_error_is_quoted_without_its_urls_query_strings():
+    err = OSError('Could not connect to "http://127.0.0.1:1/b/k?uploadId=2~abc&partNumber=3"')
+    assert remote_module._said(err) == 'Could not connect to "http://127.0.0.1:1/b/k"'
