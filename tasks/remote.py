@@ -42,7 +42,7 @@ import time
 from collections.abc import Callable, Iterator
 from pathlib import Path, PurePosixPath
 from typing import Any
-from urllib.parse import parse_qsl, urlsplit, urlunsplit
+from urllib.parse import SplitResult, parse_qsl, urlsplit, urlunsplit
 
 from tasks.digest import hash_file
 from tasks.errors import KilnError, StoreError, did_you_mean, problem_of
@@ -64,6 +64,7 @@ REPAIR = (
     "`doit verify --remote` names every damaged remote file and `--remove-damaged` removes "
     "the entry; a `doit push` where it is built uploads it again"
 )
+WHERE_SET = "[store] remote in the recipe, remote= or MODELKILN_REMOTE"
 ACCESS_KEY_ID = re.compile(r"\b(?:AKIA|ASIA)[A-Z0-9]{16}\b")
 CHUNK = 8 << 20
 FILES_AT_ONCE = 8  # downloads of one entry in flight together (each holds a file open)
@@ -137,13 +138,22 @@ def check_url(url: str, name: str = "remote") -> None:
         )
     if "@" in parts.netloc:
         raise RemoteSettingsError(
-            f"{name} has credentials in its URL (...@{parts.hostname})", CREDENTIALS_GO
+            f"{name} has credentials in its URL (...@{parts.hostname})", _credentials_go(parts)
         )
     for field_name, _ in parse_qsl(parts.query):
         if any(word in field_name.lower() for word in SECRET_WORDS):
             raise RemoteSettingsError(
-                f"{name} has a secret in its URL ({field_name}=...)", CREDENTIALS_GO
+                f"{name} has a secret in its URL ({field_name}=...)", _credentials_go(parts)
             )
+
+
+def _credentials_go(parts: SplitResult) -> str:
+    if parts.scheme in ("s3", "s3a", "http", "https"):  # https: an S3 endpoint_url
+        return CREDENTIALS_GO
+    return (
+        "credentials never go in a recipe: give them to the file system's own configuration "
+        "(for sftp://, ~/.ssh/config and a key; for gs:// or az://, their login tools)"
+    )
 
 
 # Libraries whose exceptions mean "the remote failed" (botocore's EndpointConnectionError and
@@ -680,9 +690,9 @@ class RemoteStore:
             what = "folder (is the shared disk mounted?)" if self._local_disk else "bucket"
             raise RemoteUnavailable(
                 f"the remote {self.url} cannot be used: no such {what} {top}",
-                f"create it (`mkdir -p {top}`), or fix remote = ..."
+                f"create it (`mkdir -p {top}`), or fix the URL ({WHERE_SET})"
                 if self._local_disk
-                else f"create the bucket {top!r}, or fix remote = ...",
+                else f"create the bucket {top!r}, or fix the URL ({WHERE_SET})",
             )
         self._root_seen = True
 

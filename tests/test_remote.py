@@ -420,6 +420,12 @@ def test_a_secret_in_the_settings_is_refused(settings):
     assert "s3cr3t" not in str(err.value)  # the message never repeats the secret
 
 
+def test_a_password_in_another_protocols_url_is_refused_with_its_own_advice():
+    with pytest.raises(KilnError, match="ssh") as err:
+        check_remote_settings({"remote": "sftp://ci:s3cr3t@host/srv/kiln"})
+    assert "s3cr3t" not in str(err.value) and "AWS" not in str(err.value)
+
+
 def test_settings_are_checked():
     check_remote_settings(
         {"remote": "s3://b/p", "push": True, "endpoint_url": "http://127.0.0.1:9000",
