@@ -12,6 +12,7 @@ from dataclasses import dataclass
 from typing import Any, Literal
 
 from tasks.errors import KilnError, did_you_mean
+from tasks.report import milliseconds
 
 
 @dataclass(frozen=True)
@@ -32,7 +33,7 @@ METRICS = (
     Metric("ppl_change", "Δ ppl vs base", None, None, True, lambda v: f"{v:+.1%}"),
     Metric("size_bytes", "size MB", "lower", 0.01, False, lambda v: f"{v / 1e6:.1f}", 1e6),
     Metric("decode_tokens_per_s", "decode tok/s", "higher", 0.15, False, lambda v: f"{v:.1f}"),
-    Metric("first_token_ms", "first token ms", "lower", 0.25, False, lambda v: f"{v:.0f}"),
+    Metric("first_token_ms", "first token ms", "lower", 0.25, False, milliseconds),
     Metric("answer_accuracy", "answer accuracy", "higher", 0.0, True, lambda v: f"{v:.1%}"),
 )
 BY_NAME = {m.name: m for m in METRICS}

@@ -10,14 +10,20 @@ from pathlib import Path
 from typing import Any
 
 REPORT_STEP = "report"
-REPORT_VERSION = "2"  # 2: a data column, Δ ppl per data set, answer accuracy
+REPORT_VERSION = "3"  # 2: a data column, Δ ppl per data set, answer accuracy; 3: ms below 10
+
+
+def milliseconds(value: float) -> str:
+    """Whole milliseconds, but two digits below 10: a tiny model's 0.4 ms is not "0"."""
+    return f"{value:.0f}" if value >= 10 else f"{value:.2g}"
+
 
 COLUMNS = [  # (metric, header, format)
     ("size_bytes", "size MB", lambda v: f"{v / 1e6:.1f}"),
     ("perplexity", "perplexity", lambda v: f"{v:.2f}"),
     ("ppl_change", "Δ ppl", lambda v: f"{v:+.1%}"),
     ("load_s", "load s", lambda v: f"{v:.2f}"),
-    ("first_token_ms", "1st token ms", lambda v: f"{v:.0f}"),
+    ("first_token_ms", "1st token ms", milliseconds),
     ("decode_tokens_per_s", "decode tok/s", lambda v: f"{v:.1f}"),
     ("answer_accuracy", "answers", lambda v: f"{v:.1%}"),
 ]

@@ -194,3 +194,14 @@ def test_a_step_measured_on_another_data_set_is_not_compared():
 def test_importing_the_module_does_not_import_matplotlib():
     code = "import sys, tasks.history; assert 'matplotlib' not in sys.modules, 'imported'"
     subprocess.run([sys.executable, "-c", code], cwd=ROOT, check=True, timeout=60)
+
+
+def test_a_first_token_below_10_ms_keeps_two_digits():
+    from tasks.report import milliseconds
+
+    assert [milliseconds(v) for v in (0.4213, 3.14159, 57.6, 1234.5)] == [
+        "0.42",
+        "3.1",
+        "58",
+        "1234",
+    ]
