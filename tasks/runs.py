@@ -106,6 +106,14 @@ class RunReporter(ConsoleReporter):
             info = {**task.values, "status": "failed", "error": _message(fail)}
         self._record(task, info)
 
+    def _write_failure(self, result: dict[str, Any], write_exception: bool = True) -> None:
+        """gc, push, verify, ...: their message names the command and what failed, without
+        doit's `TaskFailed - taskid:push` line before it (a step's failure keeps it)."""
+        if result["task"].name in self.refs or not write_exception:
+            super()._write_failure(result, write_exception)
+        else:
+            self.write(f"{result['exception'].get_msg().rstrip()}\n")
+
     def _record(self, task: Any, info: dict[str, Any]) -> None:
         if task.name in self.refs:
             self.steps[task.name] = info
