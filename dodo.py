@@ -35,7 +35,15 @@ from tasks.glue import (
     verify,
 )  # fmt: skip
 from tasks.graph import load_graph
-from tasks.jobs import IN_FLIGHT, check_command, doit_jobs, ray_address, share_cpus, watch_workers
+from tasks.jobs import (
+    IN_FLIGHT,
+    check_command,
+    doit_jobs,
+    ray_address,
+    refuse_state_commands,
+    share_cpus,
+    watch_workers,
+)
 from tasks.runs import BAD_COMMAND, RunReporter, draw_graph
 from tasks.stages import algorithms
 from tasks.staging import os_problem
@@ -55,6 +63,7 @@ if RAY:
 
 try:
     check_variables(sys.argv[1:], ("recipe", "artifacts", "ray", *OVERRIDES))  # not `recipie=`
+    refuse_state_commands(sys.argv[1:])  # `doit forget` and `-a` would change nothing
     if RAY:
         check_command(sys.argv[1:])
     GRAPH = load_graph(RECIPE, ARTIFACTS, OVERRIDES)

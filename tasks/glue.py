@@ -38,15 +38,29 @@ from tasks.staging import Staging, disk_usage, os_problem, real_dir
 from tasks.store import Store
 
 
-def _up_to_date(graph: Graph, ref: str) -> bool:
-    if not graph.store.is_complete(graph.keys[ref]):
-        return False
-    # Keep the human-friendly link on the entry this recipe now means (after a revert too).
-    try:
-        graph.store.link(graph.link(ref), graph.keys[ref])
-    except KilnError:
-        return False  # the step's action then says why, as one message
-    return True
+class InStore:
+    """doit's up-to-date check of a step: the store holds its key's entry. An object, so that
+    `doit info <step>` names the check instead of printing the whole graph as its argument."""
+
+    __slots__ = ("graph", "ref")
+
+    def __init__(self, graph: Graph, ref: str) -> None:
+        self.graph, self.ref = graph, ref
+
+    def __call__(self) -> bool:
+        graph, ref = self.graph, self.ref
+        if not graph.store.is_complete(graph.keys[ref]):
+            return False
+        # Keep the human-friendly link on the entry this recipe now means (after a revert too).
+        try:
+            graph.store.link(graph.link(ref), graph.keys[ref])
+        except KilnError:
+            return False  # the step's action then says why, as one message
+        return True
+
+    def __repr__(self) -> str:
+        return (f"the store holds the entry {self.graph.keys[self.ref][:16]}... "
+                f"(`doit explain {self.graph.task(self.ref)}` says why not)")  # fmt: skip
 
 
 def _unlink(graph: Graph, ref: str) -> None:
@@ -106,7 +120,7 @@ def _task(graph: Graph, ref: str, doc: str, deps: list[str]) -> dict[str, Any]:
         "actions": [action],
         # No doit `targets`: up to date means the key's manifest exists, and two steps with
         # the same settings share one entry (doit forbids two tasks with a common target).
-        "uptodate": [(_up_to_date, [graph, ref])],
+        "uptodate": [InStore(graph, ref)],
         "task_dep": deps,
         "clean": [(_unlink, [graph, ref])],
         "doc": doc,
@@ -205,6 +219,12 @@ def gc(
     try:
         if remote:
             _gc_remote(graph, dry_run, grace_hours, recipes or [])
+        elif recipes:  # a local gc keeps what every recipe's links point at already
+            raise UsageError(
+                f"recipes named ({' '.join(recipes)}) are for `doit gc --remote`",
+                "`doit gc` keeps every entry a link of any recipe built here points at, and "
+                "this recipe's entries: run it without them",
+            )
         else:
             _gc(graph, dry_run)
     except KilnError as err:

@@ -15,7 +15,7 @@ from typing import Any
 
 from doit.runner import MRunner
 
-from tasks.errors import PreflightError
+from tasks.errors import PreflightError, UsageError
 from tasks.hostinfo import THREAD_VARIABLES
 
 
@@ -96,6 +96,33 @@ def ray_address(value: str | None, environ: dict[str, str] | os._Environ = os.en
     "local" starts a cluster on this machine for the run; anything else is an address
     (`auto`: the cluster `ray start` made on this machine; `host:6379`)."""
     return (environ.get(RAY_VARIABLE, "") if value is None else value).strip()
+
+
+# doit's own commands and run option that act on doit's task database. modelkiln keeps none
+# (the store is the build state: a step is up to date when its key's entry is there), so each
+# said it acted and changed nothing.
+STATE_COMMANDS = ("forget", "ignore", "reset-dep")  # dumpdb never loads a dodo.py
+ALWAYS = ("-a", "--always-execute")
+LOADER_OPTIONS = ("-f", "--file", "-d", "--dir")  # doit's, with a value; before the command
+
+
+def refuse_state_commands(argv: Sequence[str]) -> None:
+    """A UsageError for `doit forget`, `ignore`, `reset-dep` and `doit -a`."""
+    words = [a for i, a in enumerate(argv) if not a.startswith("-")
+             and not (i and argv[i - 1] in LOADER_OPTIONS) and "=" not in a]  # fmt: skip
+    command = words[0] if words else "run"
+    if command in STATE_COMMANDS:
+        said = f"`doit {command}` acts on doit's task database"
+    elif any(a in ALWAYS for a in argv) and command not in ("list", "help", "info"):
+        said = "`doit -a` re-runs steps doit records as done"
+    else:
+        return
+    raise UsageError(
+        f"{said}, and modelkiln keeps none: a step is up to date when the store holds its "
+        "key's entry",
+        "`doit explain <step>` says why a step would run; `doit verify --remove-damaged` "
+        "removes damaged entries and what was built from them, which the next `doit` rebuilds",
+    )
 
 
 def check_command(argv: list[str]) -> None:

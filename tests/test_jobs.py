@@ -6,7 +6,8 @@ import os
 
 import pytest
 
-from tasks.jobs import doit_jobs, share_cpus
+from tasks.errors import UsageError
+from tasks.jobs import doit_jobs, refuse_state_commands, share_cpus
 
 
 @pytest.mark.parametrize(
@@ -70,3 +71,26 @@ def test_onnxruntime_sessions_follow_the_thread_count(tmp_path, monkeypatch):
     monkeypatch.setenv("OMP_NUM_THREADS", "3")
     session = ort_session(path, ["CPUExecutionProvider"])
     assert session.get_session_options().intra_op_num_threads == 3
+
+
+@pytest.mark.parametrize(
+    ("argv", "refused"),
+    [
+        (["forget", "quantize:int8"], True),
+        (["-f", "dodo.py", "-d", "ws", "ignore", "quantize:int8", "recipe=r.toml"], True),
+        (["reset-dep"], True),
+        (["-a", "quantize:int8"], True),
+        (["run", "--always-execute"], True),
+        (["quantize:int8", "recipe=r.toml"], False),
+        (["-f", "forget", "gc", "--dry-run"], False),  # a dodo file named forget
+        (["list", "--all"], False),
+        ([], False),
+    ],
+)
+def test_commands_on_doits_database_are_refused(argv, refused):
+    """modelkiln keeps no doit database: they said they acted and changed nothing."""
+    if refused:
+        with pytest.raises(UsageError, match="keeps none"):
+            refuse_state_commands(argv)
+    else:
+        refuse_state_commands(argv)
