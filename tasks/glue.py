@@ -346,7 +346,7 @@ def _gc(graph: Graph, dry_run: bool) -> None:
     for key in store.built_keys():
         if key in live:
             continue
-        with store.lock(key, wait=False) as held:
+        with store.lock(key, wait=False, probe=dry_run) as held:
             # Re-check under the lock: a build may have linked this entry meanwhile.
             if not held or key in store.links().values():
                 continue
@@ -405,7 +405,7 @@ def _gc_unfinished(store: Store, dry_run: bool) -> list[tuple[Path, int]]:
     """Entries a killed build or removal left without their manifest (or the reverse)."""
     found = []
     for key in store.unfinished():
-        with store.lock(key, wait=False) as held:
+        with store.lock(key, wait=False, probe=dry_run) as held:
             if held and not store.is_complete(key, locked=True):
                 entry = store.entry(key)
                 size = disk_usage(entry) if entry.is_dir() else 0

@@ -48,12 +48,20 @@ class Staging(Record):
 
     @contextlib.contextmanager
     def lock(
-        self, key: str, on_wait: Callable[[], None] | None = None, wait: bool = True
+        self,
+        key: str,
+        on_wait: Callable[[], None] | None = None,
+        wait: bool = True,
+        probe: bool = False,
     ) -> Iterator[bool]:
         """Exclusive per-key lock. Yields True once held; with wait=False, False at once if
         another process holds it. A kernel lock (flock through filelock) and never filelock's
         soft fallback: staleness is "nobody holds the lock", which only a lock the kernel
-        releases when its holder dies can tell."""
+        releases when its holder dies can tell. probe: only whether nobody holds it, lock
+        nothing (a dry run, which must work on a read-only store too)."""
+        if probe:
+            yield not self._held(key)
+            return
         import filelock  # only where a lock is taken: a no-op `doit` takes none (24 ms)
 
         path = real_dir(self.locks_dir) / f"{key}.lock"
@@ -71,6 +79,23 @@ class Staging(Record):
             yield True
         finally:
             lock.release()
+
+    def _held(self, key: str) -> bool:
+        """Whether a process holds key's lock, asked through a read-only descriptor (flock
+        does not need write access) and let go at once."""
+        import fcntl
+
+        try:
+            fd = os.open(self.locks_dir / f"{key}.lock", os.O_RDONLY)
+        except OSError:
+            return False  # never locked here (or not readable: a dry run only lists)
+        try:
+            fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except BlockingIOError:
+            return True
+        finally:
+            os.close(fd)  # closing lets the probe's own lock go
+        return False
 
     def new_tmp(self, key: str, kind: str = "") -> Path:
         """A fresh temporary directory for key; hold the key's lock while it is in use. A new
@@ -95,7 +120,7 @@ class Staging(Record):
         a dead or failed build. Each is removed under that lock. Returns (path, bytes)."""
         found = []
         for path in self._tmps():
-            with self.lock(TMP_NAME.match(path.name)["key"], wait=False) as held:
+            with self.lock(TMP_NAME.match(path.name)["key"], wait=False, probe=dry_run) as held:
                 if held:
                     found.append((path, disk_usage(path)))
                     if not dry_run:
@@ -190,5 +215,7 @@ def os_problem(err: OSError, path: Path | str | None = None, doing: str = "write
     first, which is a store entry when a step copies its input."""
     where = err.filename2 or err.filename or path
     what, fix = FILESYSTEM_ERRORS.get(err.errno or 0, (err.strerror or str(err), ""))
+    if doing == "read" and err.errno in (errno.EACCES, errno.EPERM):
+        fix = "make it readable for this user"  # an input: writing it is not the point
     text = f"cannot {doing} {where}: {what}" if where else f"cannot {doing}: {what}"
     return f"{text}\n  fix: {fix}" if fix else text

@@ -180,9 +180,13 @@ class Store(Record):
         return sorted(p for p in self.store_dir.iterdir() if p.name not in (".tmp", ".locks"))
 
     def lock(
-        self, key: str, on_wait: Callable[[], None] | None = None, wait: bool = True
+        self,
+        key: str,
+        on_wait: Callable[[], None] | None = None,
+        wait: bool = True,
+        probe: bool = False,
     ) -> contextlib.AbstractContextManager[bool]:
-        return self.staging.lock(key, on_wait, wait)
+        return self.staging.lock(key, on_wait, wait, probe)
 
     def new_tmp(self, key: str, kind: str = "") -> Path:
         return self.staging.new_tmp(key, kind)

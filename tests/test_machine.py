@@ -14,10 +14,11 @@ import subprocess
 from pathlib import Path
 
 import pytest
+from test_store import build as build_entry
 from workspace import Workspace, executed, tiny_recipe
 
 from tasks.staging import os_problem
-from tasks.store import manifest_file
+from tasks.store import Store, manifest_file
 
 
 def _mount(*args: str) -> None:
@@ -87,11 +88,13 @@ def test_an_artifacts_path_that_is_a_file(ws, under):
 def test_a_read_only_store_still_lists_explains_and_verifies(ws, tiny_built):
     ws.seed(tiny_built, "model", "data:prose")
     ws.doit("model", "data")
+    stray = build_entry(Store(ws.artifacts), {"stage": "other"})  # what a gc would remove
     with read_only(ws.artifacts):
-        # gc too, while it has nothing to remove
-        for command in (["list"], ["explain"], ["verify"], ["info", "model"], ["gc"]):
+        # gc --dry-run lists it (it takes no lock, which a read-only store cannot give)
+        for command in (["list"], ["explain"], ["verify"], ["info", "model"], ["gc", "--dry-run"]):
             proc = ws.doit(*command, check=False)
             assert proc.returncode == 0 and "Traceback" not in proc.stderr, proc.stderr
+        assert f"would remove {stray.name[:16]}..." in proc.stdout
         assert "capture:fp32: will run: never built" in ws.doit("explain").stdout
         one_message(ws.doit("capture:fp32", check=False), "the file system is read-only")
     assert executed(ws.doit("model").stdout) == []  # nothing built was lost
@@ -159,6 +162,8 @@ def test_a_disk_error_names_its_file_else_the_place_given_else_none():
         errno.ENOSPC, "No space left on device", "/a/input/m.data", None, "/a/tmp/m.data"
     )
     assert os_problem(copy).startswith("cannot write /a/tmp/m.data: ")  # not the file read
+    denied = OSError(errno.EACCES, "Permission denied", "/models/x/model.safetensors")
+    assert os_problem(denied, doing="read").endswith("fix: make it readable for this user")
 
 
 @pytest.mark.parametrize(("signum", "status"), [(signal.SIGINT, 130), (signal.SIGTERM, 143)])

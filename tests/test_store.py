@@ -480,3 +480,15 @@ def test_the_umask_is_read_without_changing_it():
     os.umask(old)
     _umask.cache_clear()
     assert _umask() == old and os.umask(old) == old
+
+
+def test_a_probe_sees_a_held_lock_and_locks_nothing(tmp_path):
+    """gc --dry-run asks through a read-only descriptor: a read-only store gives no lock."""
+    store = Store(tmp_path)
+    with store.lock(KEY, probe=True) as free:
+        assert free  # never locked: no lock file, nothing made
+    assert not (store.store_dir / ".locks" / f"{KEY}.lock").exists()
+    with store.lock(KEY), store.lock(KEY, probe=True) as free:
+        assert not free
+    with store.lock(KEY, probe=True) as free:
+        assert free
