@@ -60,10 +60,19 @@ def _stop(signum: int, frame: FrameType | None) -> None:
             proc.terminate()
     for worker in multiprocessing.active_children():
         worker.terminate()
-    left = "".join(f"; {task} left {tmp} (`doit gc` removes it)" for task, tmp in _partial.items())
+    left = "".join(f"; {task} left {_left(tmp)}" for task, tmp in _partial.items())
     if multiprocessing.parent_process() is None:
         sys.stderr.write(f"\nmodelkiln: interrupted by {signal.Signals(signum).name}{left}\n")
     elif left:  # a `doit -n` worker: its parent says that the run was interrupted
         sys.stderr.write(f"modelkiln: {left[2:]}\n")
     sys.stderr.flush()
     os._exit(128 + signum)
+
+
+def _left(tmp: Path) -> str:
+    """The step's build folder, and its scratch folder beside it when there is one."""
+    key, _, pid = tmp.name.partition(".")
+    scratch = tmp.with_name(f"{key}.scratch-{pid}")
+    if scratch.exists():
+        return f"{tmp} and {scratch.name} beside it (`doit gc` removes them)"
+    return f"{tmp} (`doit gc` removes it)"

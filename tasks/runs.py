@@ -108,7 +108,11 @@ class RunReporter(ConsoleReporter):
 
     def _write_failure(self, result: dict[str, Any], write_exception: bool = True) -> None:
         """gc, push, verify, ...: their message names the command and what failed, without
-        doit's `TaskFailed - taskid:push` line before it (a step's failure keeps it)."""
+        doit's `TaskFailed - taskid:push` line before it (a step's failure keeps it). A step
+        or group not run because an input failed says nothing here: the run's last lines
+        list it (`not built: report (evaluate:x failed)`)."""
+        if isinstance(result["exception"], UnmetDependency):
+            return
         if result["task"].name in self.refs or not write_exception:
             super()._write_failure(result, write_exception)
         else:

@@ -181,6 +181,8 @@ def test_an_interrupt_is_one_line_and_leaves_nothing_complete(ws, tiny_built, si
     lines = [line for line in err.splitlines() if "interrupted" in line]
     assert len(lines) == 1 and signal.Signals(signum).name in lines[0], err
     assert "capture:fp32 left" in lines[0] and "doit gc" in lines[0]
+    left = {p.name for p in (ws.artifacts / "store" / ".tmp").iterdir()}
+    assert all(name in lines[0] for name in left), (left, lines[0])  # the scratch folder too
     assert not (ws.artifacts / "recipe" / "capture" / "fp32").exists()
     assert "removing unfinished build store/.tmp/" in ws.doit("gc").stdout  # where it is
     assert not list((ws.artifacts / "store" / ".tmp").iterdir())
