@@ -180,6 +180,9 @@ def _why(graph: Graph, ref: str, task_of_key: dict[str, str]) -> str:
     old = [p.resolve().name for p in (link, graph.store.previous(link)) if p.is_symlink()]
     old = [k for k in old if k != key and graph.store.is_complete(k)]
     if not old:
+        store = graph.store
+        if store.manifest_path(key).exists() or store.entry(key).exists():  # one without the other
+            return "will run: its entry is incomplete (`doit verify` names what is missing)"
         return "will run: never built"
     changes = diff_identities(graph.store.manifest(old[0])["identity"], graph.identities[ref])
     return "will run: " + "; ".join(_describe(c, task_of_key) for c in changes)
@@ -357,17 +360,19 @@ def _gc(graph: Graph, dry_run: bool) -> None:
             freed, removed = freed + size, removed + 1
     freed += _gc_environments(graph, live, verb, dry_run)
     areas = (store.staging, envs.staging(store.root), Staging(downloads_dir(store.root)))
-    stale = [found for area in areas for found in area.sweep(dry_run)]
-    stale += _gc_unfinished(store, dry_run)
-    for tmp, size in stale:
+    stale = [("unfinished build", *found) for area in areas for found in area.sweep(dry_run)]
+    stale += [("incomplete entry", *found) for found in _gc_unfinished(store, dry_run)]
+    for what, tmp, size in stale:
         freed += size
         where = tmp.relative_to(store.root) if tmp.is_relative_to(store.root) else tmp
-        print(f"{verb} unfinished build {where} {size / 1e6:9.1f} MB")
+        print(f"{verb} {what} {where} {size / 1e6:9.1f} MB")
     logs = _gc_failed_logs(store.root, dry_run)
     for path, size in logs:
         freed += size
         print(f"{verb} failed log {path.relative_to(store.root)} {size / 1e3:9.1f} kB")
-    print(f"{removed} entries, {len(stale)} unfinished builds, {len(logs)} failed logs: "
+    builds = sum(what == "unfinished build" for what, _, _ in stale)
+    print(f"{removed} entries, {builds} unfinished builds, {len(stale) - builds} incomplete "
+          f"entries, {len(logs)} failed logs: "
           f"{'would free' if dry_run else 'freed'} {freed / 1e6:.1f} MB")  # fmt: skip
 
 

@@ -134,7 +134,9 @@ def test_gc_removes_an_entry_left_without_its_manifest(tmp_path, tiny_model, pro
     store.publish(key, tmp, {})
     store.manifest_path(key).unlink()  # killed between the folder's rename and the manifest's
     gc(graph, dry_run=True)
-    assert f"would remove unfinished build store/{key[:2]}/{key} " in capsys.readouterr().out
+    out = capsys.readouterr().out
+    assert f"would remove incomplete entry store/{key[:2]}/{key} " in out
+    assert "0 unfinished builds, 1 incomplete entries" in out
     assert store.entry(key).is_dir()
     gc(graph, dry_run=False)
     assert not store.entry(key).exists() and store.unfinished() == []
