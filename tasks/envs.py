@@ -362,7 +362,8 @@ def call(
         # The child's stdout goes to stderr: doit's stdout lists the tasks it runs, and a
         # library's progress bar left there without a newline would swallow the next line.
         status = interrupt.run_child(
-            [str(python_of(folder)), "-m", "tasks.envrun", str(request)], env=child_env,
+            interrupt.python_module(str(python_of(folder)), "tasks.envrun", str(request)),
+            env=child_env,
             stdout=sys.stderr.fileno(),
         )  # fmt: skip
         print(file=sys.stderr, flush=True)  # end a progress bar the child left open

@@ -36,10 +36,21 @@ def building(task: str, tmp: Path | None) -> None:
         _partial[task] = tmp
 
 
+def python_module(python: str, module: str, *args: str) -> list[str]:
+    """The command that runs `python -m module args` for run_child, in a process that dies with
+    this one even when this one is killed outright (tasks/childguard.py)."""
+    return [python, "-m", "tasks.childguard", module, *args]
+
+
 def run_child(cmd: list[str], **popen: Any) -> int:
     """Run a command to its end, terminated with this run if it is interrupted; its exit status."""
     import subprocess
 
+    env = popen.get("env")
+    popen["env"] = {
+        **(os.environ if env is None else env),
+        "MODELKILN_PARENT_PID": str(os.getpid()),
+    }
     proc = subprocess.Popen(cmd, **popen)
     _children.add(proc)
     try:

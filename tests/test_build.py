@@ -2,10 +2,13 @@
 
 from __future__ import annotations
 
+import contextlib
 import json
 import os
 import re
 import signal
+import time
+from pathlib import Path
 
 import pytest
 from workspace import Workspace, executed, tiny_recipe
@@ -113,13 +116,42 @@ def test_gc_removes_only_unreferenced_entries(built, tiny_model, prose_file):
     assert executed(ws.doit().stdout) == []  # nothing the recipe needs was removed
 
 
-def test_sigkill_mid_build_leaves_nothing_complete(tmp_path, tiny_model, prose_file, tiny_built):
+def builders(ws: Workspace) -> list[int]:
+    """Pids of the model builder processes building into this workspace."""
+    found = []
+    for cmdline in Path("/proc").glob("[0-9]*/cmdline"):
+        with contextlib.suppress(OSError):
+            args = cmdline.read_bytes().split(b"\0")
+            if b"onnxruntime_genai.models.builder" in args and str(ws.artifacts).encode() in (
+                b" ".join(args)
+            ):
+                found.append(int(cmdline.parent.name))
+    return found
+
+
+@pytest.mark.parametrize("killed", ["group", "doit alone"])
+def test_sigkill_mid_build_leaves_nothing_complete(
+    tmp_path, tiny_model, prose_file, tiny_built, killed
+):
+    """The process group (a terminal's kill), or doit alone (the out-of-memory killer, a
+    `kill -9 <pid>`): its builder child then dies with it instead of building on."""
     ws = Workspace(tmp_path)
     ws.write(tiny_recipe(tiny_model, prose_file))
     ws.seed(tiny_built, "model", "data:prose")
     ws.doit("model", "data")
     proc = ws.building("capture:fp32")
-    os.killpg(proc.pid, signal.SIGKILL)
+    if killed == "group":
+        os.killpg(proc.pid, signal.SIGKILL)
+    else:
+        deadline = time.time() + 60
+        while not builders(ws) and time.time() < deadline:
+            time.sleep(0.05)
+        assert builders(ws), "the builder never started"
+        os.kill(proc.pid, signal.SIGKILL)
+        deadline = time.time() + 3  # SIGTERM at once; the builder alone takes seconds more
+        while builders(ws) and time.time() < deadline:
+            time.sleep(0.05)
+        assert builders(ws) == [], "the builder outlived the doit that started it"
     proc.wait()
     capture = ws.artifacts / "recipe" / "capture" / "fp32"
     assert not capture.exists()

@@ -212,7 +212,8 @@ def builder_command(
         level = config.int4_accuracy_level
         level = level if level is not None else (1 if quant else 4)
         extra += [f"block_size={config.int4_block_size}", f"accuracy_level={level}"]
-    cmd = [sys.executable, "-m", "onnxruntime_genai.models.builder", "-i", str(hf_dir)]
+    cmd = interrupt.python_module(sys.executable, "onnxruntime_genai.models.builder")
+    cmd += ["-i", str(hf_dir)]
     cmd += ["-o", str(out), "-p", config.precision, "-e", config.execution_provider]
     cmd += ["-c", str(cache)]
     return cmd + (["--extra_options", *extra] if extra else [])
