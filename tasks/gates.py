@@ -79,4 +79,5 @@ def describe(result: dict[str, Any]) -> str:
     if value is None:
         return f"{result['gate']}: not measured"
     sign = ("<=" if result["passed"] else ">") if gate.most else (">=" if result["passed"] else "<")
-    return f"{result['gate']} {value:.4g} {sign} {result['limit']:.4g}"
+    # five digits: 319.97 against a limit of 319.5, not "320"; the limit as it was written
+    return f"{result['gate']} {value:.5g} {sign} {result['limit']:.6g}"

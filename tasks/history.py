@@ -15,6 +15,12 @@ from tasks.errors import KilnError, did_you_mean
 from tasks.report import milliseconds
 
 
+def megabytes(size: float) -> str:
+    """MB to a tenth, three digits below 100 MB: a 1% change of a small model shows."""
+    mb = size / 1e6
+    return f"{mb:.1f}" if mb >= 100 else f"{mb:.3g}"
+
+
 @dataclass(frozen=True)
 class Metric:
     """An evaluate metric as the report shows and judges it."""
@@ -31,7 +37,7 @@ class Metric:
 METRICS = (
     Metric("perplexity", "perplexity", "lower", 0.005, False, lambda v: f"{v:.3f}"),
     Metric("ppl_change", "Δ ppl vs base", None, None, True, lambda v: f"{v:+.1%}"),
-    Metric("size_bytes", "size MB", "lower", 0.01, False, lambda v: f"{v / 1e6:.1f}", 1e6),
+    Metric("size_bytes", "size MB", "lower", 0.01, False, megabytes, 1e6),
     Metric("decode_tokens_per_s", "decode tok/s", "higher", 0.15, False, lambda v: f"{v:.1f}"),
     Metric("first_token_ms", "first token ms", "lower", 0.25, False, milliseconds),
     Metric("answer_accuracy", "answer accuracy", "higher", 0.0, True, lambda v: f"{v:.1%}"),
@@ -81,11 +87,12 @@ class Change:
             )
         parts = [
             f"{delta(self.metric, change)} since {run} ({show(old)})"
-            + (f", regression (tolerance {delta(self.metric, self.tolerance)[1:]})" if bad else "")
+            + (f", regression (tolerance {limit(self.metric, self.tolerance)})" if bad else "")
             for change, run, old, bad in against
             if old is not None
         ]
-        return f"{self.step} {self.metric} {show(self.value)}: {'; '.join(parts) or 'first run'}"
+        label = BY_NAME[self.metric].label
+        return f"{self.step} {label} {show(self.value)}: {'; '.join(parts) or 'first run'}"
 
 
 def delta(metric: str, change: float | None) -> str:
@@ -93,6 +100,13 @@ def delta(metric: str, change: float | None) -> str:
     if change is None:
         return "-"
     return f"{change * 100:+.1f} pp" if BY_NAME[metric].absolute else f"{change:+.1%}"
+
+
+def limit(metric: str, tolerance: float | None) -> str:
+    """A tolerance as written: '0.5%', '0.01%' (not '0.0%'), or '2 pp' (absolute)."""
+    if tolerance is None:
+        return "-"
+    return f"{tolerance * 100:.3g} pp" if BY_NAME[metric].absolute else f"{tolerance * 100:.3g}%"
 
 
 def tolerances_with(overrides: dict[str, float] | None) -> dict[str, float]:
@@ -128,9 +142,9 @@ def _baseline_index(summaries: list[dict[str, Any]], baseline: str | None) -> in
 
 def measured(summary: dict[str, Any], task: str, metric: str, data: str | None) -> float | None:
     """The summary's value of metric for task when measured on data, else None."""
-    metrics = summary.get("steps", {}).get(task, {}).get("metrics") or {}
-    value = metrics.get(metric)
-    if value is None or metrics.get("data") != data:
+    step = summary.get("steps", {}).get(task, {})
+    value = (step.get("metrics") or {}).get(metric)
+    if value is None or step.get("data") != data:
         return None  # another data set's perplexity is another scale: not comparable
     return value
 
@@ -179,7 +193,7 @@ def compare(
     named = summaries[_baseline_index(summaries, baseline)] if baseline is not None else None
     rows = []
     for task, step in evaluate_steps(current).items():
-        data = step["metrics"].get("data")
+        data = step.get("data")
         for metric in METRICS:
             value = step["metrics"].get(metric.name)
             if value is None:

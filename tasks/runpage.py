@@ -22,6 +22,7 @@ from tasks.history import (
     compare,
     delta,
     evaluate_steps,
+    limit,
     measured,
     tolerances_with,
 )
@@ -195,11 +196,13 @@ def _gates_section(summary: dict[str, Any]) -> str:
     )
     name = summary.get("recipe", {}).get("name", "<recipe>")
     released = "".join(
-        f"<li><code>artifacts/{_e(name)}/release/{_e(r)}</code> → {_e(v)}</li>"
+        f"<li><code>{_e(name)}/release/{_e(r)}</code> → {_e(v)}</li>"
         for r, v in (summary.get("release") or {}).items()
     )
     return gates + (
-        f"<p>Released:</p><ul>{released}</ul>" if released else "<p>Nothing released.</p>"
+        f"<p>Released, in the artifacts folder (<code>artifacts=</code>):</p><ul>{released}</ul>"
+        if released
+        else "<p>Nothing released.</p>"
     )
 
 
@@ -241,7 +244,7 @@ def _metrics_section(changes: list[Change], tolerances: dict[str, float]) -> str
             row.append(f"{m.show(c.value)}<br>{'<br>'.join(notes)}" if c else "-")
         rows.append(row)
     base = next((c.baseline_run for c in changes if c.baseline_run), None)
-    limits = ", ".join(f"{BY_NAME[m].label} {delta(m, t)[1:]}" for m, t in tolerances.items())
+    limits = ", ".join(f"{BY_NAME[m].label} {limit(m, t)}" for m, t in tolerances.items())
     return (
         f'<p class="muted">Under each value: <i>prev</i>, the change since the previous run that '
         f"measured the step on the same data set; <i>base</i>, since the baseline run "
@@ -295,7 +298,7 @@ def _series(summaries: list[dict[str, Any]], metric: Metric) -> dict[str, list[t
     only steps measured in two runs or more."""
     series = {}
     for task in _colours(summaries):
-        data = next(s["steps"][task]["metrics"].get("data")
+        data = next(s["steps"][task].get("data")
                     for s in reversed(summaries) if task in evaluate_steps(s))  # fmt: skip
         points = [(i, v / metric.scale) for i, s in enumerate(summaries)
                   if (v := measured(s, task, metric.name, data)) is not None]  # fmt: skip

@@ -26,7 +26,7 @@ from typing import Any
 from doit.exceptions import TaskFailed, UnmetDependency
 from doit.reporter import ConsoleReporter
 
-from tasks.errors import KilnError
+from tasks.errors import KilnError, did_you_mean
 from tasks.gates import describe
 from tasks.graph import Graph
 from tasks.hostinfo import python_version
@@ -87,10 +87,6 @@ class RunReporter(ConsoleReporter):
         super().skip_uptodate(task)
         self._record(task, {"status": "up-to-date"})
 
-    def skip_ignore(self, task: Any) -> None:
-        super().skip_ignore(task)
-        self._record(task, {"status": "ignored"})
-
     def add_success(self, task: Any) -> None:
         super().add_success(task)
         self._record(task, {"status": "built", **task.values})
@@ -101,7 +97,7 @@ class RunReporter(ConsoleReporter):
         if isinstance(fail, UnmetDependency):
             failed = [t for t in task.task_dep if self.steps.get(t, {}).get("status") in RAN[2:]]
             info = {"status": "input-failed", "failed_inputs": failed,
-                    "error": f"not built: {', '.join(failed) or 'an input'} failed"}  # fmt: skip
+                    "error": f"not built: {self._why_not_built(failed)}"}  # fmt: skip
         else:
             info = {**task.values, "status": "failed", "error": _message(fail)}
         self._record(task, info)
@@ -117,6 +113,24 @@ class RunReporter(ConsoleReporter):
             super()._write_failure(result, write_exception)
         else:
             self.write(f"{result['exception'].get_msg().rstrip()}\n")
+
+    def _why_not_built(self, inputs: list[str]) -> str:
+        """'quantize:x failed', and the steps it went through: 'quantize:x failed (through
+        evaluate:x)', not 'evaluate:x failed' for a step that never ran."""
+        roots, todo = [], list(inputs)
+        while todo:
+            task = todo.pop(0)
+            info = self.steps.get(task, {})
+            if info.get("status") == "input-failed":
+                todo += [t for t in info.get("failed_inputs", []) if t not in todo]
+            elif task not in roots:
+                roots.append(task)
+        if not roots:
+            return "an input failed"
+        through = [t for t in inputs if t not in roots]
+        return f"{', '.join(roots)} failed" + (
+            f" (through {', '.join(through)})" if through else ""
+        )
 
     def _record(self, task: Any, info: dict[str, Any]) -> None:
         if task.name in self.refs:
@@ -226,6 +240,9 @@ def step_record(graph: Graph, ref: str, info: dict[str, Any]) -> dict[str, Any]:
     for field in ("how", "error", "failed_inputs", "variant", "gates", "gpus", "node"):
         if field in info:
             record[field] = info[field]
+    step = graph.recipe.steps.get(ref)
+    if step is not None and step.stage == "evaluate" and step.config.data:
+        record["data"] = step.config.data  # history compares a metric on one data set only
     if info["status"] not in ("failed", "input-failed") and store.is_complete(key):
         try:
             record["metrics"] = store.manifest(key).get("metrics") or {}
@@ -322,19 +339,30 @@ def write_run_report(graph: Graph) -> list[str]:
 
     folder, settings = runs_dir(graph), graph.recipe.nightly
     summaries = load_summaries(folder)
+    baseline = _known_baseline(settings.get("baseline"), summaries)
     try:
         picture = graphpic.draw(graph, graphpic.statuses_of(summaries[-1]), folder)
         svg = picture.read_text() if picture.suffix == ".svg" else None
-        runpage.write_run_report(summaries, folder / "index.html", settings.get("baseline"),
+        runpage.write_run_report(summaries, folder / "index.html", baseline,
                                  settings.get("tolerances"), svg)  # fmt: skip
-        changes = history.compare(summaries, settings.get("baseline"), settings.get("tolerances"))
-    except KilnError as err:  # a [nightly] baseline that names no run
-        print(f"modelkiln: the run report was not written: {err}", file=sys.stderr)
-        return []
+        changes = history.compare(summaries, baseline, settings.get("tolerances"))
     except OSError as err:
         print(f"modelkiln: the run report was not written: {os_problem(err)}", file=sys.stderr)
         return []
     return [change.describe() for change in changes if change.regressed]
+
+
+def _known_baseline(baseline: str | None, summaries: list[dict[str, Any]]) -> str | None:
+    """The [nightly] baseline if it is a run kept here. One that is not (a typo, a runs folder
+    a CI cache lost) costs a warning, and the report compares with the oldest run instead:
+    skipping the report would leave the last run's page in place, read as tonight's."""
+    ids = [s["run"]["id"] for s in summaries]
+    if baseline is None or baseline in ids:
+        return baseline
+    print(f"modelkiln: [nightly] baseline = {baseline!r} is not a run of this recipe kept in "
+          f"runs/{did_you_mean(baseline, ids[:-1])}; the report compares with the oldest run, "
+          f"{ids[0]}, instead", file=sys.stderr)  # fmt: skip
+    return None
 
 
 def draw_graph(graph: Graph) -> None:
@@ -368,7 +396,7 @@ def print_outcome(
             if info.get("log"):
                 lines.append(f"          log: {info['log']}")
         elif info["status"] == "input-failed":
-            lines.append(f"  not built: {task} ({', '.join(info['failed_inputs'])} failed)")
+            lines.append(f"  not built: {task} ({info['error'].removeprefix('not built: ')})")
         elif info["status"] == "gate-failed":
             missed = [describe(g) for g in info["gates"] if not g["passed"]]
             lines.append(f"  gate failed: {task}: {'; '.join(missed)}")

@@ -82,8 +82,9 @@ def make_summary(
             step["metrics"] = {
                 "perplexity": ppl, "ppl_change": ppl / base_ppl - 1, "size_bytes": size,
                 "load_s": 0.8, "first_token_ms": first_ms, "decode_tokens_per_s": tok_s * speed,
-                "answer_accuracy": answers, "format": "hf", "data": "botchan",
+                "answer_accuracy": answers, "format": "hf",
             }  # fmt: skip
+            step["data"] = "botchan"
         if checks := gates.get(f"evaluate:{name}"):
             step["gates"] = checks
             if not all(g["passed"] for g in checks):
@@ -186,7 +187,7 @@ def test_a_first_run_that_measured_nothing_leaves_the_baseline_to_the_next():
 
 def test_a_step_measured_on_another_data_set_is_not_compared():
     runs = three_runs()
-    runs[-1]["steps"]["evaluate:gptq"]["metrics"]["data"] = "wiki"
+    runs[-1]["steps"]["evaluate:gptq"]["data"] = "wiki"
     gptq = [c for c in compare(runs) if c.step == "evaluate:gptq"]
     assert gptq and all(c.previous is None and c.baseline is None for c in gptq)
 
@@ -205,3 +206,12 @@ def test_a_first_token_below_10_ms_keeps_two_digits():
         "58",
         "1234",
     ]
+
+
+def test_a_small_size_and_a_small_tolerance_keep_their_digits():
+    """Before: 'size_bytes 0.3: +2.8% since ... (0.3), regression (tolerance 0.0%)'."""
+    from tasks.history import limit, megabytes
+
+    assert [megabytes(v) for v in (0.3128e6, 12.34e6, 175.23e6)] == ["0.313", "12.3", "175.2"]
+    assert limit("perplexity", 0.0001) == "0.01%" and limit("size_bytes", 0.01) == "1%"
+    assert limit("answer_accuracy", 0.02) == "2 pp"

@@ -4,6 +4,7 @@ from a variant that got worse."""
 
 from __future__ import annotations
 
+import functools
 import json
 import os
 import signal
@@ -91,6 +92,7 @@ def test_a_failed_step_and_a_missed_gate_each_have_their_status_and_exit_code(
     assert summary["steps"]["evaluate:on-empty"]["failed_inputs"] == ["data:empty"]
     int8 = summary["steps"]["evaluate:int8"]
     assert int8["how"] == "built" and int8["variant"] == "quantize.int8"
+    assert int8["data"] == "prose"  # what history compares on: before, no step recorded it
     assert [(g["gate"], g["passed"]) for g in int8["gates"]] == [("max_size_mb", False)]
     assert int8["metrics"]["size_bytes"] > 1000 and int8["seconds"] > 0
     assert int8["peak_rss_bytes"] > 50e6  # a python process with torch and onnxruntime loaded
@@ -145,6 +147,8 @@ def test_gates_judge_in_their_own_units_and_an_unmeasured_metric_fails():
     assert describe(results[0]) == "max_size_mb 174.2 > 150"
     assert describe(results[1]) == "min_answer_accuracy: not measured"
     assert describe(results[2]) == "max_ppl_change 0.1 <= 0.1"
+    [close] = judge(check_gates({"max_perplexity": 319.5}), {"perplexity": 319.97})
+    assert describe(close) == "max_perplexity 319.97 > 319.5"  # was "320 > 319.5"
 
 
 @pytest.mark.parametrize(
@@ -305,3 +309,31 @@ def test_a_worker_killed_under_doit_n_ends_the_run_with_its_step_failed(
     failed = [t for t, s in latest(ws)["steps"].items() if s["status"] == "failed"]
     assert failed and all("died with signal 9" in latest(ws)["steps"][t]["error"] for t in failed)
     assert Workspace(tmp_path).doit("verify").returncode == 0  # nothing half-built is complete
+
+
+def test_a_baseline_that_is_not_kept_here_warns_and_the_report_still_compares(capsys):
+    """Before, the report was not written at all and last night's page stayed in place."""
+    from tasks.runs import _known_baseline
+
+    runs = [{"run": {"id": i}} for i in ("20261130T030000Z", "20261201T030000Z")]
+    assert _known_baseline("20261130T030000Z", runs) == "20261130T030000Z"
+    assert _known_baseline(None, runs) is None
+    assert _known_baseline("20261129T030000Z", runs) is None
+    err = capsys.readouterr().err
+    assert "is not a run of this recipe" in err and "(did you mean 20261130T030000Z?)" in err
+    assert "compares with the oldest run, 20261130T030000Z, instead" in err
+
+
+def test_a_step_not_built_names_the_step_that_failed():
+    """Not 'evaluate:bad failed' for an evaluation that never ran: its quantize step failed."""
+    from types import SimpleNamespace
+
+    from tasks.runs import RunReporter
+
+    steps = {
+        "quantize:bad": {"status": "failed"},
+        "evaluate:bad": {"status": "input-failed", "failed_inputs": ["quantize:bad"]},
+    }
+    why = functools.partial(RunReporter._why_not_built, SimpleNamespace(steps=steps))
+    assert why(["quantize:bad"]) == "quantize:bad failed"
+    assert why(["evaluate:bad"]) == "quantize:bad failed (through evaluate:bad)"
