@@ -287,6 +287,9 @@ def _run_label(run_id: str) -> str:
     return f"{run_id[4:6]}-{run_id[6:8]}\n{run_id[9:11]}:{run_id[11:13]}" if ok else run_id
 
 
+LINES = ("o-", "s--", "^:", "D-.")  # marker and line style of the 1st to 10th step, 11th to 20th...
+
+
 def _colours(summaries: list[dict[str, Any]]) -> dict[str, str]:
     """One colour per evaluate step, the same in every plot (the newest run's order first)."""
     tasks = dict.fromkeys(t for s in reversed(summaries) for t in evaluate_steps(s))
@@ -317,10 +320,12 @@ def _trend_svg(summaries: list[dict[str, Any]], metric: Metric) -> str | None:
     with matplotlib.rc_context(PLOT_STYLE):
         fig = _figure(5.0, 2.3)
         ax = fig.add_subplot()
+        order = {task: i for i, task in enumerate(colours)}
         for task, points in series.items():
             xs, ys = zip(*points, strict=True)
+            line = LINES[order[task] // 10 % len(LINES)]  # past 10 steps the colours come again
             ax.plot(
-                xs, ys, "o-", color=colours[task], markersize=3.5, linewidth=1.6, label=_short(task)
+                xs, ys, line, color=colours[task], markersize=3.5, linewidth=1.6, label=_short(task)
             )
         every = max(1, math.ceil(len(summaries) / 8))
         ticks = list(range(0, len(summaries), every))

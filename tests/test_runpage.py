@@ -182,3 +182,21 @@ def save_screenshot(image: Any, target: Path) -> None:
     cropped = image.crop((0, 0, image.width, min(bottom, image.height)))
     target.parent.mkdir(parents=True, exist_ok=True)
     cropped.quantize(colors=128).save(target, optimize=True)
+
+
+def test_past_ten_steps_a_trend_line_changes_its_style():
+    """The colours come round again after ten: the 11th step's line is dashed, not the 1st's."""
+    from tasks.history import BY_NAME
+    from tasks.runpage import _trend_svg
+
+    def run(n: int, i: int) -> dict[str, Any]:
+        steps = {
+            f"evaluate:v{k}": {"stage": "evaluate", "status": "built", "data": "d",
+                               "metrics": {"perplexity": 10.0 + k + i}}
+            for k in range(n)
+        }  # fmt: skip
+        return {"run": {"id": f"2026120{i + 1}T030000Z"}, "steps": steps}
+
+    ten = _trend_svg([run(10, 0), run(10, 1)], BY_NAME["perplexity"])
+    eleven = _trend_svg([run(11, 0), run(11, 1)], BY_NAME["perplexity"])
+    assert ten and eleven and "stroke-dasharray" not in ten and "stroke-dasharray" in eleven
