@@ -45,6 +45,7 @@ EXIT_CODES = {
     GATE_FAILED: "every step was built, but a variant missed one of its quality gates",
 }
 RAN = ("built", "pulled", "failed", "input-failed")  # statuses that make a run worth recording
+NOT_RUN = "not run"  # a step the run was asked for and never reached (graphpic draws it so)
 VERSIONS = ("doit", "torch", "transformers", "onnx", "onnxruntime", "onnxruntime-genai", "peft")
 
 
@@ -71,6 +72,16 @@ class RunReporter(ConsoleReporter):
         self.running: dict[str, float] = {}  # steps started: a step with no outcome was killed
         self.aborted = ""
         self.bad_command = False  # a maintenance command refused its command line
+        self.wanted: list[str] = []  # the steps the run was asked for, with their inputs
+
+    def initialize(self, tasks: dict[str, Any], selected_tasks: list[str]) -> None:
+        super().initialize(tasks, selected_tasks)
+        seen, todo = set(), list(selected_tasks)
+        while todo:
+            if (name := todo.pop()) in tasks and name not in seen:
+                seen.add(name)
+                todo += tasks[name].task_dep
+        self.wanted = [task for task in self.refs if task in seen]
 
     # ---- doit's events ---------------------------------------------------------------------
 
@@ -142,6 +153,11 @@ class RunReporter(ConsoleReporter):
             if task not in self.steps:  # its worker died, or the run stopped while it ran
                 why = self.aborted or "its process died before it finished"
                 self.steps[task] = {"status": "failed", "started": started, "error": why}
+        if self.steps:  # a step the run never reached (`--no-continue`, a dead worker)
+            why = self.aborted or "`--no-continue` stops at the first failure"
+            for task in self.wanted:
+                if task not in self.steps:
+                    self.steps[task] = {"status": NOT_RUN, "error": f"not run: {why}"}
         if not self.steps:  # gc, verify, push, ...: not a build
             if self.bad_command:
                 raise SystemExit(BAD_COMMAND)
@@ -397,6 +413,8 @@ def print_outcome(
                 lines.append(f"          log: {info['log']}")
         elif info["status"] == "input-failed":
             lines.append(f"  not built: {task} ({info['error'].removeprefix('not built: ')})")
+        elif info["status"] == NOT_RUN:
+            lines.append(f"  not run: {task} ({info['error'].removeprefix('not run: ')})")
         elif info["status"] == "gate-failed":
             missed = [describe(g) for g in info["gates"] if not g["passed"]]
             lines.append(f"  gate failed: {task}: {'; '.join(missed)}")

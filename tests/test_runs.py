@@ -128,6 +128,16 @@ def test_a_failed_step_and_a_missed_gate_each_have_their_status_and_exit_code(
     fourth = ws.doit(check=False)
     assert fourth.returncode == OK and len(load_summaries(ws.artifacts / "recipe" / "runs")) == 3
 
+    # --no-continue stops at the first failure: the steps it never reached are "not run" in the
+    # summary (before, they were missing from it) and in its last lines.
+    empty.write_text("")
+    stopped = ws.doit("--no-continue", check=False)
+    assert stopped.returncode == STEP_FAILED, stopped.stderr
+    steps = latest(ws)["steps"]
+    assert set(steps) == set(status) | {"evaluate:on-empty", "report"}  # every step has one
+    not_run = [t for t, step in steps.items() if step["status"] == "not run"]
+    assert not_run and all(f"  not run: {t} (" in stopped.stderr for t in not_run)
+
 
 def test_a_wrong_recipe_exits_with_its_own_code(tmp_path: Path):
     ws = Workspace(tmp_path)
