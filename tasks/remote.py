@@ -125,6 +125,16 @@ def check_url(url: str, name: str = "remote") -> None:
             "write s3://bucket/prefix, or file:///path for a shared disk"
             + ("; to build without a remote, leave remote out" if not url else ""),
         )
+    if "@" in parts.netloc:
+        raise RemoteSettingsError(
+            f"{name} has credentials in its URL (...@{parts.hostname})", _credentials_go(parts)
+        )
+    for field_name, _ in parse_qsl(parts.query):
+        if any(word in field_name.lower() for word in SECRET_WORDS):
+            raise RemoteSettingsError(
+                f"{name} has a secret in its URL ({field_name}=...)", _credentials_go(parts)
+            )
+    # After the secrets: these messages quote the URL.
     if parts.scheme == "file" and parts.netloc not in ("", "localhost"):
         raise RemoteSettingsError(
             f"{name} = {url!r} names a host {parts.netloc!r}, not a folder",
@@ -136,15 +146,6 @@ def check_url(url: str, name: str = "remote") -> None:
             "that is another place than the path without it",
             f"write {urlunsplit(parts._replace(path=re.sub('/{2,}', '/', parts.path)))}",
         )
-    if "@" in parts.netloc:
-        raise RemoteSettingsError(
-            f"{name} has credentials in its URL (...@{parts.hostname})", _credentials_go(parts)
-        )
-    for field_name, _ in parse_qsl(parts.query):
-        if any(word in field_name.lower() for word in SECRET_WORDS):
-            raise RemoteSettingsError(
-                f"{name} has a secret in its URL ({field_name}=...)", _credentials_go(parts)
-            )
 
 
 def _credentials_go(parts: SplitResult) -> str:

@@ -410,6 +410,7 @@ def test_an_entry_copied_without_its_times_is_pushed(remote, tmp_path):
         {"token": "x"},
         {"password": "x"},
         {"remote": "s3://AKIAIOSFODNN7EXAMPLE:s3cr3t@bucket/models"},
+        {"remote": "s3://AKIAIOSFODNN7EXAMPLE:s3cr3t@bucket//models"},  # not quoted by //
         {"endpoint_url": "https://user:s3cr3t@minio.example:9000"},
         {"profile": "AKIAIOSFODNN7EXAMPLE"},
     ],
