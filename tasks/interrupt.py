@@ -46,11 +46,10 @@ def run_child(cmd: list[str], **popen: Any) -> int:
     """Run a command to its end, terminated with this run if it is interrupted; its exit status."""
     import subprocess
 
+    from tasks.childguard import PARENT  # here: only a step that starts a child needs it
+
     env = popen.get("env")
-    popen["env"] = {
-        **(os.environ if env is None else env),
-        "MODELKILN_PARENT_PID": str(os.getpid()),
-    }
+    popen["env"] = {**(os.environ if env is None else env), PARENT: str(os.getpid())}
     proc = subprocess.Popen(cmd, **popen)
     _children.add(proc)
     try:

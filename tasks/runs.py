@@ -153,15 +153,14 @@ class RunReporter(ConsoleReporter):
             if task not in self.steps:  # its worker died, or the run stopped while it ran
                 why = self.aborted or "its process died before it finished"
                 self.steps[task] = {"status": "failed", "started": started, "error": why}
-        if self.steps:  # a step the run never reached (`--no-continue`, a dead worker)
-            why = self.aborted or "`--no-continue` stops at the first failure"
-            for task in self.wanted:
-                if task not in self.steps:
-                    self.steps[task] = {"status": NOT_RUN, "error": f"not run: {why}"}
         if not self.steps:  # gc, verify, push, ...: not a build
             if self.bad_command:
                 raise SystemExit(BAD_COMMAND)
             return
+        why = self.aborted or "`--no-continue` stops at the first failure"
+        for task in self.wanted:  # a step the run never reached (`--no-continue`, a dead worker)
+            if task not in self.steps:
+                self.steps[task] = {"status": NOT_RUN, "error": f"not run: {why}"}
         code = self._finish()
         if code != OK:
             raise SystemExit(code)  # doit's own code cannot say "a gate failed"
